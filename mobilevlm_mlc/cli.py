@@ -1,0 +1,161 @@
+"""`mobilevlm-mlc` command line: convert, compile, run, verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import MobileVLMError
+
+ASSETS = Path(__file__).parent / "assets"
+DEMO_IMAGE = ASSETS / "demo.png"
+DEMO_PROMPT = "What is in the image?"
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _generation_config(args: argparse.Namespace):
+    from .sampling import GenerationConfig
+
+    return GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+
+    started = time.perf_counter()
+    out = convert(
+        args.model_dir, args.output, args.quantization,
+        context_window_size=args.context_window_size, prefill_chunk_size=args.prefill_chunk_size,
+        progress=not args.quiet,
+    )
+    print(f"converted {args.model_dir} -> {out} ({args.quantization}) in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from .compiler import compile_model
+
+    report = compile_model(args.dist_dir, args.target, args.output)
+    print(
+        f"compiled {args.dist_dir} for {report['target']} -> {report['output']} "
+        f"(export {report['export_s']:.1f} s, build {report['build_s']:.1f} s)"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .engine import Engine
+
+    engine = Engine(args.dist_dir, args.lib, device=args.device)
+    config = _generation_config(args)
+    with engine.chat() as session:
+        for delta in session.send(args.prompt, args.image, config):
+            print(delta, end="", flush=True)
+        print()
+        result = session.last
+    if args.output_json:
+        from .fileio import atomic_file
+
+        with atomic_file(Path(args.output_json)) as tmp:
+            tmp.write_text(json.dumps({
+                "prompt_token_ids": result.prompt_token_ids,
+                "output_token_ids": result.output_token_ids,
+                "first_logits": result.first_logits.astype(float).tolist(),
+                "finish_reason": result.finish_reason,
+            }) + "\n")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from .verify import verify
+
+    report = verify(
+        args.model_dir, image=args.image, prompt=args.prompt, tokens=args.tokens,
+        workdir=args.workdir, quantization=args.quantization,
+    )
+    print(report.table())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import demo
+
+    demo(Path(args.workdir), args.projector, args.prompt, args.max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobilevlm-mlc", description="MobileVLM compiled with Apache TVM")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="checkpoint folder -> dist folder (weights, mlc-chat-config.json, tokenizer)")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--quantization", required=True)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--context-window-size", type=_positive, default=None)
+    p.add_argument("--prefill-chunk-size", type=_positive, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("compile", help="dist folder -> compiled library for a target")
+    p.add_argument("dist_dir", type=Path)
+    p.add_argument("--target", default="cpu")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="answer a prompt about an image, streaming")
+    p.add_argument("dist_dir", type=Path)
+    p.add_argument("--lib", type=Path, required=True)
+    p.add_argument("--image", type=Path, default=None)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output-json", type=Path, default=None)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verify", help="compare the compiled model with the PyTorch reference, boundary by boundary")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--image", type=Path, default=DEMO_IMAGE)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--tokens", type=_positive, default=16, help="greedy tokens that must agree")
+    p.add_argument("--quantization", default="q0f32")
+    p.add_argument("--workdir", type=Path, default=None, help="where to keep the converted weights and library")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="build a small random-weight MobileVLM, compile it for this CPU and chat with it")
+    p.add_argument("--projector", choices=["ldpnet", "ldpnetv2"], default="ldpnet")
+    p.add_argument("--workdir", type=Path, default=Path("dist/demo"))
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=_positive, default=24)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MobileVLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

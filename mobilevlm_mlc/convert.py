@@ -1,0 +1,138 @@
+"""`convert`: official checkpoint -> MLC dist folder (tensor cache + mlc-chat-config.json + tokenizer).
+
+Tensors stream through one at a time (plus the current ~32 MB shard); the folder appears only when
+complete (written under a temp name, then renamed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from model_defs.config import MobileVLMConfig
+from model_defs.mobilevlm import MobileVLMForCausalLM
+from model_defs.weights import ParamSource, checkpoint_sources, is_unused_checkpoint_tensor
+
+from .checkpoint import CheckpointTensors, load_config, read_json
+from .conversation import V1_TEMPLATE
+from .dist import CHAT_CONFIG, TOKENIZER_FILES, TOKENIZER_MODEL
+from .errors import MobileVLMError
+from .fileio import atomic_dir
+from .quantization import Quantization, get_quantization
+
+
+def model_param_shapes(config: MobileVLMConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the compiled model's parameters, in export order."""
+    model = MobileVLMForCausalLM(config)
+    return {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+
+
+def plan_sources(config: MobileVLMConfig, tensors: CheckpointTensors) -> dict[str, ParamSource]:
+    """Match the checkpoint against the model: every needed tensor present with the right shape, nothing unknown."""
+    sources = checkpoint_sources(config, model_param_shapes(config))
+    needed = {n: s for src in sources.values() for n, s in zip(src.names, src.shapes)}
+    present = set(tensors.names())
+    missing = sorted(set(needed) - present)
+    unexpected = sorted(n for n in present - set(needed) if not is_unused_checkpoint_tensor(n, config))
+    where = tensors.model_dir
+    if missing:
+        raise MobileVLMError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing)}")
+    if unexpected:
+        raise MobileVLMError(f"{where}: {len(unexpected)} unexpected tensor(s) in the checkpoint: {', '.join(unexpected)}")
+    for name, shape in needed.items():
+        found = tensors.shape(name)
+        if found != shape:
+            raise MobileVLMError(f"{where}: tensor {name} has shape {list(found)}, expected {list(shape)} from config.json")
+    return sources
+
+
+def iter_params(sources: dict[str, ParamSource], tensors: CheckpointTensors, dtype: str, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
+    total = sum(int(np.prod(s)) for src in sources.values() for s in src.shapes) * np.dtype(dtype).itemsize
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+        for i, (name, src) in enumerate(sources.items()):
+            bar.set_postfix_str(f"tensor {i + 1}/{len(sources)}", refresh=False)
+            array = np.ascontiguousarray(src.combine([tensors.get(n) for n in src.names]).astype(dtype))
+            bar.update(array.nbytes)
+            yield name, array
+
+
+def chat_config(config: MobileVLMConfig, quantization: Quantization, tokenizer_files: list[str]) -> dict:
+    """`mlc-chat-config.json` in MLC's schema (version 0.1.0)."""
+    return {
+        "version": "0.1.0",
+        "model_type": "mobilevlm",
+        "quantization": quantization.name,
+        "model_config": config.to_dict(),
+        "vocab_size": config.text.vocab_size,
+        "context_window_size": config.context_window_size,
+        "sliding_window_size": -1,
+        "prefill_chunk_size": config.prefill_chunk_size,
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "temperature": 0.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "top_p": 1.0,
+        "tokenizer_files": tokenizer_files,
+        "tokenizer_info": {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": True, "strip_space_in_decode": True},
+        "conv_template": V1_TEMPLATE,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "model_task": "chat",
+    }
+
+
+def convert(
+    model_dir: Path,
+    out_dir: Path,
+    quantization: str,
+    *,
+    context_window_size: int | None = None,
+    prefill_chunk_size: int | None = None,
+    progress: bool = True,
+) -> Path:
+    from tvm.contrib import tvmjs
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    quant = get_quantization(quantization)
+    config = load_config(model_dir)
+    config.dtype = quant.model_dtype
+    if context_window_size is not None:
+        config.context_window_size = context_window_size
+    config.prefill_chunk_size = min(prefill_chunk_size or config.prefill_chunk_size, config.context_window_size)
+    if config.prefill_chunk_size < config.num_image_tokens:
+        raise MobileVLMError(f"prefill chunk size {config.prefill_chunk_size} cannot hold the {config.num_image_tokens} image tokens")
+    if not (model_dir / TOKENIZER_MODEL).is_file():
+        raise MobileVLMError(f"{model_dir / TOKENIZER_MODEL}: tokenizer model not found")
+    tensors = CheckpointTensors(model_dir)
+    sources = plan_sources(config, tensors)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CHAT_CONFIG).is_file():
+        raise MobileVLMError(f"{out_dir}: exists and is not a dist folder; refusing to overwrite it")
+    with atomic_dir(out_dir) as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):  # dump_tensor_cache prints a summary line
+            tvmjs.dump_tensor_cache(
+                iter_params(sources, tensors, quant.model_dtype, progress), str(tmp), encode_format="raw", show_progress=False,
+                meta_data={"ParamSize": len(sources), "ParamBytes": _param_bytes(sources, quant), "BitsPerParam": 8.0 * np.dtype(quant.model_dtype).itemsize},
+            )
+        copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+        for name in copied:
+            shutil.copyfile(model_dir / name, tmp / name)
+        (tmp / CHAT_CONFIG).write_text(json.dumps(chat_config(config, quant, copied), indent=2) + "\n")
+    return out_dir
+
+
+def _param_bytes(sources: dict[str, ParamSource], quant: Quantization) -> int:
+    elements = 0
+    for src in sources.values():
+        elements += sum(int(np.prod(s)) for s in src.shapes)
+    return elements * np.dtype(quant.model_dtype).itemsize

@@ -1,0 +1,213 @@
+"""The Python driver: runs a compiled MobileVLM library on its dist folder.
+
+`Engine` owns the VM, the weights and one paged KV cache; each `ChatSession` is a sequence in that
+cache, so a multi-turn chat feeds only its new tokens. Like MLC's `debug_chat.py`, it calls the
+library's entry points directly (`embed`, `image_embed`, `prefill`, `decode`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+from PIL import Image
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from .conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
+from .dist import TENSOR_CACHE, TOKENIZER_MODEL, load_dist
+from .errors import MobileVLMError
+from .preprocess import load_image, preprocess
+from .sampling import GenerationConfig, Sampler
+from .tokenizer import StreamDecoder, Tokenizer
+
+PAGE_SIZE = 16
+
+
+def _kv(name: str):
+    return tvm.get_global_func(f"vm.builtin.{name}")
+
+
+@dataclass
+class TurnResult:
+    """What one chat turn fed and produced (the CLI's `--output-json`)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    first_logits: np.ndarray | None = None
+    finish_reason: str = ""
+
+
+class Engine:
+    def __init__(self, dist_dir: Path, lib_path: Path, device: str = "cpu", max_sequences: int = 4):
+        self.dist = load_dist(dist_dir)
+        lib_path = Path(lib_path)
+        if not lib_path.is_file():
+            raise MobileVLMError(f"{lib_path}: compiled library not found (build it with `mobilevlm-mlc compile`)")
+        self.device = tvm.device(device)
+        try:
+            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
+            self.metadata = json.loads(self.vm["_metadata"]())
+        except Exception as err:  # noqa: BLE001 - any loader failure means an unusable file
+            raise MobileVLMError(f"{lib_path}: not a loadable mobilevlm-mlc library ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        self.params = self._load_params()
+        self.tokenizer = Tokenizer(self.dist.path / TOKENIZER_MODEL)
+        self.context_window_size = int(self.metadata["context_window_size"])
+        self.prefill_chunk_size = int(self.metadata["prefill_chunk_size"])
+        self.hidden_size = int(self.metadata["hidden_size"])
+        self.kv_cache = self.vm["create_tir_paged_kv_cache"](
+            ShapeTuple([max_sequences]), ShapeTuple([self.context_window_size * max_sequences]),
+            ShapeTuple([self.prefill_chunk_size]), ShapeTuple([PAGE_SIZE]), ShapeTuple([0]),
+        )
+        self._next_seq_id = 0
+        self.stop_token_ids = set(self.dist.chat_config["conv_template"]["stop_token_ids"])
+
+    def _load_params(self) -> list[tvm.runtime.Tensor]:
+        from tvm.contrib import tvmjs
+
+        path = self.dist.path / TENSOR_CACHE
+        if not path.is_file():
+            raise MobileVLMError(f"{path}: weights not found")
+        try:
+            loaded, _ = tvmjs.load_tensor_cache(str(self.dist.path), self.device)
+        except Exception as err:  # noqa: BLE001
+            raise MobileVLMError(f"{path}: cannot load the weights ({type(err).__name__}: {err})") from None
+        problems, params = [], []
+        for spec in self.metadata["params"]:
+            name = spec["name"]
+            tensor = loaded.get(name)
+            if tensor is None:
+                problems.append(f"{name} missing")
+            elif list(tensor.shape) != spec["shape"] or str(tensor.dtype) != spec["dtype"]:
+                problems.append(f"{name} is {list(tensor.shape)} {tensor.dtype}, library expects {spec['shape']} {spec['dtype']}")
+            params.append(tensor)
+        if self.metadata["quantization"] != self.dist.quantization.name:
+            problems.insert(0, f"library built for {self.metadata['quantization']}, weights are {self.dist.quantization.name}")
+        if problems:
+            raise MobileVLMError(f"{self.dist.path}: weights do not match the library: {'; '.join(problems[:5])}")
+        return params
+
+    # ---- model boundaries -------------------------------------------------------------------------
+
+    def pixels(self, image: Image.Image | Path | str) -> np.ndarray:
+        image = image if isinstance(image, Image.Image) else load_image(Path(image))
+        return preprocess(image, self.dist.config.image_processor, self.dist.config.dtype)
+
+    def vision_features(self, pixels: np.ndarray) -> np.ndarray:
+        return self.vm["vision_features"](tvm.runtime.tensor(pixels, self.device), self.params).numpy()
+
+    def image_embed(self, pixels: np.ndarray) -> np.ndarray:
+        return self.vm["image_embed"](tvm.runtime.tensor(pixels, self.device), self.params).numpy()
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        return self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, np.int32), self.device), self.params).numpy()
+
+    def input_embeds(self, ids: list[int], image_embeds: list[np.ndarray]) -> np.ndarray:
+        """Text embeddings with each `IMAGE_TOKEN_ID` replaced by the next image's tokens: [n, hidden]."""
+        positions = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_ID]
+        if len(positions) != len(image_embeds):
+            raise MobileVLMError(f"the prompt has {len(positions)} <image> placeholder(s) but {len(image_embeds)} image(s) were given")
+        parts, start = [], 0
+        for pos, image in zip(positions + [len(ids)], image_embeds + [None]):
+            if pos > start:
+                parts.append(self.embed(ids[start:pos]))
+            if image is not None:
+                parts.append(image)
+            start = pos + 1
+        return np.concatenate(parts)
+
+    # ---- sequences in the KV cache -----------------------------------------------------------------
+
+    def add_sequence(self) -> int:
+        seq_id, self._next_seq_id = self._next_seq_id, self._next_seq_id + 1
+        _kv("kv_state_add_sequence")(self.kv_cache, seq_id)
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        _kv("kv_state_remove_sequence")(self.kv_cache, seq_id)
+
+    def prefill(self, seq_id: int, embeds: np.ndarray) -> np.ndarray:
+        """Feed [n, hidden] embeddings in chunks of `prefill_chunk_size`; logits of the last position."""
+        for start in range(0, len(embeds), self.prefill_chunk_size):
+            chunk = embeds[start : start + self.prefill_chunk_size]
+            _kv("kv_state_begin_forward")(self.kv_cache, ShapeTuple([seq_id]), ShapeTuple([len(chunk)]))
+            logits, self.kv_cache = self.vm["prefill"](tvm.runtime.tensor(chunk[None], self.device), self.kv_cache, self.params)
+            _kv("kv_state_end_forward")(self.kv_cache)
+        return logits.numpy()[0, -1]
+
+    def decode(self, seq_id: int, token: int) -> np.ndarray:
+        embed = self.vm["embed"](tvm.runtime.tensor(np.asarray([token], np.int32), self.device), self.params)
+        embed = _kv("reshape")(embed, ShapeTuple([1, 1, self.hidden_size]))
+        _kv("kv_state_begin_forward")(self.kv_cache, ShapeTuple([seq_id]), ShapeTuple([1]))
+        logits, self.kv_cache = self.vm["decode"](embed, self.kv_cache, self.params)
+        _kv("kv_state_end_forward")(self.kv_cache)
+        return logits.numpy()[0, -1]
+
+    def chat(self) -> ChatSession:
+        return ChatSession(self)
+
+    def generate(self, prompt: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None) -> Iterator[str]:
+        """One-turn convenience: stream the answer to `prompt` about `image`."""
+        with self.chat() as session:
+            yield from session.send(prompt, image, config)
+
+
+class ChatSession:
+    """A conversation in the `v1` template; each turn prefills only the new tokens."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.seq_id = engine.add_sequence()
+        self.conversation = Conversation(template=dict(engine.dist.chat_config["conv_template"]))
+        self.length = 0  # tokens in the KV cache
+        self.pending: list[int] = []  # generated but not yet fed (the turn ended on max_new_tokens)
+        self.last: TurnResult | None = None
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.seq_id is not None:
+            self.engine.remove_sequence(self.seq_id)
+            self.seq_id = None
+
+    def send(self, message: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None) -> Iterator[str]:
+        """Stream the answer to `message` (and `image`, if given) as text deltas."""
+        engine, config = self.engine, config or GenerationConfig()
+        images = [engine.image_embed(engine.pixels(image))] if image is not None else []
+        text = self.conversation.user_turn(message, with_image=image is not None)
+        ids = self.pending + tokenize_with_images(engine.tokenizer, text, add_bos=self.length == 0 and not self.pending)
+        embeds = engine.input_embeds(ids, images)
+        if self.length + len(embeds) >= engine.context_window_size:
+            raise MobileVLMError(
+                f"prompt of {len(embeds)} tokens (with image tokens) does not fit the context window: "
+                f"{self.length} already used of {engine.context_window_size}"
+            )
+        self.pending = []
+        result = self.last = TurnResult(prompt_token_ids=ids)
+        logits = engine.prefill(self.seq_id, embeds)
+        self.length += len(embeds)
+        result.first_logits = logits
+        sampler, stream = Sampler(config), StreamDecoder(engine.tokenizer)
+        while True:
+            token = sampler(logits)
+            if token in engine.stop_token_ids:
+                result.finish_reason = "stop"
+                return
+            result.output_token_ids.append(token)
+            delta = stream.push(token)
+            if delta:
+                yield delta
+            if len(result.output_token_ids) >= config.max_new_tokens or self.length + 1 >= engine.context_window_size:
+                result.finish_reason = "length"
+                self.pending = [token]
+                return
+            logits = engine.decode(self.seq_id, token)
+            self.length += 1

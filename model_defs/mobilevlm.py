@@ -1,0 +1,140 @@
+"""MobileVLM in Relax `nn`: vision tower + projector + MobileLLaMA, with MLC's entry points.
+
+Exported functions (params packed, one method each): `embed`, `vision_features` (diagnostic boundary
+used by `verify`), `image_embed`, `prefill`, `decode`, `create_tir_paged_kv_cache`. `_metadata` is
+attached by `mobilevlm_mlc.compiler`, which knows the quantization and the parameter list.
+"""
+
+from __future__ import annotations
+
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from .clip import CLIPVisionTower
+from .config import MobileVLMConfig
+from .llama import LlamaModel
+from .projector import LDPNetProjector, LDPNetV2Projector
+
+PROJECTORS = {"ldpnet": LDPNetProjector, "ldpnetv2": LDPNetV2Projector}
+
+
+class MobileVLMForCausalLM(nn.Module):
+    def __init__(self, config: MobileVLMConfig):
+        text, vision = config.text, config.vision
+        self.config = config
+        self.model = LlamaModel(text)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.vision_tower = CLIPVisionTower(vision)
+        self.mm_projector = PROJECTORS[config.projector_type](vision.hidden_size, text.hidden_size, vision.grid_size)
+        self.dtype = config.dtype
+
+    def to(self, dtype: str | None = None) -> None:
+        super().to(dtype=dtype)
+        if dtype is not None:
+            self.dtype = dtype
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        logits = self.lm_head(hidden)
+        return logits if logits.dtype == "float32" else logits.astype("float32")
+
+    # ---- entry points -------------------------------------------------------------------------
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token ids [seq_len] -> embeddings [seq_len, hidden]."""
+        return self.model.embed_tokens(input_ids)
+
+    def vision_features(self, pixels: Tensor) -> Tensor:
+        """Pixels [1, 3, H, W] -> CLIP features of the selected layer without CLS [patches, mm_hidden]."""
+        features = self.vision_tower(pixels)
+        return op.reshape(features, (features.shape[1], features.shape[2]))
+
+    def image_embed(self, pixels: Tensor) -> Tensor:
+        """Pixels [1, 3, H, W] -> image tokens in the LLM's embedding space [image_tokens, hidden]."""
+        tokens = self.mm_projector(self.vision_tower(pixels))
+        return op.reshape(tokens, (tokens.shape[1], tokens.shape[2]))
+
+    def prefill(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Embeddings [1, seq_len, hidden] -> logits of the last position [1, 1, vocab] (float32)."""
+        hidden = self.model(input_embeds, paged_kv_cache)
+        hidden = op.tensor_expr_op(_te_last, name_hint="take_last", args=[hidden])
+        return self._logits(hidden), paged_kv_cache
+
+    def decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Embedding of one token [1, 1, hidden] -> logits [1, 1, vocab] (float32)."""
+        hidden = self.model(input_embeds, paged_kv_cache)
+        return self._logits(hidden), paged_kv_cache
+
+    def create_tir_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        text = self.config.text
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, text.num_hidden_layers]),
+            num_hidden_layers=text.num_hidden_layers,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=text.num_key_value_heads,
+            qk_head_dim=text.head_dim,
+            v_head_dim=text.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=text.rope_theta,
+            rope_scaling={},
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=text.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=Target.current(),
+        )
+
+    # ---- export spec --------------------------------------------------------------------------
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        hidden = self.config.text.hidden_size
+        image = self.config.vision.image_size
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "vision_features": {"pixels": nn.spec.Tensor([1, 3, image, image], self.dtype), "$": packed},
+            "image_embed": {"pixels": nn.spec.Tensor([1, 3, image, image], self.dtype), "$": packed},
+            "prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
+                "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": packed,
+            },
+            "decode": {
+                "input_embeds": nn.spec.Tensor([1, 1, hidden], self.dtype),
+                "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": packed,
+            },
+            "create_tir_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def _te_last(x: te.Tensor) -> te.Tensor:
+    """[b, s, d] -> [b, 1, d]: the position whose logits choose the next token."""
+    b, s, d = x.shape
+    return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="take_last")
