@@ -8,11 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from .demo import DEMO_IMAGE, DEMO_PROMPT
 from .errors import MobileVLMError
 
-ASSETS = Path(__file__).parent / "assets"
-DEMO_IMAGE = ASSETS / "demo.png"
-DEMO_PROMPT = "What is in the image?"
 
 
 def _positive(value: str) -> int:

@@ -65,14 +65,3 @@ class Conversation:
         self.turns += 1
         return f"{prefix}{user}{t['role_content_sep']}{content}{t['seps'][0]}{assistant}{t['role_empty_sep']}"
 
-    @classmethod
-    def full_prompt(cls, exchanges: list[tuple[str, str | None]], with_image_first: bool = True) -> str:
-        """The whole prompt MobileVLM would build from scratch: [(question, answer or None), ...]."""
-        t = V1_TEMPLATE
-        user, assistant = t["roles"]["user"], t["roles"]["assistant"]
-        text = t["system_message"] + t["seps"][0]
-        for i, (question, answer) in enumerate(exchanges):
-            content = f"{IMAGE_PLACEHOLDER}\n{question}" if (i == 0 and with_image_first) else question
-            text += f"{user}{t['role_content_sep']}{content}{t['seps'][0]}"
-            text += f"{assistant}{t['role_content_sep']}{answer}{t['seps'][1]}" if answer is not None else f"{assistant}{t['role_empty_sep']}"
-        return text

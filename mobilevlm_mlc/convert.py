@@ -20,7 +20,7 @@ from model_defs.config import MobileVLMConfig
 from model_defs.mobilevlm import MobileVLMForCausalLM
 from model_defs.weights import ParamSource, checkpoint_sources, is_unused_checkpoint_tensor
 
-from .checkpoint import CheckpointTensors, load_config, read_json
+from .checkpoint import CheckpointTensors, load_config
 from .conversation import V1_TEMPLATE
 from .dist import CHAT_CONFIG, TOKENIZER_FILES, TOKENIZER_MODEL
 from .errors import MobileVLMError
@@ -53,9 +53,12 @@ def plan_sources(config: MobileVLMConfig, tensors: CheckpointTensors) -> dict[st
     return sources
 
 
+def param_bytes(sources: dict[str, ParamSource], dtype: str) -> int:
+    return sum(int(np.prod(s)) for src in sources.values() for s in src.shapes) * np.dtype(dtype).itemsize
+
+
 def iter_params(sources: dict[str, ParamSource], tensors: CheckpointTensors, dtype: str, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
-    total = sum(int(np.prod(s)) for src in sources.values() for s in src.shapes) * np.dtype(dtype).itemsize
-    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+    with tqdm(total=param_bytes(sources, dtype), unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
         for i, (name, src) in enumerate(sources.items()):
             bar.set_postfix_str(f"tensor {i + 1}/{len(sources)}", refresh=False)
             array = np.ascontiguousarray(src.combine([tensors.get(n) for n in src.names]).astype(dtype))
@@ -122,7 +125,7 @@ def convert(
         with contextlib.redirect_stdout(io.StringIO()):  # dump_tensor_cache prints a summary line
             tvmjs.dump_tensor_cache(
                 iter_params(sources, tensors, quant.model_dtype, progress), str(tmp), encode_format="raw", show_progress=False,
-                meta_data={"ParamSize": len(sources), "ParamBytes": _param_bytes(sources, quant), "BitsPerParam": 8.0 * np.dtype(quant.model_dtype).itemsize},
+                meta_data={"ParamSize": len(sources), "ParamBytes": param_bytes(sources, quant.model_dtype), "BitsPerParam": 8.0 * np.dtype(quant.model_dtype).itemsize},
             )
         copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
         for name in copied:
@@ -130,9 +133,3 @@ def convert(
         (tmp / CHAT_CONFIG).write_text(json.dumps(chat_config(config, quant, copied), indent=2) + "\n")
     return out_dir
 
-
-def _param_bytes(sources: dict[str, ParamSource], quant: Quantization) -> int:
-    elements = 0
-    for src in sources.values():
-        elements += sum(int(np.prod(s)) for s in src.shapes)
-    return elements * np.dtype(quant.model_dtype).itemsize

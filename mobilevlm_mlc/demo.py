@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cli import DEMO_IMAGE
+DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"
+DEMO_PROMPT = "What is in the image?"
 
 
 def demo(workdir: Path, projector: str, prompt: str, max_new_tokens: int) -> None:

@@ -104,7 +104,11 @@ class Engine:
         return self.vm["image_embed"](tvm.runtime.tensor(pixels, self.device), self.params).numpy()
 
     def embed(self, ids: list[int]) -> np.ndarray:
-        return self.vm["embed"](tvm.runtime.tensor(np.asarray(ids, np.int32), self.device), self.params).numpy()
+        ids_array = np.asarray(ids, np.int32)
+        vocab = int(self.metadata["vocab_size"])
+        if ids_array.size and (ids_array.min() < 0 or ids_array.max() >= vocab):  # the gather does no bounds check
+            raise MobileVLMError(f"token ids must lie in [0, {vocab}), found {ids_array.min()}..{ids_array.max()}")
+        return self.vm["embed"](tvm.runtime.tensor(ids_array, self.device), self.params).numpy()
 
     def input_embeds(self, ids: list[int], image_embeds: list[np.ndarray]) -> np.ndarray:
         """Text embeddings with each `IMAGE_TOKEN_ID` replaced by the next image's tokens: [n, hidden]."""

@@ -10,12 +10,12 @@ import pytest
 
 from mobilevlm_mlc.compiler import compile_model
 from mobilevlm_mlc.convert import convert
+from mobilevlm_mlc.demo import DEMO_IMAGE
 from mobilevlm_mlc.engine import Engine
 from mobilevlm_mlc.reference import ReferenceMobileVLM
 from mobilevlm_mlc.synthetic import make_checkpoint
 
 PROJECTORS = ["ldpnet", "ldpnetv2"]
-DEMO_IMAGE = Path(__file__).resolve().parents[1] / "mobilevlm_mlc" / "assets" / "demo.png"
 
 
 @dataclass
