@@ -61,7 +61,7 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
         raise MobileVLMError(f"{output}: target '{target_name}' writes a '{build_target.library_suffix}' library")
     started = time.perf_counter()
     target = build_target.tvm_target()
-    model = MobileVLMForCausalLM(dist.config)
+    model = MobileVLMForCausalLM(dist.config, dist.quantization.scheme)
     model.to(dist.config.dtype)
     with target:
         mod, named_params = model.export_tvm(spec=model.get_default_spec())

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from model_defs.config import MobileVLMConfig
 from model_defs.mobilevlm import MobileVLMForCausalLM
+from model_defs.quantization import quantized_modules
 from model_defs.weights import ParamSource, checkpoint_sources, is_unused_checkpoint_tensor
 
 from .checkpoint import CheckpointTensors, load_config
@@ -25,13 +26,24 @@ from .conversation import V1_TEMPLATE
 from .dist import CHAT_CONFIG, TOKENIZER_FILES, TOKENIZER_MODEL
 from .errors import MobileVLMError
 from .fileio import atomic_dir
-from .quantization import Quantization, get_quantization
+from .quantization import Quantization, get_quantization, quantize_weight
 
 
 def model_param_shapes(config: MobileVLMConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the compiled model's parameters, in export order."""
+    """Names and shapes of the unquantized model's parameters (what the checkpoint provides)."""
     model = MobileVLMForCausalLM(config)
     return {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+
+
+def stored_params(config: MobileVLMConfig, quant: Quantization) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names -> (shape, dtype) of what the dist stores and the library takes, in export order."""
+    model = MobileVLMForCausalLM(config, quant.scheme)
+    model.to(quant.model_dtype)
+    return {name: (tuple(int(d) for d in p.shape), p.dtype) for name, p in model.named_parameters()}
+
+
+def stored_bytes(config: MobileVLMConfig, quant: Quantization) -> int:
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in stored_params(config, quant).values())
 
 
 def plan_sources(config: MobileVLMConfig, tensors: CheckpointTensors) -> dict[str, ParamSource]:
@@ -53,17 +65,24 @@ def plan_sources(config: MobileVLMConfig, tensors: CheckpointTensors) -> dict[st
     return sources
 
 
-def param_bytes(sources: dict[str, ParamSource], dtype: str) -> int:
-    return sum(int(np.prod(s)) for src in sources.values() for s in src.shapes) * np.dtype(dtype).itemsize
-
-
-def iter_params(sources: dict[str, ParamSource], tensors: CheckpointTensors, dtype: str, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
-    with tqdm(total=param_bytes(sources, dtype), unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+def iter_params(
+    sources: dict[str, ParamSource], tensors: CheckpointTensors, config: MobileVLMConfig, quant: Quantization, progress: bool
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each stored tensor in turn: combined from the checkpoint, then cast, or packed to int4 with its scales."""
+    quantized = quantized_modules(MobileVLMForCausalLM(config, quant.scheme)) if quant.scheme else {}
+    with tqdm(total=stored_bytes(config, quant), unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
         for i, (name, src) in enumerate(sources.items()):
             bar.set_postfix_str(f"tensor {i + 1}/{len(sources)}", refresh=False)
-            array = np.ascontiguousarray(src.combine([tensors.get(n) for n in src.names]).astype(dtype))
-            bar.update(array.nbytes)
-            yield name, array
+            array = src.combine([tensors.get(n) for n in src.names])
+            base = name.removesuffix(".weight")
+            if base in quantized:
+                outputs = zip((f"{base}.q_weight", f"{base}.q_scale"), quantize_weight(array, quantized[base]))
+            else:
+                outputs = [(name, array.astype(quant.model_dtype))]
+            for out_name, out in outputs:
+                out = np.ascontiguousarray(out)
+                bar.update(out.nbytes)
+                yield out_name, out
 
 
 def chat_config(config: MobileVLMConfig, quantization: Quantization, tokenizer_files: list[str]) -> dict:
@@ -122,10 +141,12 @@ def convert(
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CHAT_CONFIG).is_file():
         raise MobileVLMError(f"{out_dir}: exists and is not a dist folder; refusing to overwrite it")
     with atomic_dir(out_dir) as tmp:
+        param_count = sum(int(np.prod(s)) for s in model_param_shapes(config).values())
+        param_bytes = stored_bytes(config, quant)
         with contextlib.redirect_stdout(io.StringIO()):  # dump_tensor_cache prints a summary line
             tvmjs.dump_tensor_cache(
-                iter_params(sources, tensors, quant.model_dtype, progress), str(tmp), encode_format="raw", show_progress=False,
-                meta_data={"ParamSize": len(sources), "ParamBytes": param_bytes(sources, quant.model_dtype), "BitsPerParam": 8.0 * np.dtype(quant.model_dtype).itemsize},
+                iter_params(sources, tensors, config, quant, progress), str(tmp), encode_format="raw", show_progress=False,
+                meta_data={"ParamSize": param_count, "ParamBytes": param_bytes, "BitsPerParam": 8.0 * param_bytes / param_count},
             )
         copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
         for name in copied:

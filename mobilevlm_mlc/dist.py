@@ -13,7 +13,6 @@ from .errors import MobileVLMError
 from .quantization import Quantization, get_quantization
 
 CHAT_CONFIG = "mlc-chat-config.json"
-TENSOR_CACHE = "tensor-cache.json"
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "added_tokens.json")
 

@@ -19,10 +19,11 @@ from tvm import relax
 from tvm.runtime import ShapeTuple
 
 from .conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
-from .dist import TENSOR_CACHE, TOKENIZER_MODEL, load_dist
+from .dist import TOKENIZER_MODEL, load_dist
 from .errors import MobileVLMError
 from .preprocess import load_image, preprocess
 from .sampling import GenerationConfig, Sampler
+from .tensor_cache import load_tensor_cache
 from .tokenizer import StreamDecoder, Tokenizer
 
 PAGE_SIZE = 16
@@ -67,16 +68,11 @@ class Engine:
         self.stop_token_ids = set(self.dist.chat_config["conv_template"]["stop_token_ids"])
 
     def _load_params(self) -> list[tvm.runtime.Tensor]:
-        from tvm.contrib import tvmjs
-
-        path = self.dist.path / TENSOR_CACHE
-        if not path.is_file():
-            raise MobileVLMError(f"{path}: weights not found")
-        try:
-            loaded, _ = tvmjs.load_tensor_cache(str(self.dist.path), self.device)
-        except Exception as err:  # noqa: BLE001
-            raise MobileVLMError(f"{path}: cannot load the weights ({type(err).__name__}: {err})") from None
+        """The weights in the library's parameter order, refused unless names, shapes and dtypes all match."""
+        loaded = load_tensor_cache(self.dist.path, self.device)
         problems, params = [], []
+        if self.metadata["quantization"] != self.dist.quantization.name:
+            problems.append(f"library built for {self.metadata['quantization']}, weights are {self.dist.quantization.name}")
         for spec in self.metadata["params"]:
             name = spec["name"]
             tensor = loaded.get(name)
@@ -85,10 +81,9 @@ class Engine:
             elif list(tensor.shape) != spec["shape"] or str(tensor.dtype) != spec["dtype"]:
                 problems.append(f"{name} is {list(tensor.shape)} {tensor.dtype}, library expects {spec['shape']} {spec['dtype']}")
             params.append(tensor)
-        if self.metadata["quantization"] != self.dist.quantization.name:
-            problems.insert(0, f"library built for {self.metadata['quantization']}, weights are {self.dist.quantization.name}")
         if problems:
-            raise MobileVLMError(f"{self.dist.path}: weights do not match the library: {'; '.join(problems[:5])}")
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise MobileVLMError(f"{self.dist.path}: weights do not match the library: {'; '.join(problems[:3])}{more}")
         return params
 
     # ---- model boundaries -------------------------------------------------------------------------
@@ -150,6 +145,16 @@ class Engine:
         logits, self.kv_cache = self.vm["decode"](embed, self.kv_cache, self.params)
         _kv("kv_state_end_forward")(self.kv_cache)
         return logits.numpy()[0, -1]
+
+    def teacher_forced_logits(self, ids: list[int], images: list[np.ndarray], tokens: list[int]) -> np.ndarray:
+        """float32 logits [len(tokens), vocab]: after the prompt `ids`, then after each of `tokens[:-1]` (decode steps)."""
+        seq_id = self.add_sequence()
+        try:
+            steps = [self.prefill(seq_id, self.input_embeds(ids, images))]
+            steps += [self.decode(seq_id, token) for token in tokens[:-1]]
+        finally:
+            self.remove_sequence(seq_id)
+        return np.stack(steps)
 
     def chat(self) -> ChatSession:
         return ChatSession(self)

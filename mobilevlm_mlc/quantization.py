@@ -1,8 +1,17 @@
-"""Quantization schemes by MLC name. `q0*` keep full-precision weights in the model dtype."""
+"""Quantization schemes by MLC name, and the numpy side of 4-bit group quantization (packing at convert).
+
+`q0f32` / `q0f16` keep every weight in the model dtype. The `q4*` schemes quantize the decoder's
+linears, its embedding and `lm_head`; norms, biases, the CLIP tower and the projector stay in the model
+dtype (the vision path is small next to the decoder and is the part MLC never quantizes).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
+
+from model_defs.quantization import GroupQuantScheme
 
 from .errors import MobileVLMError
 
@@ -11,12 +20,62 @@ from .errors import MobileVLMError
 class Quantization:
     name: str
     model_dtype: str  # activations, norms, the vision tower, and unquantized weights
+    scheme: GroupQuantScheme | None = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per quantized weight (int4 plus its share of a scale)."""
+        if self.scheme is None:
+            return 8.0 * np.dtype(self.model_dtype).itemsize
+        return self.scheme.bits + 8.0 * np.dtype(self.model_dtype).itemsize / self.scheme.group_size
 
 
-QUANTIZATIONS = {q.name: q for q in (Quantization("q0f32", "float32"), Quantization("q0f16", "float16"))}
+QUANTIZATIONS = {
+    q.name: q
+    for q in (
+        Quantization("q0f32", "float32"),
+        Quantization("q0f16", "float16"),
+        Quantization("q4f16_1", "float16", GroupQuantScheme("q4f16_1", "float16", "NK")),
+        Quantization("q4f32_1", "float32", GroupQuantScheme("q4f32_1", "float32", "NK")),
+        Quantization("q4f16_0", "float16", GroupQuantScheme("q4f16_0", "float16", "KN")),
+    )
+}
 
 
 def get_quantization(name: str) -> Quantization:
     if name not in QUANTIZATIONS:
         raise MobileVLMError(f"unknown quantization '{name}' (expected one of {', '.join(QUANTIZATIONS)})")
     return QUANTIZATIONS[name]
+
+
+def quantize_weight(weight: np.ndarray, scheme: GroupQuantScheme, layout: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """W[out, in] (float) -> (q_weight uint32, q_scale) in `layout` (default: the scheme's).
+
+    scale = max|w| over a group of 32 inputs / 7, rounded to the scale dtype; q = clip(round(w / scale
+    + 7), 0, 14) with that rounded scale, so that (q - 7) * scale is as close to w as the storage allows.
+    An all-zero group gets scale 0 and q = 7.
+    """
+    layout = layout or scheme.layout
+    out_features, in_features = weight.shape
+    g, per_word = scheme.group_size, scheme.per_word
+    groups = weight.astype(np.float32).reshape(out_features, in_features // g, g)
+    scale = (np.abs(groups).max(axis=-1) / scheme.max_int).astype(scheme.model_dtype)
+    divisor = scale.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(divisor > 0, np.round(groups / np.where(divisor > 0, divisor, 1)), 0) + scheme.max_int
+    q = np.clip(q, 0, 2 * scheme.max_int).astype(np.uint32).reshape(out_features, in_features // per_word, per_word)
+    shifts = np.arange(per_word, dtype=np.uint32) * scheme.bits
+    packed = np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
+    if layout == "KN":
+        return np.ascontiguousarray(packed.T), np.ascontiguousarray(scale.T)
+    return packed, scale
+
+
+def dequantize_weight(q_weight: np.ndarray, q_scale: np.ndarray, scheme: GroupQuantScheme, layout: str | None = None) -> np.ndarray:
+    """The inverse view: W[out, in] in float32 from packed storage."""
+    if (layout or scheme.layout) == "KN":
+        q_weight, q_scale = q_weight.T, q_scale.T
+    shifts = np.arange(scheme.per_word, dtype=np.uint32) * scheme.bits
+    q = (q_weight[..., None] >> shifts) & ((1 << scheme.bits) - 1)
+    q = q.reshape(q_weight.shape[0], -1).astype(np.float32) - scheme.max_int
+    return q * np.repeat(q_scale.astype(np.float32), scheme.group_size, axis=1)

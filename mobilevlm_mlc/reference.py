@@ -9,6 +9,7 @@ TVM path except reading tensors by name from the checkpoint files.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,13 @@ from torch import nn
 
 from model_defs.config import ImageProcessorConfig, MobileVLMConfig
 from model_defs.projector import make_divisible
+from model_defs.quantization import GroupQuantScheme
 
 from .checkpoint import CheckpointTensors, load_config
+from .quantization import dequantize_weight, quantize_weight
 
 IMAGE_TOKEN_INDEX = -200
+_DECODER_QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight|model\.embed_tokens\.weight|lm_head\.weight")
 VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 
@@ -234,6 +238,15 @@ class ReferenceMobileVLM:
             module.to(dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), use_fast=False)
 
+    @torch.no_grad()
+    def fake_quantize(self, scheme: GroupQuantScheme) -> None:
+        """Replace the decoder's weights, in place, by what a `scheme` build computes with:
+        dequantize(quantize(W)). Then only the kernels and activation precision differ."""
+        for name, param in self.llm.named_parameters():
+            if _DECODER_QUANTIZED.fullmatch(name):
+                packed = quantize_weight(param.float().numpy(), scheme, "NK")
+                param.copy_(torch.from_numpy(dequantize_weight(*packed, scheme, "NK")))
+
     @staticmethod
     def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = module.load_state_dict(state, strict=False)
@@ -280,6 +293,13 @@ class ReferenceMobileVLM:
                 parts.append(image_embeds)
             start = pos + 1
         return torch.cat(parts)[None]
+
+    @torch.no_grad()
+    def teacher_forced_logits(self, embeds: torch.Tensor, tokens: list[int]) -> np.ndarray:
+        """float32 logits [len(tokens), vocab] predicting each of `tokens` after `embeds` and its predecessors."""
+        token_embeds = self.llm.get_input_embeddings()(torch.tensor(tokens[:-1], dtype=torch.long))[None]
+        logits = self.llm(inputs_embeds=torch.cat([embeds, token_embeds], dim=1)).logits[0]
+        return logits[embeds.shape[1] - 1 :].float().numpy()
 
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, max_new_tokens: int, eos_id: int | None = 2) -> tuple[list[int], np.ndarray]:

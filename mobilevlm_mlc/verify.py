@@ -1,10 +1,15 @@
 """`verify`: the compiled library against the PyTorch reference, boundary by boundary.
 
-Boundaries: pixel tensor, vision features (CLIP layer `mm_vision_select_layer`, CLS dropped), projector
-output, first-token logits, then N greedy tokens. The error of a tensor is its max abs difference;
-relative error divides that by the reference's max magnitude. fp32 tolerance is 1e-4 relative: the
-kernels sum in another order than PyTorch, which costs ~sqrt(K)·eps ≈ 1e-5 per reduction of length K
-up to ~6k, compounding mildly over the layers (measured: ~1e-6). fp16 weights and activations get 2e-2.
+Parity boundaries: pixel tensor, vision features (CLIP layer `mm_vision_select_layer`, CLS dropped),
+projector output, first-token logits, then N greedy tokens. For a 4-bit build the logits and tokens
+are checked against the reference with the decoder's weights fake-quantized (dequantize(quantize(W))),
+which isolates the kernels: only their arithmetic may differ. The error of a tensor is its max abs
+difference; relative error divides it by the reference's max magnitude. Tolerances: fp32 1e-4 — the
+kernels sum in another order than PyTorch, ~sqrt(K)·eps ≈ 1e-5 per reduction of length K up to ~6k,
+compounding mildly over the layers (measured ~1e-6); fp16 activations 2e-2.
+
+Accuracy (what quantization costs): logits against the fp32 reference over a 64-token teacher-forced
+continuation (the fp32 model's own greedy tokens): cosine similarity, max abs error, top-1 agreement.
 """
 
 from __future__ import annotations
@@ -32,12 +37,25 @@ class Boundary:
 
 
 @dataclass
+class Accuracy:
+    """Logits of the build against fp32, one row per teacher-forced position."""
+
+    positions: int
+    cosine_mean: float
+    cosine_min: float
+    max_abs: float
+    top1_agreement: float
+
+
+@dataclass
 class VerifyReport:
     quantization: str
+    parity_reference: str
     boundaries: list[Boundary] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     reference_tokens: list[int] = field(default_factory=list)
     tokens_required: bool = True
+    accuracy: Accuracy | None = None
 
     @property
     def tokens_agree(self) -> int:
@@ -54,13 +72,17 @@ class VerifyReport:
         return all(b.ok for b in self.boundaries) and tokens_ok
 
     def table(self) -> str:
-        lines = [f"verify ({self.quantization}) against the PyTorch fp32 reference",
+        lines = [f"verify ({self.quantization}) against the PyTorch reference ({self.parity_reference})",
                  f"{'boundary':<20}{'shape':<18}{'max abs err':>14}{'max rel err':>14}{'tolerance':>12}  result"]
         for b in self.boundaries:
             lines.append(f"{b.name:<20}{str(list(b.shape)):<18}{b.max_abs:>14.3e}{b.max_rel:>14.3e}{b.tolerance:>12.0e}  {'ok' if b.ok else 'FAIL'}")
         n = len(self.reference_tokens)
         verdict = "ok" if self.tokens == self.reference_tokens else ("FAIL" if self.tokens_required else "differs (not required)")
         lines.append(f"greedy tokens: {self.tokens_agree}/{n} leading tokens agree  {verdict}")
+        if self.accuracy:
+            a = self.accuracy
+            lines.append(f"accuracy vs fp32 over {a.positions} teacher-forced tokens: logits cosine mean {a.cosine_mean:.6f} "
+                         f"(min {a.cosine_min:.6f}), max abs err {a.max_abs:.3e}, top-1 agreement {a.top1_agreement:.1%}")
         lines.append("PASS" if self.ok else "FAIL")
         return "\n".join(lines)
 
@@ -73,8 +95,29 @@ def compare(name: str, ours: np.ndarray, reference: np.ndarray, tolerance: float
     return Boundary(name, ours.shape, max_abs, max_abs / max(float(np.abs(reference).max()), 1e-12), tolerance)
 
 
-def verify(model_dir: Path, image: Path, prompt: str, tokens: int = 16, workdir: Path | None = None, quantization: str = "q0f32") -> VerifyReport:
+def accuracy(ours: np.ndarray, fp32: np.ndarray, tokens: list[int]) -> Accuracy:
+    a, b = ours.astype(np.float64), fp32.astype(np.float64)
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    return Accuracy(
+        positions=len(tokens),
+        cosine_mean=float(cosine.mean()),
+        cosine_min=float(cosine.min()),
+        max_abs=float(np.abs(a - b).max()),
+        top1_agreement=float((a.argmax(-1) == np.asarray(tokens)).mean()),
+    )
+
+
+def verify(
+    model_dir: Path,
+    image: Path,
+    prompt: str,
+    tokens: int = 16,
+    workdir: Path | None = None,
+    quantization: str = "q0f32",
+    teacher_tokens: int = 64,
+) -> VerifyReport:
     from .compiler import compile_model
+    from .conversation import Conversation
     from .convert import convert
     from .engine import Engine
     from .preprocess import load_image
@@ -89,32 +132,37 @@ def verify(model_dir: Path, image: Path, prompt: str, tokens: int = 16, workdir:
         lib = work / f"lib-{quantization}-cpu.so"
         compile_model(dist, "cpu", lib)
         engine = Engine(dist, lib)
-        reference = ReferenceMobileVLM(model_dir)
-        dtype = engine.dist.config.dtype
-        tolerance = RELATIVE_TOLERANCE[dtype]
-        report = VerifyReport(quantization, tokens_required=dtype == "float32")
+    scheme = engine.dist.quantization.scheme
+    reference = ReferenceMobileVLM(model_dir)
+    dtype = engine.dist.config.dtype
+    tolerance = RELATIVE_TOLERANCE[dtype]
+    report = VerifyReport(quantization, "fp32" if scheme is None else f"fp32, decoder fake-quantized {scheme.name}",
+                          tokens_required=dtype == "float32")
 
-        pixels, ref_pixels = engine.pixels(picture), reference.pixels(picture)
-        report.boundaries.append(compare("pixels", pixels, ref_pixels.numpy(), tolerance))
-        ref_features = reference.vision_features(ref_pixels)[0].numpy()
-        report.boundaries.append(compare("vision features", engine.vision_features(pixels), ref_features, tolerance))
-        ref_embeds = reference.image_embeds(ref_pixels)
-        report.boundaries.append(compare("projector output", engine.image_embed(pixels), ref_embeds.numpy(), tolerance))
+    pixels, ref_pixels = engine.pixels(picture), reference.pixels(picture)
+    report.boundaries.append(compare("pixels", pixels, ref_pixels.numpy(), tolerance))
+    ref_features = reference.vision_features(ref_pixels)[0].numpy()
+    report.boundaries.append(compare("vision features", engine.vision_features(pixels), ref_features, tolerance))
+    image_embeds = engine.image_embed(pixels)
+    ref_embeds = reference.image_embeds(ref_pixels)
+    report.boundaries.append(compare("projector output", image_embeds, ref_embeds.numpy(), tolerance))
 
-        with engine.chat() as session:
-            list(session.send(prompt, picture, GenerationConfig(max_new_tokens=tokens)))
-            turn = session.last
-        ref_ids = reference.input_ids(_first_turn_prompt(prompt))
-        if ref_ids != turn.prompt_token_ids:
-            raise ValueError("prompt token ids differ from the reference tokenizer's")
-        ref_tokens, ref_logits = reference.greedy(reference.input_embeds(ref_ids, ref_embeds), tokens)
-        report.boundaries.append(compare("first-token logits", turn.first_logits, ref_logits, tolerance))
-        report.tokens = turn.output_token_ids + ([2] if turn.finish_reason == "stop" else [])
-        report.reference_tokens = ref_tokens
-        return report
+    ids = reference.input_ids(Conversation().user_turn(prompt, with_image=True))
+    ref_input = reference.input_embeds(ids, ref_embeds)
+    if scheme is not None:  # what quantization costs, against the unquantized fp32 model
+        forced, _ = reference.greedy(ref_input, teacher_tokens, eos_id=None)
+        fp32_logits = reference.teacher_forced_logits(ref_input, forced)
+        report.accuracy = accuracy(engine.teacher_forced_logits(ids, [image_embeds], forced), fp32_logits, forced)
+        reference.fake_quantize(scheme)
+        ref_input = reference.input_embeds(ids, ref_embeds)
 
-
-def _first_turn_prompt(prompt: str) -> str:
-    from .conversation import Conversation
-
-    return Conversation().user_turn(prompt, with_image=True)
+    with engine.chat() as session:
+        list(session.send(prompt, picture, GenerationConfig(max_new_tokens=tokens)))
+        turn = session.last
+    if turn.prompt_token_ids != ids:
+        raise ValueError("prompt token ids differ from the reference tokenizer's")
+    ref_tokens, ref_logits = reference.greedy(ref_input, tokens)
+    report.boundaries.append(compare("first-token logits", turn.first_logits, ref_logits, tolerance))
+    report.tokens = turn.output_token_ids + ([2] if turn.finish_reason == "stop" else [])
+    report.reference_tokens = ref_tokens
+    return report

@@ -17,12 +17,13 @@ from .clip import CLIPVisionTower
 from .config import MobileVLMConfig
 from .llama import LlamaModel
 from .projector import LDPNetProjector, LDPNetV2Projector
+from .quantization import GroupQuantScheme, QuantizedEmbedding, QuantizedLinear, quantize_linears
 
 PROJECTORS = {"ldpnet": LDPNetProjector, "ldpnetv2": LDPNetV2Projector}
 
 
 class MobileVLMForCausalLM(nn.Module):
-    def __init__(self, config: MobileVLMConfig):
+    def __init__(self, config: MobileVLMConfig, quantization: GroupQuantScheme | None = None):
         text, vision = config.text, config.vision
         self.config = config
         self.model = LlamaModel(text)
@@ -30,11 +31,10 @@ class MobileVLMForCausalLM(nn.Module):
         self.vision_tower = CLIPVisionTower(vision)
         self.mm_projector = PROJECTORS[config.projector_type](vision.hidden_size, text.hidden_size, vision.grid_size)
         self.dtype = config.dtype
-
-    def to(self, dtype: str | None = None) -> None:
-        super().to(dtype=dtype)
-        if dtype is not None:
-            self.dtype = dtype
+        if quantization is not None:  # the decoder only: its linears, embedding and lm_head
+            quantize_linears(self.model, quantization, "model.")
+            self.model.embed_tokens = QuantizedEmbedding(text.vocab_size, text.hidden_size, quantization)
+            self.lm_head = QuantizedLinear(text.hidden_size, text.vocab_size, quantization, "lm_head")
 
     def _logits(self, hidden: Tensor) -> Tensor:
         logits = self.lm_head(hidden)

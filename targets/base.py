@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tvm
-from tvm import relax
 
 
 @dataclass(frozen=True)
@@ -15,12 +14,12 @@ class BuildTarget:
     description: str
     make_target: Callable[[], tvm.target.Target]
     default_quantization: str
+    pipeline: Callable[[tvm.target.Target], tvm.transform.Pass]
     library_suffix: str = ".so"  # shared library loaded with `tvm.runtime.load_module`
-    pre_passes: Callable[[], list[tvm.transform.Pass]] = field(default=lambda: [relax.transform.FuseTransposeMatmul()])
 
     def tvm_target(self) -> tvm.target.Target:
         return self.make_target()
 
     def relax_pipeline(self, target: tvm.target.Target) -> tvm.transform.Pass:
-        """Our passes first (e.g. fold `x @ W.T` into one matmul so W^T is never materialized), then TVM's."""
-        return tvm.transform.Sequential([*self.pre_passes(), relax.get_default_pipeline(target)])
+        with target:
+            return self.pipeline(target)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from mobilevlm_mlc.conversation import V1_TEMPLATE
 from mobilevlm_mlc.convert import model_param_shapes
@@ -19,7 +23,7 @@ def test_tensor_cache_schema(ldpnet_built):
     shapes = model_param_shapes(config)
     records = [r for shard in cache["records"] for r in shard["records"]]
     assert sorted(r["name"] for r in records) == sorted(shapes)  # large tensors get shards of their own
-    assert cache["metadata"]["ParamSize"] == len(shapes)
+    assert cache["metadata"]["ParamSize"] == sum(int(np.prod(s)) for s in shapes.values())  # MLC: parameters, not tensors
     assert cache["metadata"]["ParamBytes"] == sum(int(np.prod(s)) for s in shapes.values()) * 4
     assert cache["metadata"]["BitsPerParam"] == 32.0
     for shard in cache["records"]:
@@ -61,3 +65,94 @@ def test_library_metadata_and_functions(ldpnet_engine):
     assert (meta["model_type"], meta["quantization"], meta["num_image_tokens"]) == ("mobilevlm", "q0f32", 144)
     for name in ("embed", "image_embed", "vision_features", "prefill", "decode", "create_tir_paged_kv_cache", "_metadata"):
         assert ldpnet_engine.vm.module.implements_function(name), name
+
+
+# ---- loading: what the runtime trusts, and what it refuses --------------------------------------------
+
+
+def _copy_dist(built, tmp_path):
+    dist = tmp_path / "dist"
+    shutil.copytree(built.dist, dist)
+    return dist
+
+
+def test_weights_load_with_tvm_readers(ldpnet_built):
+    import tvm
+    from tvm.contrib import tvmjs
+
+    from mobilevlm_mlc.tensor_cache import load_tensor_cache
+
+    ours = load_tensor_cache(ldpnet_built.dist, tvm.cpu())
+    theirs, _ = tvmjs.load_tensor_cache(str(ldpnet_built.dist), tvm.cpu())
+    native = tvm.get_global_func("vm.builtin.tensor_cache.load")
+    native(str(ldpnet_built.dist), tvm.cpu().dlpack_device_type(), 0)
+    get = tvm.get_global_func("vm.builtin.tensor_cache.get")
+    assert ours.keys() == theirs.keys()
+    for name in ("model.layers.0.self_attn.qkv_proj.weight", "vision_tower.embeddings.class_embedding", "mm_projector.blocks.1.se_fc1.weight"):
+        assert np.array_equal(ours[name].numpy(), theirs[name].numpy())
+        assert np.array_equal(ours[name].numpy(), get(name).numpy())
+    tvm.get_global_func("vm.builtin.tensor_cache.clear")()
+
+
+def test_damaged_weights_are_refused(ldpnet_built, tmp_path):
+    from mobilevlm_mlc.engine import Engine
+    from mobilevlm_mlc.errors import MobileVLMError
+
+    dist = _copy_dist(ldpnet_built, tmp_path)
+    shard = dist / "params_shard_1.bin"
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-100])
+    with pytest.raises(MobileVLMError, match=r"params_shard_1.bin: shard is \d+ bytes, tensor-cache.json says \d+"):
+        Engine(dist, ldpnet_built.lib)
+    shard.write_bytes(original[:50] + bytes([original[50] ^ 1]) + original[51:])
+    with pytest.raises(MobileVLMError, match="params_shard_1.bin: md5 mismatch"):
+        Engine(dist, ldpnet_built.lib)
+    shard.write_bytes(original)
+
+    cache_path = dist / "tensor-cache.json"
+    cache = json.loads(cache_path.read_text())
+    record = cache["records"][0]["records"][0]
+    record["dtype"] = "float16"
+    record["nbytes"] //= 2
+    cache_path.write_text(json.dumps(cache))
+    with pytest.raises(MobileVLMError, match=f"weights do not match the library: {record['name']} is .* float16, library expects .* float32"):
+        Engine(dist, ldpnet_built.lib)
+    record["dtype"] = "bfloat8"
+    cache_path.write_text(json.dumps(cache))
+    with pytest.raises(MobileVLMError, match="has dtype 'bfloat8'"):
+        Engine(dist, ldpnet_built.lib)
+    del cache["records"][0]["records"][0]
+    cache_path.write_text(json.dumps(cache))
+    with pytest.raises(MobileVLMError, match=f"weights do not match the library: {record['name']} missing"):
+        Engine(dist, ldpnet_built.lib)
+
+
+def test_library_and_weights_of_different_quantizations_are_refused(ldpnet_built, tmp_path):
+    from mobilevlm_mlc.convert import convert
+    from mobilevlm_mlc.engine import Engine
+    from mobilevlm_mlc.errors import MobileVLMError
+
+    q4 = convert(ldpnet_built.checkpoint, tmp_path / "q4", "q4f32_1", progress=False)
+    with pytest.raises(MobileVLMError, match="library built for q0f32, weights are q4f32_1; model.embed_tokens.weight missing"):
+        Engine(q4, ldpnet_built.lib)
+
+
+def test_interrupted_convert_leaves_nothing_loadable(ldpnet_built, tmp_path):
+    """Kill convert while it writes shards: the target folder never appears."""
+    script = (
+        "import sys, time\n"
+        "from tvm.contrib import tvmjs\n"
+        "original = tvmjs.TensorCacheShardingManager._commit_internal\n"
+        "def slow_commit(self, *args):\n"
+        "    original(self, *args); print('shard', file=sys.stderr, flush=True); time.sleep(30)\n"
+        "tvmjs.TensorCacheShardingManager._commit_internal = slow_commit\n"
+        "from mobilevlm_mlc.cli import main\n"
+        f"sys.exit(main(['convert', {str(ldpnet_built.checkpoint)!r}, '--quantization', 'q0f32', '-o', {str(tmp_path / 'out')!r}, '--quiet']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    assert any(line.strip() == "shard" for line in iter(proc.stderr.readline, ""))  # a shard is on disk
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not (tmp_path / "out").exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert leftovers and any(leftovers[0].glob("params_shard_*.bin"))  # partial work sits under a temp name only

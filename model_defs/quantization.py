@@ -1,0 +1,145 @@
+"""MLC's 4-bit group quantization (q4f16_1, q4f32_1, q4f16_0) as Relax `nn` modules.
+
+Symmetric int4, 8 values per uint32 (value i of a word at bits [4i, 4i+4)), groups of 32 along the
+input (K) axis, one scale per group: w = (q - 7) * scale. Layout `NK` stores `q_weight[out, in/8]`,
+`q_scale[out, in/32]`; `KN` (the `_0` schemes, for Adreno/Metal GEMV) stores them transposed:
+`q_weight[in/8, out]`, `q_scale[in/32, out]`. Each module emits dequantize and matmul (or gather) as
+one `tensor_expr_op`, so the dequantize stage can be inlined into the consumer by the target's
+schedule: full-precision weights are never materialized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+DEQUANTIZE_BLOCK = "dequantize"  # name of the TE stage that schedules inline
+QUANTIZED_MATMUL = "quantized_matmul"  # op name: fused functions that contain one keep it in their name
+
+
+@dataclass(frozen=True)
+class GroupQuantScheme:
+    name: str
+    model_dtype: str  # activations and scales
+    layout: str = "NK"  # or "KN"
+    group_size: int = 32
+    bits: int = 4
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def max_int(self) -> int:
+        return (1 << (self.bits - 1)) - 1  # 7: q is stored as value + 7 in [0, 14]
+
+    def check_divisible(self, k: int, what: str) -> None:
+        if k % self.group_size:
+            raise ValueError(f"{what}: input size {k} is not a multiple of the group size {self.group_size}")
+
+
+def _dequantize(scheme: GroupQuantScheme, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:
+    """Element (row=n, col=k) of the full-precision weight W[n, k] from the packed storage."""
+    per_word, mask = scheme.per_word, tirx.const((1 << scheme.bits) - 1, "uint32")
+    if scheme.layout == "NK":
+        word, scale = q_weight[row, col // per_word], q_scale[row, col // scheme.group_size]
+    else:
+        word, scale = q_weight[col // per_word, row], q_scale[col // scheme.group_size, row]
+    shift = ((col % per_word) * scheme.bits).astype("uint32")
+    value = ((word >> shift) & mask).astype(scheme.model_dtype) - tirx.const(scheme.max_int, scheme.model_dtype)
+    return value * scale
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequantize(q_weight, q_scale)^T, accumulated in float32, no bias."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: GroupQuantScheme, name: str = "linear"):
+        scheme.check_divisible(in_features, name)
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        words, groups = in_features // scheme.per_word, in_features // scheme.group_size
+        if scheme.layout == "NK":
+            self.q_weight = nn.Parameter((out_features, words), "uint32")
+            self.q_scale = nn.Parameter((out_features, groups), scheme.model_dtype)
+        else:
+            self.q_weight = nn.Parameter((words, out_features), "uint32")
+            self.q_scale = nn.Parameter((groups, out_features), scheme.model_dtype)
+
+    def to(self, dtype: str | None = None) -> None:  # storage dtypes are fixed by the scheme
+        del dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        scheme, n_out, k_in = self.scheme, self.out_features, self.in_features
+
+        def compute(x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+            w = te.compute((n_out, k_in), lambda n, k: _dequantize(scheme, q_weight, q_scale, n, k), name=DEQUANTIZE_BLOCK)
+            k = te.reduce_axis((0, k_in), name="k")
+            lead = list(x.shape[:-1])
+            acc = te.compute(
+                (*lead, n_out),
+                lambda *i: te.sum(x[(*i[:-1], k)].astype("float32") * w[i[-1], k].astype("float32"), axis=k),
+                name="matmul",
+            )
+            if scheme.model_dtype == "float32":
+                return acc
+            return te.compute(acc.shape, lambda *i: acc[i].astype(scheme.model_dtype), name="cast")
+
+        return op.tensor_expr_op(compute, QUANTIZED_MATMUL, [x, self.q_weight, self.q_scale])
+
+
+class QuantizedEmbedding(nn.Module):
+    """Rows of a group-quantized table, dequantized inside the gather. Always NK (row-major per token)."""
+
+    def __init__(self, num: int, dim: int, scheme: GroupQuantScheme):
+        scheme.check_divisible(dim, "embedding")
+        self.num, self.dim = num, dim
+        self.scheme = GroupQuantScheme(scheme.name, scheme.model_dtype, "NK", scheme.group_size, scheme.bits)
+        self.q_weight = nn.Parameter((num, dim // scheme.per_word), "uint32")
+        self.q_scale = nn.Parameter((num, dim // scheme.group_size), scheme.model_dtype)
+
+    def to(self, dtype: str | None = None) -> None:
+        del dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        scheme, dim = self.scheme, self.dim
+
+        def compute(ids: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
+            return te.compute(
+                (*ids.shape, dim),
+                lambda *i: _dequantize(scheme, q_weight, q_scale, ids[i[:-1]], i[-1]),
+                name="quantized_take",
+            )
+
+        return op.tensor_expr_op(compute, "quantized_embedding", [ids, self.q_weight, self.q_scale])
+
+
+def quantize_linears(module: nn.Module, scheme: GroupQuantScheme, prefix: str = "") -> None:
+    """Replace every bias-free `nn.Linear` below `module` (in place) by a `QuantizedLinear`."""
+    for attr, child in list(vars(module).items()):
+        name = f"{prefix}{attr}"
+        if isinstance(child, nn.Linear):
+            if child.bias is not None:
+                raise ValueError(f"{name}: quantized linears have no bias")
+            setattr(module, attr, QuantizedLinear(int(child.in_features), int(child.out_features), scheme, name))
+        elif isinstance(child, nn.ModuleList):
+            for i, item in enumerate(child):
+                quantize_linears(item, scheme, f"{name}.{i}.")
+        elif isinstance(child, nn.Module):
+            quantize_linears(child, scheme, f"{name}.")
+
+
+def quantized_modules(module: nn.Module, prefix: str = "") -> dict[str, GroupQuantScheme]:
+    """Name prefix -> scheme of every quantized module below `module` (what convert must pack, and how)."""
+    found: dict[str, GroupQuantScheme] = {}
+    for attr, child in vars(module).items():
+        name = f"{prefix}{attr}"
+        if isinstance(child, (QuantizedLinear, QuantizedEmbedding)):
+            found[name] = child.scheme
+        elif isinstance(child, nn.ModuleList):
+            for i, item in enumerate(child):
+                found.update(quantized_modules(item, f"{name}.{i}."))
+        elif isinstance(child, nn.Module):
+            found.update(quantized_modules(child, f"{name}."))
+    return found
