@@ -51,12 +51,15 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Bidirectional attention written out (softmax in float32): TVM's fused attention op lowers to
+        ill-typed TIR in fp16, which GPU schedules refuse."""
         b, s, d = x.shape
         heads = (b, s, self.num_heads, self.head_dim)
-        q = op.reshape(self.q_proj(x), heads)
-        k = op.reshape(self.k_proj(x), heads)
-        v = op.reshape(self.v_proj(x), heads)
-        out = op.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        q = op.permute_dims(op.reshape(self.q_proj(x) * self.head_dim**-0.5, heads), [0, 2, 1, 3])
+        k = op.permute_dims(op.reshape(self.k_proj(x), heads), [0, 2, 3, 1])
+        v = op.permute_dims(op.reshape(self.v_proj(x), heads), [0, 2, 1, 3])
+        probs = op.softmax(op.matmul(q, k).astype("float32"), axis=-1).astype(x.dtype)
+        out = op.permute_dims(op.matmul(probs, v), [0, 2, 1, 3])
         return self.out_proj(op.reshape(out, (b, s, d)))
 
 
