@@ -57,18 +57,29 @@ def quantize_weight(weight: np.ndarray, scheme: GroupQuantScheme, layout: str | 
     """
     layout = layout or scheme.layout
     out_features, in_features = weight.shape
-    g, per_word = scheme.group_size, scheme.per_word
-    groups = weight.astype(np.float32).reshape(out_features, in_features // g, g)
+    packed = np.empty((out_features, in_features // scheme.per_word), np.uint32)
+    scale = np.empty((out_features, in_features // scheme.group_size), scheme.model_dtype)
+    for start in range(0, out_features, _ROWS_PER_STEP):  # bounded temporaries for 32000-row tables
+        rows = slice(start, start + _ROWS_PER_STEP)
+        packed[rows], scale[rows] = _quantize_rows(weight[rows], scheme)
+    if layout == "KN":
+        return np.ascontiguousarray(packed.T), np.ascontiguousarray(scale.T)
+    return packed, scale
+
+
+_ROWS_PER_STEP = 2048
+
+
+def _quantize_rows(weight: np.ndarray, scheme: GroupQuantScheme) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = weight.shape
+    groups = weight.astype(np.float32).reshape(rows, cols // scheme.group_size, scheme.group_size)
     scale = (np.abs(groups).max(axis=-1) / scheme.max_int).astype(scheme.model_dtype)
     divisor = scale.astype(np.float32)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(divisor > 0, np.round(groups / np.where(divisor > 0, divisor, 1)), 0) + scheme.max_int
-    q = np.clip(q, 0, 2 * scheme.max_int).astype(np.uint32).reshape(out_features, in_features // per_word, per_word)
-    shifts = np.arange(per_word, dtype=np.uint32) * scheme.bits
-    packed = np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
-    if layout == "KN":
-        return np.ascontiguousarray(packed.T), np.ascontiguousarray(scale.T)
-    return packed, scale
+    q = np.clip(q, 0, 2 * scheme.max_int).astype(np.uint32).reshape(rows, cols // scheme.per_word, scheme.per_word)
+    shifts = np.arange(scheme.per_word, dtype=np.uint32) * scheme.bits
+    return np.bitwise_or.reduce(q << shifts, axis=-1), scale
 
 
 def dequantize_weight(q_weight: np.ndarray, q_scale: np.ndarray, scheme: GroupQuantScheme, layout: str | None = None) -> np.ndarray:

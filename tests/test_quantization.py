@@ -154,3 +154,12 @@ def test_dequantize_is_inlined_into_every_quantized_matmul(q4_builds):
         if gv.name_hint in quantized:
             assert f'"{DEQUANTIZE_BLOCK}' not in func.script(), gv.name_hint
 
+
+
+def test_tall_matrices_are_packed_in_bounded_steps_identically():
+    """Embedding / lm_head tables are quantized a block of rows at a time; blocks must not show."""
+    scheme = QUANTIZATIONS["q4f16_1"].scheme
+    w = np.random.default_rng(1).standard_normal((4100, 32)).astype(np.float32)
+    q_weight, q_scale = quantize_weight(w, scheme)
+    ref_weight, ref_scale = mlc_reference_pack(w, "float16", "NK")
+    assert np.array_equal(q_weight, ref_weight) and np.array_equal(q_scale, ref_scale)
