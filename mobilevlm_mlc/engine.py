@@ -44,7 +44,8 @@ class TurnResult:
 
 
 class Engine:
-    def __init__(self, dist_dir: Path, lib_path: Path, device: str = "cpu", max_sequences: int = 4):
+    def __init__(self, dist_dir: Path, lib_path: Path, device: str = "cpu", max_sequences: int = 4, kv_cache_tokens: int | None = None):
+        """`kv_cache_tokens` bounds the tokens of all live sequences together (default: one context window)."""
         self.dist = load_dist(dist_dir)
         lib_path = Path(lib_path)
         if not lib_path.is_file():
@@ -61,7 +62,7 @@ class Engine:
         self.prefill_chunk_size = int(self.metadata["prefill_chunk_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
         self.kv_cache = self.vm["create_tir_paged_kv_cache"](
-            ShapeTuple([max_sequences]), ShapeTuple([self.context_window_size * max_sequences]),
+            ShapeTuple([max_sequences]), ShapeTuple([kv_cache_tokens or self.context_window_size]),
             ShapeTuple([self.prefill_chunk_size]), ShapeTuple([PAGE_SIZE]), ShapeTuple([0]),
         )
         self._next_seq_id = 0
@@ -120,6 +121,9 @@ class Engine:
         return np.concatenate(parts)
 
     # ---- sequences in the KV cache -----------------------------------------------------------------
+
+    def free_kv_tokens(self) -> int:
+        return int(_kv("attention_kv_cache_get_num_available_pages")(self.kv_cache)) * PAGE_SIZE
 
     def add_sequence(self) -> int:
         seq_id, self._next_seq_id = self._next_seq_id, self._next_seq_id + 1
@@ -199,6 +203,8 @@ class ChatSession:
                 f"prompt of {len(embeds)} tokens (with image tokens) does not fit the context window: "
                 f"{self.length} already used of {engine.context_window_size}"
             )
+        if len(embeds) + PAGE_SIZE > engine.free_kv_tokens():
+            raise MobileVLMError(f"prompt of {len(embeds)} tokens does not fit the KV cache: {engine.free_kv_tokens()} tokens free (close other chat sessions)")
         self.pending = []
         result = self.last = TurnResult(prompt_token_ids=ids)
         logits = engine.prefill(self.seq_id, embeds)
@@ -214,7 +220,8 @@ class ChatSession:
             delta = stream.push(token)
             if delta:
                 yield delta
-            if len(result.output_token_ids) >= config.max_new_tokens or self.length + 1 >= engine.context_window_size:
+            out_of_pages = self.length % PAGE_SIZE == 0 and engine.free_kv_tokens() == 0  # shared with other sessions
+            if len(result.output_token_ids) >= config.max_new_tokens or self.length + 1 >= engine.context_window_size or out_of_pages:
                 result.finish_reason = "length"
                 self.pending = [token]
                 return

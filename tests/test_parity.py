@@ -108,3 +108,24 @@ def test_sessions_are_independent(engine):
         list(other.send(QUESTION, image, config))
         assert other.last.output_token_ids == expected
 
+
+
+def test_full_kv_cache_is_a_clear_error(built):
+    import pytest
+
+    from mobilevlm_mlc.errors import MobileVLMError
+
+    engine = Engine(built.dist, built.lib, kv_cache_tokens=256)
+    capacity = engine.free_kv_tokens()  # TVM rounds up to whole pages (and keeps a spare one)
+    assert 256 <= capacity < 256 + 3 * 16
+    image = Image.open(DEMO_IMAGE)
+    with engine.chat() as first:
+        list(first.send(QUESTION, image, GenerationConfig(max_new_tokens=2)))  # 190 prompt tokens + 1
+        in_use = capacity - engine.free_kv_tokens()
+        assert 190 <= in_use < 190 + 2 * 16
+        with engine.chat() as second, pytest.raises(MobileVLMError, match=r"prompt of 190 tokens does not fit the KV cache: \d+ tokens free"):
+            list(second.send(QUESTION, image, GenerationConfig(max_new_tokens=2)))
+    assert engine.free_kv_tokens() == capacity  # closed sessions give their pages back
+    with engine.chat() as again:
+        list(again.send(QUESTION, image, GenerationConfig(max_new_tokens=2)))
+        assert capacity - engine.free_kv_tokens() == in_use
