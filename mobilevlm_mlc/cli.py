@@ -56,6 +56,16 @@ def cmd_compile(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_targets(args: argparse.Namespace) -> None:
+    from targets import TARGETS
+
+    del args
+    for target in TARGETS.values():
+        missing = target.missing_codegen()
+        status = "buildable" if missing is None else f"not buildable here: {missing}"
+        print(f"{target.name:<16}{target.library_suffix:<6}default {target.default_quantization:<9}{target.description}\n{'':<16}{status}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .engine import Engine
 
@@ -114,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("targets", help="list the build targets and whether this TVM can build each")
+    p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("run", help="answer a prompt about an image, streaming")
     p.add_argument("dist_dir", type=Path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import tvm
 from tvm import relax
 
 from model_defs.mobilevlm import MobileVLMForCausalLM
-from targets import get_target
+from targets import KernelCheckError, get_target
 
 from .dist import Dist, load_dist
 from .errors import MobileVLMError
@@ -49,6 +50,14 @@ def _attach_metadata(mod: tvm.IRModule, meta: dict) -> tvm.IRModule:
     return mod
 
 
+def system_lib_prefix(dist: Dist) -> str:
+    """Symbol prefix of a static library, e.g. `mobilevlm_ldpnet_q4f16_0_` (TVM 0.27 needs 8+ characters)."""
+    stem = re.sub(r"[^0-9a-zA-Z]+", "_", dist.path.name).strip("_").lower()
+    if dist.quantization.name not in stem:
+        stem = f"{stem}_{dist.quantization.name}"
+    return f"{stem}_" if stem.startswith("mobilevlm") else f"mobilevlm_{stem}_"
+
+
 def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     """Build the library for `target_name` at `output`; returns a small report (times, functions)."""
     dist = load_dist(dist_dir)
@@ -59,6 +68,10 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     output = Path(output)
     if output.suffix != build_target.library_suffix:
         raise MobileVLMError(f"{output}: target '{target_name}' writes a '{build_target.library_suffix}' library")
+    if dist.quantization.name not in build_target.quantizations:
+        raise MobileVLMError(
+            f"target '{target_name}' does not take {dist.quantization.name} weights (expected one of {', '.join(build_target.quantizations)})"
+        )
     started = time.perf_counter()
     target = build_target.tvm_target()
     model = MobileVLMForCausalLM(dist.config, dist.quantization.scheme)
@@ -66,16 +79,28 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     with target:
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
     mod = _attach_metadata(mod, metadata(dist, named_params))
+    prefix = system_lib_prefix(dist) if build_target.system_lib else None
+    if prefix:
+        mod = mod.with_attr("system_lib_prefix", prefix)
     exported = time.perf_counter()
     # TOPI warns that fp16 attention multiplies fp32 probabilities by fp16 values: intended, not news.
     logging.getLogger("topi").setLevel(logging.ERROR)
-    executable = relax.build(mod, target, relax_pipeline=build_target.relax_pipeline(target))
+    try:
+        with target:
+            lowered = build_target.relax_pipeline(target)(mod)
+    except KernelCheckError as err:
+        raise MobileVLMError(f"target '{target_name}': {err}") from None
+    missing = build_target.missing_codegen()
+    if missing:
+        raise MobileVLMError(f"target '{target_name}': lowering, scheduling and limit checks passed, but {missing}")
+    executable = relax.build(lowered, target, relax_pipeline=None, system_lib=build_target.system_lib)
     with atomic_file(output) as tmp:
         executable.export_library(str(tmp))
     finished = time.perf_counter()
     return {
         "target": target_name,
         "output": str(output),
+        "system_lib_prefix": prefix,
         "export_s": exported - started,
         "build_s": finished - exported,
         "functions": sorted(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from .base import BuildTarget
+from .android import ANDROID_ADRENO, ANDROID_CPU
+from .base import BuildTarget, KernelCheckError
 from .cpu import HOST_CPU
+from .vulkan import VULKAN
 
-TARGETS: dict[str, BuildTarget] = {t.name: t for t in (HOST_CPU,)}
+TARGETS: dict[str, BuildTarget] = {t.name: t for t in (HOST_CPU, ANDROID_CPU, ANDROID_ADRENO, VULKAN)}
 
 
 def get_target(name: str) -> BuildTarget:
@@ -14,4 +16,4 @@ def get_target(name: str) -> BuildTarget:
     return TARGETS[name]
 
 
-__all__ = ["TARGETS", "BuildTarget", "get_target"]
+__all__ = ["TARGETS", "BuildTarget", "KernelCheckError", "get_target"]

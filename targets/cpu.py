@@ -26,5 +26,7 @@ HOST_CPU = BuildTarget(
     description="this machine's CPU (LLVM, host mcpu), shared library",
     make_target=lambda: tvm.target.Target.from_device(tvm.cpu()),
     default_quantization="q4f16_1",
+    quantizations=("q0f32", "q0f16", "q4f16_1", "q4f32_1", "q4f16_0"),
     pipeline=cpu_pipeline,
+    codegen="llvm",
 )

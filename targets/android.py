@@ -1,0 +1,35 @@
+"""Android phones: the Adreno GPU through OpenCL, and the Arm CPU. Both build static `.tar` system
+libraries that MLC's Android app links (`libmodel_android.a`)."""
+
+import tvm
+
+from .base import BuildTarget
+from .cpu import cpu_pipeline
+from .gpu import gpu_pipeline
+
+ANDROID_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a78"}
+
+ANDROID_ADRENO = BuildTarget(
+    name="android-adreno",
+    description="Adreno GPU via OpenCL (qcom/adreno-opencl, 512 threads), host aarch64-linux-android, .tar system lib",
+    make_target=lambda: tvm.target.Target(
+        {**tvm.target.Target("qcom/adreno-opencl").export(), "max_num_threads": 512, "max_threads_per_block": 512},
+        host=ANDROID_HOST,
+    ),
+    default_quantization="q4f16_0",
+    quantizations=("q4f16_0", "q4f16_1", "q0f16", "q4f32_1", "q0f32"),  # fp32 ones: PoCL conformance builds
+    pipeline=gpu_pipeline,
+    codegen="opencl",
+    system_lib=True,
+)
+
+ANDROID_CPU = BuildTarget(
+    name="android-cpu",
+    description="Arm CPU (LLVM aarch64-linux-android, cortex-a78: NEON, dotprod, fp16), .tar system lib",
+    make_target=lambda: tvm.target.Target(ANDROID_HOST),
+    default_quantization="q4f16_1",
+    quantizations=("q4f16_1", "q4f32_1", "q0f16", "q0f32"),
+    pipeline=cpu_pipeline,
+    codegen="llvm",
+    system_lib=True,
+)
