@@ -32,6 +32,16 @@ def _verify_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
     return verify
 
 
+@tvm.transform.module_pass(opt_level=0, name="NoTensorCoreMatmul")
+def no_tensor_core_matmul(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Mark every kernel `dlight.do_not_tensorize`: dlight's CUDA tensor-core Matmul rule (sm >= 70)
+    segfaults on the vision tower's fp16 static-shape matmuls in TVM 0.27; its SIMT schedule is used."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
+    return mod
+
+
 def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return tvm.transform.Sequential(
         [relax.transform.FuseTransposeMatmul()]
@@ -42,6 +52,7 @@ def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
+            *([no_tensor_core_matmul] if target.kind.name == "cuda" else []),
             dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
             _verify_kernels(target),
         ]

@@ -77,6 +77,18 @@ def test_target_and_quantization_mismatches(dists, tmp_path):
 
 def test_targets_command_lists_every_target():
     out = subprocess.run(["mobilevlm-mlc", "targets"], capture_output=True, text=True, check=True).stdout
-    for name in ("cpu", "android-cpu", "android-adreno", "vulkan"):
+    for name in ("cpu", "android-cpu", "android-adreno", "cuda", "vulkan"):
         assert any(line.startswith(name + " ") for line in out.splitlines()), name
     assert "no 'vulkan' code generator" in out
+
+
+def test_cuda_library_holds_every_kernel(dists, tmp_path):
+    out = tmp_path / "cuda.so"
+    compile_model(dists["q4f16_1"], "cuda", out)
+    blob = out.read_bytes()
+    assert elf_machine(blob) == 62  # x86-64 host code
+    for name in ENTRY_POINTS:
+        assert name in blob, name
+    for kernel in ("batch_decode_paged_kv_kernel", "fused_rope_kernel", "rms_norm_kernel", "quantized_matmul_kernel",
+                   "quantized_embedding_kernel", "conv2d_kernel", "layer_norm_kernel"):
+        assert f'extern "C" __global__ void __launch_bounds__'.encode() in blob and f" {kernel}(".encode() in blob, kernel
