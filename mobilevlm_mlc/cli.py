@@ -54,6 +54,15 @@ def cmd_compile(args: argparse.Namespace) -> None:
         f"compiled {args.dist_dir} for {report['target']} -> {report['output']} "
         f"(export {report['export_s']:.1f} s, build {report['build_s']:.1f} s)"
     )
+    if report["system_lib_prefix"]:
+        print(f"system library: model_lib '{report['system_lib_prefix'].rstrip('_')}' (symbol prefix {report['system_lib_prefix']})")
+
+
+def cmd_package(args: argparse.Namespace) -> None:
+    from .package import package
+
+    out = package(args.config, args.output)
+    print(f"packaged -> {out / 'bundle' / 'mlc-app-config.json'}, {out / 'lib' / 'libmodel_android.a'}")
 
 
 def cmd_targets(args: argparse.Namespace) -> None:
@@ -124,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("package", help="mlc-package-config.json -> bundle/ and lib/libmodel_android.a for MLC's Android app")
+    p.add_argument("config", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("targets", help="list the build targets and whether this TVM can build each")
     p.set_defaults(func=cmd_targets)

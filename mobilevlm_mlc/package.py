@@ -1,0 +1,141 @@
+"""`package`: MLC's `mlc-package-config.json` -> what an MLC Android app bundles and links.
+
+Writes `OUT/bundle/mlc-app-config.json`, the weights of models with `bundle_weight: true` under
+`OUT/bundle/<model_id>/`, and `OUT/lib/libmodel_android.a`: every model library's objects merged with
+`ar`, checked (as MLC does) to define each model's `<model_lib>___tvm_ffi__library_bin` symbol.
+Relative paths are read from the config file's folder. Nothing in `OUT` changes unless all succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import read_json
+from .dist import CHAT_CONFIG, load_dist
+from .errors import MobileVLMError
+
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class PackagedModel:
+    model_id: str
+    model_lib: str
+    dist: Path
+    library: Path
+    bundle_weight: bool
+    estimated_vram_bytes: int
+
+
+def estimated_vram_bytes(dist: Path) -> int:
+    """Weights plus a KV cache of one context window (the app's default)."""
+    info = load_dist(dist)
+    text, weights = info.config.text, 0
+    for shard in read_json(dist / "tensor-cache.json", "tensor-cache.json").get("records", []):
+        weights += int(shard.get("nbytes", 0))
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * info.config.context_window_size
+    return weights + kv * np.dtype(info.config.dtype).itemsize
+
+
+def _read_config(path: Path) -> list[PackagedModel]:
+    config = read_json(path, "package config")
+    base = path.parent
+    if config.get("device") != "android":
+        raise MobileVLMError(f"{path}: field 'device' is {config.get('device')!r}, expected 'android' (iphone packaging is not supported)")
+    models, libs = config.get("model_list"), config.get("model_lib_path_for_prepare_libs", {})
+    if not isinstance(models, list) or not models:
+        raise MobileVLMError(f"{path}: field 'model_list' must be a non-empty list")
+    if not isinstance(libs, dict):
+        raise MobileVLMError(f"{path}: field 'model_lib_path_for_prepare_libs' must be an object")
+    seen: set[str] = set()
+    result = []
+    for i, entry in enumerate(models):
+        where = f"{path}: model_list[{i}]"
+        if not isinstance(entry, dict):
+            raise MobileVLMError(f"{where} must be an object")
+        model_id, model_lib, model = entry.get("model_id"), entry.get("model_lib"), entry.get("model")
+        for key, value in (("model_id", model_id), ("model_lib", model_lib), ("model", model)):
+            if not isinstance(value, str) or not value:
+                raise MobileVLMError(f"{where}: field '{key}' is missing or not a string")
+        if not SAFE_ID.fullmatch(model_id) or model_id in seen:
+            raise MobileVLMError(f"{where}: model_id '{model_id}' must be a unique plain name (it becomes a folder under bundle/)")
+        seen.add(model_id)
+        if model.startswith("HF://"):
+            raise MobileVLMError(f"{where}: model '{model}' is on a model hub; give the path of a converted dist folder")
+        dist = (base / model).resolve()
+        if not (dist / CHAT_CONFIG).is_file():
+            raise MobileVLMError(f"{where}: model '{model}' is not a dist folder ({dist / CHAT_CONFIG} not found)")
+        if model_lib not in libs:
+            raise MobileVLMError(f"{where}: model_lib '{model_lib}' has no entry in model_lib_path_for_prepare_libs")
+        library = (base / str(libs[model_lib])).resolve()
+        if not library.is_file() or library.suffix != ".tar":
+            raise MobileVLMError(f"{where}: library '{libs[model_lib]}' for '{model_lib}' is not a .tar system library ({library})")
+        vram = entry.get("estimated_vram_bytes")
+        result.append(PackagedModel(
+            model_id, model_lib, dist, library, bool(entry.get("bundle_weight", False)),
+            int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(dist),
+        ))
+    return result
+
+
+def _merge_objects(models: list[PackagedModel], lib_dir: Path, scratch: Path) -> Path:
+    objects: list[Path] = []
+    for index, model in enumerate(models):
+        with tarfile.open(model.library) as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or not member.name.endswith(".o"):
+                    continue
+                target = scratch / f"{index}_{model.model_lib}_{Path(member.name).name}"  # lib0.o repeats across models
+                target.write_bytes(tar.extractfile(member).read())
+                objects.append(target)
+    archive = lib_dir / "libmodel_android.a"
+    subprocess.run(["ar", "rcs", str(archive), *map(str, objects)], check=True, capture_output=True)
+    symbols = subprocess.run(["nm", "--defined-only", str(archive)], check=True, capture_output=True, text=True).stdout
+    for model in models:
+        if f" {model.model_lib}___tvm_ffi__library_bin" not in symbols:
+            raise MobileVLMError(
+                f"{model.library}: does not define {model.model_lib}___tvm_ffi__library_bin "
+                f"(was it compiled from a dist folder named like '{model.model_lib.removeprefix('mobilevlm_')}'?)"
+            )
+    return archive
+
+
+def package(config_path: Path, output: Path) -> Path:
+    config_path, output = Path(config_path), Path(output)
+    models = _read_config(config_path)
+    if shutil.which("ar") is None or shutil.which("nm") is None:
+        raise MobileVLMError("packaging needs binutils' `ar` and `nm` on PATH")
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".package.", dir=output) as tmp:
+        staging = Path(tmp)
+        (staging / "bundle").mkdir()
+        (staging / "lib").mkdir()
+        (staging / "objects").mkdir()
+        _merge_objects(models, staging / "lib", staging / "objects")
+        app_models = []
+        for model in models:
+            entry = {"model_id": model.model_id, "model_lib": model.model_lib, "estimated_vram_bytes": model.estimated_vram_bytes}
+            if model.bundle_weight:
+                shutil.copytree(model.dist, staging / "bundle" / model.model_id)
+                entry["model_path"] = model.model_id
+            else:
+                entry["model_url"] = str(model.dist)
+            app_models.append(entry)
+        (staging / "bundle" / "mlc-app-config.json").write_text(json.dumps({"model_list": app_models}, indent=2) + "\n")
+        for part in ("bundle", "lib"):
+            old = output / f".{part}.old-{os.getpid()}"
+            if (output / part).exists():
+                os.replace(output / part, old)
+            os.replace(staging / part, output / part)
+            shutil.rmtree(old, ignore_errors=True)
+    return output

@@ -1,0 +1,89 @@
+"""`package` for MLC's Android app: bundle, app config and the merged static library, checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mobilevlm_mlc.compiler import compile_model
+from mobilevlm_mlc.convert import convert
+from mobilevlm_mlc.errors import MobileVLMError
+from mobilevlm_mlc.package import package
+
+from .conftest import checkpoint_for
+
+
+@pytest.fixture(scope="module")
+def android_models(workspace):
+    built = {}
+    for projector, quantization, target in (("ldpnet", "q4f16_0", "android-adreno"), ("ldpnetv2", "q4f16_1", "android-cpu")):
+        name = f"mobilevlm-{projector}-{quantization}"
+        dist = convert(checkpoint_for(workspace, projector), workspace / "pkg" / name, quantization, progress=False)
+        report = compile_model(dist, target, workspace / "pkg" / f"{name}-{target}.tar")
+        built[name] = (dist, Path(report["output"]), report["system_lib_prefix"].rstrip("_"))
+    return built
+
+
+def write_config(folder: Path, models: dict, **overrides) -> Path:
+    entries, libs = [], {}
+    for i, (name, (dist, lib, model_lib)) in enumerate(models.items()):
+        entries.append({"model": str(dist), "model_id": name, "model_lib": model_lib, "bundle_weight": i == 0})
+        libs[model_lib] = str(lib)
+    config = {"device": "android", "model_list": entries, "model_lib_path_for_prepare_libs": libs, **overrides}
+    path = folder / "mlc-package-config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_package_two_models(android_models, tmp_path):
+    out = package(write_config(tmp_path, android_models), tmp_path / "out")
+    app = json.loads((out / "bundle" / "mlc-app-config.json").read_text())
+    names = list(android_models)
+    assert [m["model_id"] for m in app["model_list"]] == names
+    assert app["model_list"][0]["model_path"] == names[0] and "model_url" in app["model_list"][1]
+    assert all(m["estimated_vram_bytes"] > 0 for m in app["model_list"])
+    bundled = out / "bundle" / names[0]
+    assert (bundled / "mlc-chat-config.json").is_file() and (bundled / "tensor-cache.json").is_file()
+    assert not (out / "bundle" / names[1]).exists()
+    archive = out / "lib" / "libmodel_android.a"
+    symbols = subprocess.run(["nm", "--defined-only", str(archive)], capture_output=True, text=True, check=True).stdout
+    for _, _, model_lib in android_models.values():
+        assert f" {model_lib}___tvm_ffi__library_bin" in symbols
+    members = subprocess.run(["ar", "t", str(archive)], capture_output=True, text=True, check=True).stdout.split()
+    assert len(members) == 4  # lib0.o and devc.o of each model, renamed apart
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c.update(device="iphone"), "field 'device' is 'iphone'"),
+        (lambda c: c["model_list"][0].update(model_id="../escape"), "model_id '../escape' must be a unique plain name"),
+        (lambda c: c["model_list"][0].update(model="nowhere"), "model 'nowhere' is not a dist folder"),
+        (lambda c: c["model_list"][0].update(model="HF://mlc-ai/x"), "is on a model hub"),
+        (lambda c: c["model_list"][0].update(model_lib="unknown_lib"), "model_lib 'unknown_lib' has no entry"),
+        (lambda c: c["model_list"][1].update(model_id=c["model_list"][0]["model_id"]), "must be a unique plain name"),
+    ],
+)
+def test_bad_package_configs(android_models, tmp_path, edit, message):
+    path = write_config(tmp_path, android_models)
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(MobileVLMError, match=message.replace("(", r"\(")):
+        package(path, tmp_path / "out")
+    assert not (tmp_path / "out" / "bundle").exists() and not (tmp_path / "out" / "lib").exists()
+
+
+def test_library_without_the_named_symbol_is_refused(android_models, tmp_path):
+    path = write_config(tmp_path, android_models)
+    config = json.loads(path.read_text())
+    real = config["model_list"][0]["model_lib"]
+    config["model_list"][0]["model_lib"] = "mobilevlm_renamed"
+    config["model_lib_path_for_prepare_libs"]["mobilevlm_renamed"] = config["model_lib_path_for_prepare_libs"].pop(real)
+    path.write_text(json.dumps(config))
+    with pytest.raises(MobileVLMError, match="does not define mobilevlm_renamed___tvm_ffi__library_bin"):
+        package(path, tmp_path / "out")
+    assert not (tmp_path / "out" / "lib").exists()
