@@ -13,7 +13,7 @@ from .gpu import gpu_pipeline
 CUDA = BuildTarget(
     name="cuda",
     description="NVIDIA GPU, CUDA sm_80 (Ampere and newer; kernels JIT-compiled at load), x86-64 host, shared library",
-    make_target=lambda: tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host="llvm"),
+    make_target=lambda: tvm.target.Target({"kind": "cuda", "arch": "sm_80", "max_shared_memory_per_block": 49152}, host="llvm"),
     default_quantization="q4f16_1",
     quantizations=("q4f16_1", "q4f32_1", "q0f16", "q0f32"),
     pipeline=gpu_pipeline,
