@@ -7,7 +7,6 @@ Tensors are read lazily, one at a time, from `model.safetensors` or `pytorch_mod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +219,3 @@ class CheckpointTensors:
             return tensor.float().numpy()
         except Exception as err:  # noqa: BLE001
             raise MobileVLMError(f"{path}: cannot read tensor {name} ({type(err).__name__}: {err})") from None
-
-    def iter_names(self) -> Iterator[str]:
-        return iter(self._file_of)

@@ -22,13 +22,6 @@ class Quantization:
     model_dtype: str  # activations, norms, the vision tower, and unquantized weights
     scheme: GroupQuantScheme | None = None
 
-    @property
-    def bits_per_weight(self) -> float:
-        """Storage bits per quantized weight (int4 plus its share of a scale)."""
-        if self.scheme is None:
-            return 8.0 * np.dtype(self.model_dtype).itemsize
-        return self.scheme.bits + 8.0 * np.dtype(self.model_dtype).itemsize / self.scheme.group_size
-
 
 QUANTIZATIONS = {
     q.name: q

@@ -10,6 +10,7 @@ schedule: full-precision weights are never materialized.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -115,31 +116,32 @@ class QuantizedEmbedding(nn.Module):
         return op.tensor_expr_op(compute, "quantized_embedding", [ids, self.q_weight, self.q_scale])
 
 
-def quantize_linears(module: nn.Module, scheme: GroupQuantScheme, prefix: str = "") -> None:
-    """Replace every bias-free `nn.Linear` below `module` (in place) by a `QuantizedLinear`."""
+def _children(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """Every module below `module`, depth first: (dotted name, parent, attribute or index, child)."""
     for attr, child in list(vars(module).items()):
         name = f"{prefix}{attr}"
+        if isinstance(child, nn.ModuleList):
+            for i, item in enumerate(child):
+                yield f"{name}.{i}", child, str(i), item
+                yield from _children(item, f"{name}.{i}.")
+        elif isinstance(child, nn.Module):
+            yield name, module, attr, child
+            yield from _children(child, f"{name}.")
+
+
+def quantize_linears(module: nn.Module, scheme: GroupQuantScheme, prefix: str = "") -> None:
+    """Replace every bias-free `nn.Linear` below `module` (in place) by a `QuantizedLinear`."""
+    for name, parent, attr, child in list(_children(module, prefix)):
         if isinstance(child, nn.Linear):
             if child.bias is not None:
                 raise ValueError(f"{name}: quantized linears have no bias")
-            setattr(module, attr, QuantizedLinear(int(child.in_features), int(child.out_features), scheme, name))
-        elif isinstance(child, nn.ModuleList):
-            for i, item in enumerate(child):
-                quantize_linears(item, scheme, f"{name}.{i}.")
-        elif isinstance(child, nn.Module):
-            quantize_linears(child, scheme, f"{name}.")
+            quantized = QuantizedLinear(int(child.in_features), int(child.out_features), scheme, name)
+            if isinstance(parent, nn.ModuleList):
+                parent.modules[int(attr)] = quantized
+            else:
+                setattr(parent, attr, quantized)
 
 
 def quantized_modules(module: nn.Module, prefix: str = "") -> dict[str, GroupQuantScheme]:
     """Name prefix -> scheme of every quantized module below `module` (what convert must pack, and how)."""
-    found: dict[str, GroupQuantScheme] = {}
-    for attr, child in vars(module).items():
-        name = f"{prefix}{attr}"
-        if isinstance(child, (QuantizedLinear, QuantizedEmbedding)):
-            found[name] = child.scheme
-        elif isinstance(child, nn.ModuleList):
-            for i, item in enumerate(child):
-                found.update(quantized_modules(item, f"{name}.{i}."))
-        elif isinstance(child, nn.Module):
-            found.update(quantized_modules(child, f"{name}."))
-    return found
+    return {name: child.scheme for name, _, _, child in _children(module, prefix) if isinstance(child, (QuantizedLinear, QuantizedEmbedding))}
