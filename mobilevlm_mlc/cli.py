@@ -54,6 +54,10 @@ def cmd_compile(args: argparse.Namespace) -> None:
         f"compiled {args.dist_dir} for {report['target']} -> {report['output']} "
         f"(export {report['export_s']:.1f} s, build {report['build_s']:.1f} s)"
     )
+    build = report["build"]
+    if "cuda_toolkit" in build:
+        print(f"device code: {build['device_code']} for {', '.join(build['cuda_archs'])} + {build['ptx']} PTX, "
+              f"CUDA {build['cuda_toolkit']} (needs a driver that supports it)")
     if report["system_lib_prefix"]:
         print(f"system library: model_lib '{report['system_lib_prefix'].rstrip('_')}' (symbol prefix {report['system_lib_prefix']})")
 
@@ -70,9 +74,43 @@ def cmd_targets(args: argparse.Namespace) -> None:
 
     del args
     for target in TARGETS.values():
-        missing = target.missing_codegen()
+        missing = target.missing_codegen() or target.missing_toolchain()
         status = "buildable" if missing is None else f"not buildable here: {missing}"
         print(f"{target.name:<16}{target.library_suffix:<6}default {target.default_quantization:<9}{target.description}\n{'':<16}{status}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .artifact import inspect_library
+
+    report = inspect_library(args.library)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    print(f"{report.path}: {', '.join(report.machines)} objects; quantization {report.metadata.get('quantization')}")
+    if report.system_lib_prefix:
+        print(f"system-lib prefix: {report.system_lib_prefix}")
+    print(f"build: {json.dumps(report.metadata.get('build', {}))}")
+    for module in report.device_modules:
+        images = f"; images {', '.join(f'{k} {a}' for k, a in module.images)}" if module.images else ""
+        print(f"device module {module.kind} ({module.format}): {len(module.kernels) or '?'} kernels{images}")
+
+
+def cmd_check_kernels(args: argparse.Namespace) -> None:
+    from .kernel_check import TOLERANCE, check_kernels
+
+    def show(result) -> None:
+        error = f"{result.max_rel_error:.1e}" if result.status != "skipped" else "-"
+        print(f"{result.name:<64} {result.status:<9} {error:>8} {result.seconds:5.1f} s  {result.detail}", flush=True)
+
+    only = args.kernels.split(",") if args.kernels else None
+    print(f"{'kernel':<64} {'status':<9} {'rel err':>8}  (OpenCL on PoCL vs the CPU build, fp32 variant; tolerance {TOLERANCE:.0e})")
+    results = check_kernels(args.dist_dir, args.target, entries=args.entries.split(","), only=only, progress=show)
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "MISMATCH", "skipped")}
+    print(f"{counts['ok']} ok, {counts['MISMATCH']} mismatched, {counts['skipped']} skipped")
+    if args.output_json:
+        args.output_json.write_text(json.dumps([vars(r) for r in results], indent=2))
+    if counts["MISMATCH"]:
+        raise SystemExit(1)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -138,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("inspect", help="what a compiled library holds: ELF machine, prefix, build info, device code")
+    p.add_argument("library", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("check-kernels", help="run an OpenCL build's kernels on this CPU (PoCL) against the CPU build")
+    p.add_argument("dist_dir", type=Path)
+    p.add_argument("--target", default="android-adreno")
+    p.add_argument("--entries", default="decode,image_embed", help="entry points whose kernels are checked")
+    p.add_argument("--kernels", default=None, help="comma-separated kernel names instead")
+    p.add_argument("--output-json", type=Path, default=None)
+    p.set_defaults(func=cmd_check_kernels)
 
     p = sub.add_parser("targets", help="list the build targets and whether this TVM can build each")
     p.set_defaults(func=cmd_targets)

@@ -13,13 +13,14 @@ from tvm import relax
 
 from model_defs.mobilevlm import MobileVLMForCausalLM
 from targets import KernelCheckError, get_target
+from targets.nvcc import ToolchainError
 
 from .dist import Dist, load_dist
 from .errors import MobileVLMError
 from .fileio import atomic_file
 
 
-def metadata(dist: Dist, named_params: list) -> dict:
+def metadata(dist: Dist, named_params: list, build: dict) -> dict:
     """What `_metadata` returns: enough for the driver to check the weights and size the KV cache."""
     config = dist.config
     return {
@@ -39,6 +40,7 @@ def metadata(dist: Dist, named_params: list) -> dict:
             {"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for name, p in named_params
         ],
         "memory_usage": {},
+        "build": build,
     }
 
 
@@ -72,13 +74,17 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
         raise MobileVLMError(
             f"target '{target_name}' does not take {dist.quantization.name} weights (expected one of {', '.join(build_target.quantizations)})"
         )
+    missing_tool = build_target.missing_toolchain()
+    if missing_tool:
+        raise MobileVLMError(f"target '{target_name}': {missing_tool}")
     started = time.perf_counter()
+    build = build_target.build_info()
     target = build_target.tvm_target()
     model = MobileVLMForCausalLM(dist.config, dist.quantization.scheme)
     model.to(dist.config.dtype)
     with target:
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
-    mod = _attach_metadata(mod, metadata(dist, named_params))
+    mod = _attach_metadata(mod, metadata(dist, named_params, build))
     prefix = system_lib_prefix(dist) if build_target.system_lib else None
     if prefix:
         mod = mod.with_attr("system_lib_prefix", prefix)
@@ -94,13 +100,17 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     if missing:
         raise MobileVLMError(f"target '{target_name}': lowering, scheduling and limit checks passed, but {missing}")
     executable = relax.build(lowered, target, relax_pipeline=None, system_lib=build_target.system_lib)
-    with atomic_file(output) as tmp:
-        executable.export_library(str(tmp))
+    try:
+        with atomic_file(output) as tmp:
+            executable.export_library(str(tmp), **build_target.export_options())
+    except ToolchainError as err:
+        raise MobileVLMError(f"target '{target_name}': {err}") from None
     finished = time.perf_counter()
     return {
         "target": target_name,
         "output": str(output),
         "system_lib_prefix": prefix,
+        "build": build,
         "export_s": exported - started,
         "build_s": finished - exported,
         "functions": sorted(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)),

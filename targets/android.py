@@ -1,11 +1,16 @@
 """Android phones: the Adreno GPU through OpenCL, and the Arm CPU. Both build static `.tar` system
 libraries that MLC's Android app links (`libmodel_android.a`)."""
 
+import functools
+
 import tvm
 
 from .base import BuildTarget
 from .cpu import cpu_pipeline
 from .gpu import gpu_pipeline
+
+# dlight's own Adreno matmul config unrolls by 16; the GEMV / reduction rules' 256 is capped to match.
+ADRENO_MAX_UNROLL_STEP = 16
 
 ANDROID_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a78"}
 
@@ -18,7 +23,7 @@ ANDROID_ADRENO = BuildTarget(
     ),
     default_quantization="q4f16_0",
     quantizations=("q4f16_0", "q4f16_1", "q0f16", "q4f32_1", "q0f32"),  # fp32 ones: PoCL conformance builds
-    pipeline=gpu_pipeline,
+    pipeline=functools.partial(gpu_pipeline, max_unroll_step=ADRENO_MAX_UNROLL_STEP),
     codegen="opencl",
     system_lib=True,
 )

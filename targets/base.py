@@ -3,10 +3,14 @@ output file is (a shared library, or a static `.tar` system library with a symbo
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
+from tvm.support import cc
+
+from .nvcc import NvccDeviceCode, ToolchainError
 
 
 class KernelCheckError(Exception):
@@ -24,6 +28,9 @@ class BuildTarget:
     codegen: str  # TVM's code generator for the device code: `target.build.<codegen>`
     system_lib: bool = False  # static `.tar` of objects registering `<prefix>` symbols (Android / iOS apps)
     provider: str = ""  # where to get a TVM with this code generator, when the installed one lacks it
+    device_code: NvccDeviceCode | None = None  # compiles embedded device source ahead of time (CUDA)
+    linker: str | None = None  # cross C++ compiler linking the shared library (None: this host's)
+    linker_package: str = ""  # where the cross linker comes from
 
     @property
     def library_suffix(self) -> str:
@@ -41,3 +48,28 @@ class BuildTarget:
         if tvm.get_global_func(f"target.build.{self.codegen}", allow_missing=True) is None:
             return f"this TVM has no '{self.codegen}' code generator (target.build.{self.codegen}); {self.provider}"
         return None
+
+    def missing_toolchain(self) -> str | None:
+        """Which build tool outside TVM (nvcc, a cross linker) is missing, or None."""
+        if self.linker and shutil.which(self.linker) is None:
+            return f"no cross linker '{self.linker}' on PATH ({self.linker_package})"
+        if self.device_code:
+            try:
+                self.device_code.build_info()
+            except ToolchainError as err:
+                return str(err)
+        return None
+
+    def build_info(self) -> dict:
+        """What the library records about how it was built (the CUDA toolkit, for instance)."""
+        info = {"target": self.name, "tvm": tvm.__version__}
+        return info | (self.device_code.build_info() if self.device_code else {})
+
+    def export_options(self) -> dict:
+        """Keyword arguments for `export_library`: device-code packing and cross linking."""
+        options = {}
+        if self.device_code:
+            options["fpack_imports"] = self.device_code.pack_imports
+        if self.linker:
+            options["fcompile"] = cc.cross_compiler(self.linker)
+        return options

@@ -1,21 +1,41 @@
-"""NVIDIA GPUs through CUDA: desktop / server cards from an x86-64 host.
+"""NVIDIA GPUs through CUDA: desktop / server cards (x86-64 host) and Jetson Orin (AArch64 Linux host).
 
-TVM 0.27 embeds the kernels' CUDA C in the library and compiles it when the library loads (NVRTC, or
-nvcc with TVM_CUDA_COMPILE_MODE=nvcc), so the machine that runs it needs a CUDA toolkit; building the
-device code ahead of time with nvcc is not done yet.
+Kernels are compiled ahead of time by nvcc into a fatbin embedded in the library (`nvcc.py`), so
+the GPU machine loads them with the driver alone. Orin's library is cross-linked on this machine with
+Debian's `g++-aarch64-linux-gnu`.
 """
 
 import tvm
 
 from .base import BuildTarget
 from .gpu import gpu_pipeline
+from .nvcc import NvccDeviceCode
+
+QUANTIZATIONS = ("q4f16_1", "q4f32_1", "q0f16", "q0f32")
 
 CUDA = BuildTarget(
     name="cuda",
-    description="NVIDIA GPU, CUDA sm_80 (Ampere and newer; kernels JIT-compiled at load), x86-64 host, shared library",
-    make_target=lambda: tvm.target.Target({"kind": "cuda", "arch": "sm_80", "max_shared_memory_per_block": 49152}, host="llvm"),
+    description="NVIDIA GPU, CUDA sm_80 + sm_90 SASS (+ compute_90 PTX), nvcc ahead of time, x86-64 host, shared library",
+    make_target=lambda: tvm.target.Target(
+        {"kind": "cuda", "arch": "sm_80", "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024},
+        host={"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": "x86-64-v3"},
+    ),
     default_quantization="q4f16_1",
-    quantizations=("q4f16_1", "q4f32_1", "q0f16", "q0f32"),
+    quantizations=QUANTIZATIONS,
     pipeline=gpu_pipeline,
     codegen="cuda",
+    device_code=NvccDeviceCode(archs=("sm_80", "sm_90")),
+)
+
+ORIN_CUDA = BuildTarget(
+    name="orin-cuda",
+    description="Jetson Orin GPU, CUDA sm_87 (nvcc ahead of time), host aarch64-linux-gnu cortex-a78, shared library",
+    make_target=lambda: tvm.target.Target("nvidia/jetson-agx-orin-32gb"),
+    default_quantization="q4f16_1",
+    quantizations=QUANTIZATIONS,
+    pipeline=gpu_pipeline,
+    codegen="cuda",
+    device_code=NvccDeviceCode(archs=("sm_87",)),
+    linker="aarch64-linux-gnu-g++",
+    linker_package="Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu",
 )

@@ -3,12 +3,59 @@ kernel, then each kernel is checked against the target's limits before code gene
 
 from __future__ import annotations
 
+import re
+
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.relax.backend.gpu_generic import pipeline as gpu_generic
 from tvm.s_tir import dlight as dl
 
 from .base import KernelCheckError
+from .schedules import cap_unroll
+
+
+_BINDING = re.compile(r'^( *)for .* in T\.thread_binding\((.+), thread="(\w+\.[xyz])"\)')
+
+
+def inconsistent_thread_extents(func: tirx.PrimFunc) -> str | None:
+    """A thread axis bound with two different extents inside one kernel, or None.
+
+    Every loop bound to e.g. threadIdx.x in one kernel must have the launch's extent; a loop with a
+    larger one silently covers only part of its range (dlight's GEMV rule does this to a broadcast
+    epilogue: LDP's squeeze-excitation gate, found by `check-kernels`)."""
+    kernel_indent, extents = None, {}
+    for line in func.script().splitlines():
+        match = _BINDING.match(line)
+        if not match:
+            continue
+        indent, extent, tag = len(match.group(1)), match.group(2), match.group(3)
+        if tag.startswith("blockIdx") and (kernel_indent is None or indent <= kernel_indent):
+            kernel_indent, extents = indent, {}  # the outermost binding of a new kernel
+        if extents.setdefault(tag, extent) != extent:
+            return f"{tag} bound with extents {extents[tag]} and {extent}"
+    return None
+
+
+def _schedule(target: tvm.target.Target) -> tvm.transform.Pass:
+    """MLC's dlight rules; a kernel a rule schedules inconsistently is rescheduled without that rule
+    (GEMV and Reduction both mis-bind LDP's gate epilogue; GeneralReduction schedules it right)."""
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    retries = [[rules[0], *rules[2:]], [rules[0], *rules[3:]]]
+
+    @tvm.transform.module_pass(opt_level=0, name="ScheduleGPUKernels")
+    def schedule(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        original = dict(mod.functions_items())  # the pass may update `mod` in place
+        mod = dl.ApplyDefaultSchedule(*rules)(mod)
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            for fewer_rules in retries:
+                if not inconsistent_thread_extents(mod[gv]):
+                    break
+                mod[gv] = dl.ApplyDefaultSchedule(*fewer_rules)(tvm.IRModule({gv: original[gv]}))[gv]
+        return mod
+
+    return schedule
 
 
 def _verify_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -25,6 +72,9 @@ def _verify_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
             text = func.script()
             if "blockIdx" not in text and "threadIdx" not in text:
                 raise KernelCheckError(f"kernel {gv.name_hint} is not bound to GPU threads (no schedule rule applied)")
+            inconsistent = inconsistent_thread_extents(func)
+            if inconsistent:
+                raise KernelCheckError(f"kernel {gv.name_hint}: {inconsistent}")
             if not s_tir.analysis.verify_gpu_code(func, limits):
                 raise KernelCheckError(f"kernel {gv.name_hint} exceeds the limits of {target.kind.name} ({limits})")
         return mod
@@ -42,7 +92,8 @@ def no_tensor_core_matmul(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) ->
     return mod
 
 
-def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def gpu_pipeline(target: tvm.target.Target, max_unroll_step: int | None = None) -> tvm.transform.Pass:
+    """MLC's GPU lowering; `max_unroll_step` caps unrolling for device compilers that choke on it."""
     return tvm.transform.Sequential(
         [relax.transform.FuseTransposeMatmul()]
         + gpu_generic.library_dispatch_passes(target)
@@ -53,7 +104,8 @@ def gpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
             *([no_tensor_core_matmul] if target.kind.name == "cuda" else []),
-            dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+            _schedule(target),
+            *([cap_unroll(max_unroll_step)] if max_unroll_step else []),
             _verify_kernels(target),
         ]
         + gpu_generic.dataflow_lower_passes(target)

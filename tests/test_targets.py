@@ -3,11 +3,20 @@ symbol, exported entry points and device code inside each artifact."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from mobilevlm_mlc.artifact import inspect_library
+from targets import get_target
+from targets.gpu import inconsistent_thread_extents
 
 from mobilevlm_mlc.compiler import compile_model
 from mobilevlm_mlc.convert import convert
@@ -77,18 +86,112 @@ def test_target_and_quantization_mismatches(dists, tmp_path):
 
 def test_targets_command_lists_every_target():
     out = subprocess.run(["mobilevlm-mlc", "targets"], capture_output=True, text=True, check=True).stdout
-    for name in ("cpu", "android-cpu", "android-adreno", "cuda", "vulkan"):
+    for name in ("cpu", "android-cpu", "android-adreno", "orin-cuda", "cuda", "vulkan"):
         assert any(line.startswith(name + " ") for line in out.splitlines()), name
     assert "no 'vulkan' code generator" in out
 
 
-def test_cuda_library_holds_every_kernel(dists, tmp_path):
-    out = tmp_path / "cuda.so"
-    compile_model(dists["q4f16_1"], "cuda", out)
+DECODE_KERNELS = ("batch_decode_paged_kv_kernel", "fused_rope_kernel", "rms_norm_kernel", "quantized_embedding_kernel",
+                  "tir_kv_cache_transpose_append_kernel")
+
+
+def nvcc_version() -> str:
+    out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=True).stdout
+    return re.search(r"V([\d.]+)", out).group(1)
+
+
+@pytest.mark.parametrize("target,machine,images", [
+    ("cuda", "x86-64", [("sass", "sm_80"), ("ptx", "compute_90"), ("sass", "sm_90")]),
+    ("orin-cuda", "AArch64", [("ptx", "compute_87"), ("sass", "sm_87")]),
+])
+def test_cuda_libraries_embed_nvcc_fatbins(dists, tmp_path, target, machine, images):
+    out = tmp_path / f"{target}.so"
+    compile_model(dists["q4f16_1"], target, out)
+    report = inspect_library(out)
+    assert report.machines == [machine]
+    assert report.system_lib_prefix is None
+    assert report.metadata["build"] == {
+        "target": target, "tvm": tvm.__version__, "device_code": "fatbin", "cuda_archs": [a for k, a in images if k == "sass"],
+        "ptx": next(a for k, a in images if k == "ptx"), "cuda_toolkit": nvcc_version(),
+    }
+    [device] = report.device_modules
+    assert (device.kind, device.format) == ("cuda", "fatbin")
+    assert sorted(device.images) == sorted(images)
+    for kernel in DECODE_KERNELS + ("conv2d_kernel", "layer_norm_kernel"):
+        assert kernel in device.kernels, kernel
+    assert any(k.startswith("fused_quantized_matmul") for k in device.kernels)
     blob = out.read_bytes()
-    assert elf_machine(blob) == 62  # x86-64 host code
+    assert b'extern "C" __global__' not in blob  # no CUDA C left to compile on the device
     for name in ENTRY_POINTS:
         assert name in blob, name
-    for kernel in ("batch_decode_paged_kv_kernel", "fused_rope_kernel", "rms_norm_kernel", "quantized_matmul_kernel",
-                   "quantized_embedding_kernel", "conv2d_kernel", "layer_norm_kernel"):
-        assert f'extern "C" __global__ void __launch_bounds__'.encode() in blob and f" {kernel}(".encode() in blob, kernel
+    if target == "orin-cuda":  # a shared object for Jetson's Linux, linked by the cross toolchain
+        assert blob[16:18] == (3).to_bytes(2, "little")  # ET_DYN
+
+
+def test_cuda_build_names_a_missing_toolkit(dists, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    out = tmp_path / "cuda.so"
+    with pytest.raises(MobileVLMError, match=r"target 'cuda': no nvcc found \(looked in CUDA_HOME=.*no-cuda\)"):
+        compile_model(dists["q4f16_1"], "cuda", out)
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".cuda*"))
+
+
+def test_adreno_kernels_unroll_within_the_cap(dists):
+    from mobilevlm_mlc.dist import load_dist
+    from mobilevlm_mlc.kernel_check import scheduled_kernels
+    from targets.android import ADRENO_MAX_UNROLL_STEP
+
+    dist = load_dist(dists["q4f16_0"])
+    _, mod = scheduled_kernels(dist.config, dist.quantization.scheme, get_target("android-adreno"))
+    steps, explicit = set(), set()
+    for _, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            text = func.script()
+            steps |= {int(v) for v in re.findall(r'"pragma_auto_unroll_max_step": (\d+)', text)}
+            explicit |= {int(v) for v in re.findall(r'"pragma_unroll_explicit": (\d+)', text)}
+    assert steps and max(steps) <= ADRENO_MAX_UNROLL_STEP
+    assert explicit == {0}
+
+
+def test_inconsistent_thread_binding_is_detected():
+    """dlight's GEMV rule binds LDP's gate epilogue to 32 x-threads inside a 2-thread kernel; the
+    check catches such kernels (our pipeline reschedules them)."""
+    @T.prim_func(s_tir=True)
+    def bad(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
+        for bx in T.thread_binding(2, thread="blockIdx.x"):
+            for tx in T.thread_binding(2, thread="threadIdx.x"):
+                with T.sblock("x"):
+                    v = T.axis.spatial(64, bx * 32 + tx)
+                    b[v] = a[v]
+            for tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("y"):
+                    v = T.axis.spatial(64, bx * 32 + tx)
+                    b[v] = a[v] * T.float32(2)
+
+    assert inconsistent_thread_extents(bad) == "threadIdx.x bound with extents 2 and 32"
+
+
+def test_check_kernels_on_pocl(dists, tmp_path):
+    """The Adreno build's decode and vision kernels, run by PoCL, match the CPU build's kernels."""
+    report = tmp_path / "kernels.json"
+    proc = subprocess.run(["mobilevlm-mlc", "check-kernels", str(dists["q4f16_0"]), "--output-json", str(report)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = {r["name"]: r for r in json.loads(report.read_text())}
+    for name in ("batch_decode_paged_kv", "fused_rope", "rms_norm", "tir_kv_cache_transpose_append", "softmax",
+                 "conv2d", "layer_norm", "fused_NT_matmul6_add7_add8_tir_clip1_divide2_multiply5"):
+        assert results[name]["status"] == "ok", results[name]
+        assert results[name]["launches"] >= 1 and results[name]["max_rel_error"] <= 1e-4
+    quantized = [r for n, r in results.items() if "quantized_matmul" in n]
+    assert len(quantized) >= 4 and all(r["status"] == "ok" for r in quantized)
+    assert not [r for r in results.values() if r["status"] == "MISMATCH"]
+    assert sum(r["status"] == "ok" for r in results.values()) >= 40
+    assert "0 mismatched" in proc.stdout
+
+
+def test_inspect_rejects_a_file_that_is_not_a_library(tmp_path):
+    path = tmp_path / "model.so"
+    path.write_bytes(b"not a library")
+    proc = subprocess.run(["mobilevlm-mlc", "inspect", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{path}: not a library built by mobilevlm-mlc compile (not a 64-bit ELF object)" in proc.stderr

@@ -1,0 +1,134 @@
+"""Look inside a compiled library without the hardware it is for: the ELF machine of its objects, the
+system-lib prefix, and the import blob (`targets/library_bin.py`) with the VM bytecode's `_metadata`
+and each device module (OpenCL source, CUDA fatbin and the architectures inside it)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from targets.library_bin import DeviceCode, LibraryBin, LibraryBinError
+
+from .errors import MobileVLMError
+
+BLOB_SYMBOL = "__tvm_ffi__library_bin"
+ELF_MACHINES = {62: "x86-64", 183: "AArch64"}
+FATBIN_MAGIC = 0xBA55ED50
+
+
+def elf_machine(data: bytes) -> str:
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise MobileVLMError("not a 64-bit ELF object")
+    code = struct.unpack_from("<H", data, 18)[0]
+    return ELF_MACHINES.get(code, f"machine {code}")
+
+
+def elf_symbols(data: bytes) -> dict[str, bytes]:
+    """Every defined data symbol of a 64-bit little-endian ELF file (shared object or relocatable),
+    name -> its bytes in the file."""
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    is_relocatable = struct.unpack_from("<H", data, 16)[0] == 1
+    symbols = {}
+    for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
+        if sh_type not in (2, 11) or entsize != 24:  # SHT_SYMTAB, SHT_DYNSYM
+            continue
+        strtab_offset = sections[link][4]
+        for pos in range(offset, offset + size, 24):
+            name_at, _, _, shndx, value, sym_size = struct.unpack_from("<IBBHQQ", data, pos)
+            if shndx == 0 or shndx >= len(sections) or sym_size == 0 or sections[shndx][1] == 8:  # undefined / NOBITS
+                continue
+            end = data.index(b"\0", strtab_offset + name_at)
+            name = data[strtab_offset + name_at : end].decode()
+            section = sections[shndx]
+            start = section[4] + (value if is_relocatable else value - section[3])
+            symbols[name] = data[start : start + sym_size]
+    return symbols
+
+
+def fatbin_entries(data: bytes) -> list[tuple[str, str]]:
+    """(kind, arch) of each image in a CUDA fatbin, e.g. ("sass", "sm_80"), ("ptx", "compute_90")."""
+    magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, 0)
+    if magic != FATBIN_MAGIC:
+        raise MobileVLMError("not a CUDA fatbin")
+    entries, pos, end = [], header_size, header_size + fat_size
+    while pos < end:
+        kind, _, entry_header, padded_size = struct.unpack_from("<HHII", data, pos)
+        sm = struct.unpack_from("<I", data, pos + 28)[0]
+        entries.append(("ptx", f"compute_{sm}") if kind == 1 else ("sass", f"sm_{sm}"))
+        pos += entry_header + padded_size
+    return entries
+
+
+@dataclass
+class DeviceModule:
+    kind: str  # "cuda", "opencl", ...
+    format: str  # "fatbin", "cuda" (source), "cl", ...
+    kernels: list[str] = field(default_factory=list)
+    images: list[tuple[str, str]] = field(default_factory=list)  # fatbin contents
+    source: bytes = field(default=b"", repr=False)  # OpenCL C
+
+
+@dataclass
+class LibraryReport:
+    path: Path
+    machines: list[str]
+    system_lib_prefix: str | None
+    metadata: dict
+    device_modules: list[DeviceModule]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "machines": self.machines,
+            "system_lib_prefix": self.system_lib_prefix,
+            "build": self.metadata.get("build", {}),
+            "quantization": self.metadata.get("quantization"),
+            "device_modules": [{"kind": m.kind, "format": m.format, "kernels": m.kernels, "images": m.images}
+                               for m in self.device_modules],
+        }
+
+
+def _objects(path: Path) -> list[bytes]:
+    if path.suffix == ".tar":
+        with tarfile.open(path) as tar:
+            return [tar.extractfile(m).read() for m in tar.getmembers() if m.isfile() and m.name.endswith(".o")]
+    return [path.read_bytes()]
+
+
+def _metadata(vm_payload: bytes) -> dict:
+    start = vm_payload.find(b'{"model_type"')
+    if start < 0:
+        raise MobileVLMError("the VM bytecode holds no _metadata")
+    return json.JSONDecoder().raw_decode(vm_payload[start:].decode("utf-8", errors="replace"))[0]
+
+
+def _device_module(kind: str, payload: bytes) -> DeviceModule:
+    module = DeviceCode.parse(payload)
+    images = fatbin_entries(module.data) if module.fmt == "fatbin" else []
+    return DeviceModule(kind, module.fmt, sorted(module.kernels), images, module.data if module.fmt == "cl" else b"")
+
+
+def inspect_library(path: Path) -> LibraryReport:
+    """Read a `.so` or system-lib `.tar` built by `compile`; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise MobileVLMError(f"{path}: no such library")
+    try:
+        objects = _objects(path)
+        machines = sorted({elf_machine(o) for o in objects})
+        found = [(name, blob) for o in objects for name, blob in elf_symbols(o).items() if name.endswith(BLOB_SYMBOL)]
+        if len(found) != 1:
+            raise MobileVLMError(f"expected one '*{BLOB_SYMBOL}' symbol, found {len(found)}")
+        name, raw = found[0]
+        blob = LibraryBin.parse(raw)
+    except (MobileVLMError, LibraryBinError, struct.error, tarfile.TarError, ValueError) as err:
+        raise MobileVLMError(f"{path}: not a library built by mobilevlm-mlc compile ({err})") from None
+    prefix = name[: -len(BLOB_SYMBOL)] or None
+    meta = next((_metadata(p) for k, p in blob.modules if k == "relax.VMExecutable"), {})
+    devices = [_device_module(k, p) for k, p in blob.modules if k not in ("_lib", "relax.VMExecutable")]
+    return LibraryReport(path, machines, prefix, meta, devices)
