@@ -113,6 +113,58 @@ def cmd_check_kernels(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _lengths(value: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {value!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive token counts, got {value!r}")
+    return lengths
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .bench import BenchSettings, run_bench, write_result
+
+    settings = BenchSettings(args.prompt_lengths, args.decode_tokens, args.repeat, args.threads, args.warmup)
+    rpc = None
+    if args.rpc_tracker or args.rpc_key:
+        if not (args.rpc_tracker and args.rpc_key):
+            raise MobileVLMError("--rpc-tracker and --rpc-key go together")
+        rpc = (args.rpc_tracker, args.rpc_key)
+    steps = 2 + len(settings.prompt_lengths) + 1
+    with tqdm(total=steps, desc="bench", unit="step", leave=False) as bar:
+        def progress(step: str) -> None:
+            bar.set_postfix_str(step)
+            bar.update(1)
+
+        result = run_bench(args.dist_dir, args.lib, args.image, args.prompt, settings, args.device, rpc, args.label, progress)
+    write_result(result, args.output)
+    fmt = lambda s: f"{s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})"  # noqa: E731
+    print(f"{result['label']}  [{result['environment']['cpu']}, threads {settings.threads or 'default'}]")
+    print(f"  image encode  {fmt(result['image_encode_ms'])} ms")
+    for length, s in result["prefill_tok_s"].items():
+        print(f"  prefill {result['settings']['image_tokens']}+{length:<5} {fmt(s)} tok/s")
+    print(f"  decode        {fmt(result['decode_tok_s'])} tok/s")
+    print(f"  TTFT          {fmt(result['ttft_ms'])} ms")
+    if result["peak_rss_mib"]:
+        print(f"  peak RSS      {result['peak_rss_mib']:.0f} MiB")
+    if args.output:
+        print(f"-> {args.output}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import chart, load_results, table
+
+    results = load_results(args.results)
+    print(table(results, args.baseline))
+    if args.output:
+        chart(results, args.output, args.baseline)
+        print(f"chart -> {args.output}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .engine import Engine
 
@@ -189,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", default=None, help="comma-separated kernel names instead")
     p.add_argument("--output-json", type=Path, default=None)
     p.set_defaults(func=cmd_check_kernels)
+
+    p = sub.add_parser("bench", help="image encode, prefill, decode and time-to-first-token of a compiled library")
+    p.add_argument("dist_dir", type=Path)
+    p.add_argument("--lib", type=Path, required=True)
+    p.add_argument("--image", type=Path, default=DEMO_IMAGE)
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt of the time-to-first-token run")
+    p.add_argument("--prompt-lengths", type=_lengths, default=(32, 128, 512), help="text tokens after the image tokens")
+    p.add_argument("--decode-tokens", type=_positive, default=128)
+    p.add_argument("--repeat", type=_positive, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--threads", type=_positive, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--label", default=None)
+    p.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker: run on the device under --rpc-key")
+    p.add_argument("--rpc-key", default=None)
+    p.add_argument("-o", "--output", type=Path, default=None)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="benchmark results side by side: a table with ratios, and a PNG chart")
+    p.add_argument("results", type=Path, nargs="+")
+    p.add_argument("--baseline", type=int, default=0, help="index of the result the ratios are against")
+    p.add_argument("-o", "--output", type=Path, default=None, help="PNG chart")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("targets", help="list the build targets and whether this TVM can build each")
     p.set_defaults(func=cmd_targets)

@@ -22,15 +22,12 @@ from .conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
 from .dist import TOKENIZER_MODEL, load_dist
 from .errors import MobileVLMError
 from .preprocess import load_image, preprocess
+from .remote import RemoteSession
 from .sampling import GenerationConfig, Sampler
 from .tensor_cache import load_tensor_cache
 from .tokenizer import StreamDecoder, Tokenizer
 
 PAGE_SIZE = 16
-
-
-def _kv(name: str):
-    return tvm.get_global_func(f"vm.builtin.{name}")
 
 
 @dataclass
@@ -44,29 +41,60 @@ class TurnResult:
 
 
 class Engine:
-    def __init__(self, dist_dir: Path, lib_path: Path, device: str = "cpu", max_sequences: int = 4, kv_cache_tokens: int | None = None):
-        """`kv_cache_tokens` bounds the tokens of all live sequences together (default: one context window)."""
+    def __init__(self, dist_dir: Path, lib_path: Path, device: str = "cpu", max_sequences: int = 4,
+                 kv_cache_tokens: int | None = None, remote: RemoteSession | None = None):
+        """`kv_cache_tokens` bounds the tokens of all live sequences together (default: one context window).
+        With `remote`, the library runs on that RPC device (uploaded there; weights copied over)."""
         self.dist = load_dist(dist_dir)
         lib_path = Path(lib_path)
         if not lib_path.is_file():
             raise MobileVLMError(f"{lib_path}: compiled library not found (build it with `mobilevlm-mlc compile`)")
-        self.device = tvm.device(device)
+        self.remote = remote
+        self._entries: dict[str, object] = {}
+        self.device = remote.device(device) if remote else tvm.device(device)
         try:
-            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
-            self.metadata = json.loads(self.vm["_metadata"]())
+            module = remote.load_library(lib_path) if remote else tvm.runtime.load_module(str(lib_path))
+            self.vm = relax.VirtualMachine(module, self.device)
+            self.metadata = json.loads(self._entry("_metadata")())
         except Exception as err:  # noqa: BLE001 - any loader failure means an unusable file
             raise MobileVLMError(f"{lib_path}: not a loadable mobilevlm-mlc library ({type(err).__name__}: {str(err).splitlines()[0]})") from None
         self.params = self._load_params()
+        if remote:  # RPC carries no Python lists: build the parameter array on the device's side,
+            # keeping our handles alive (freeing a remote tensor's handle frees it under the array)
+            self._param_handles = self.params
+            self.params = remote.function("ffi.Array")(*self.params)
         self.tokenizer = Tokenizer(self.dist.path / TOKENIZER_MODEL)
         self.context_window_size = int(self.metadata["context_window_size"])
         self.prefill_chunk_size = int(self.metadata["prefill_chunk_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
-        self.kv_cache = self.vm["create_tir_paged_kv_cache"](
-            ShapeTuple([max_sequences]), ShapeTuple([kv_cache_tokens or self.context_window_size]),
-            ShapeTuple([self.prefill_chunk_size]), ShapeTuple([PAGE_SIZE]), ShapeTuple([0]),
+        self.kv_cache = self._entry("create_tir_paged_kv_cache")(
+            self._shape(max_sequences), self._shape(kv_cache_tokens or self.context_window_size),
+            self._shape(self.prefill_chunk_size), self._shape(PAGE_SIZE), self._shape(0),
         )
         self._next_seq_id = 0
         self.stop_token_ids = set(self.dist.chat_config["conv_template"]["stop_token_ids"])
+
+    def _entry(self, name: str):
+        """An entry point of the library, looked up once (over RPC each lookup is a round trip)."""
+        if name not in self._entries:
+            self._entries[name] = self.vm[name]
+        return self._entries[name]
+
+    def _shape(self, *dims: int):
+        """A shape argument; made where the library runs (RPC cannot carry shape objects)."""
+        return self.remote.function("ffi.Shape")(*dims) if self.remote else ShapeTuple(dims)
+
+    def _pair(self, result):
+        """(logits, kv cache) from an entry point's tuple; over RPC the tuple stays remote."""
+        if not self.remote:
+            return result
+        get = self.remote.function("ffi.ArrayGetItem")
+        return get(result, 0), get(result, 1)
+
+    def _builtin(self, name: str):
+        """A `vm.builtin.*` function (KV cache, reshape) where the library runs."""
+        full = f"vm.builtin.{name}"
+        return self.remote.function(full) if self.remote else tvm.get_global_func(full)
 
     def _load_params(self) -> list[tvm.runtime.Tensor]:
         """The weights in the library's parameter order, refused unless names, shapes and dtypes all match."""
@@ -94,17 +122,17 @@ class Engine:
         return preprocess(image, self.dist.config.image_processor, self.dist.config.dtype)
 
     def vision_features(self, pixels: np.ndarray) -> np.ndarray:
-        return self.vm["vision_features"](tvm.runtime.tensor(pixels, self.device), self.params).numpy()
+        return self._entry("vision_features")(tvm.runtime.tensor(pixels, self.device), self.params).numpy()
 
     def image_embed(self, pixels: np.ndarray) -> np.ndarray:
-        return self.vm["image_embed"](tvm.runtime.tensor(pixels, self.device), self.params).numpy()
+        return self._entry("image_embed")(tvm.runtime.tensor(pixels, self.device), self.params).numpy()
 
     def embed(self, ids: list[int]) -> np.ndarray:
         ids_array = np.asarray(ids, np.int32)
         vocab = int(self.metadata["vocab_size"])
         if ids_array.size and (ids_array.min() < 0 or ids_array.max() >= vocab):  # the gather does no bounds check
             raise MobileVLMError(f"token ids must lie in [0, {vocab}), found {ids_array.min()}..{ids_array.max()}")
-        return self.vm["embed"](tvm.runtime.tensor(ids_array, self.device), self.params).numpy()
+        return self._entry("embed")(tvm.runtime.tensor(ids_array, self.device), self.params).numpy()
 
     def input_embeds(self, ids: list[int], image_embeds: list[np.ndarray]) -> np.ndarray:
         """Text embeddings with each `IMAGE_TOKEN_ID` replaced by the next image's tokens: [n, hidden]."""
@@ -123,31 +151,31 @@ class Engine:
     # ---- sequences in the KV cache -----------------------------------------------------------------
 
     def free_kv_tokens(self) -> int:
-        return int(_kv("attention_kv_cache_get_num_available_pages")(self.kv_cache)) * PAGE_SIZE
+        return int(self._builtin("attention_kv_cache_get_num_available_pages")(self.kv_cache)) * PAGE_SIZE
 
     def add_sequence(self) -> int:
         seq_id, self._next_seq_id = self._next_seq_id, self._next_seq_id + 1
-        _kv("kv_state_add_sequence")(self.kv_cache, seq_id)
+        self._builtin("kv_state_add_sequence")(self.kv_cache, seq_id)
         return seq_id
 
     def remove_sequence(self, seq_id: int) -> None:
-        _kv("kv_state_remove_sequence")(self.kv_cache, seq_id)
+        self._builtin("kv_state_remove_sequence")(self.kv_cache, seq_id)
 
     def prefill(self, seq_id: int, embeds: np.ndarray) -> np.ndarray:
         """Feed [n, hidden] embeddings in chunks of `prefill_chunk_size`; logits of the last position."""
         for start in range(0, len(embeds), self.prefill_chunk_size):
             chunk = embeds[start : start + self.prefill_chunk_size]
-            _kv("kv_state_begin_forward")(self.kv_cache, ShapeTuple([seq_id]), ShapeTuple([len(chunk)]))
-            logits, self.kv_cache = self.vm["prefill"](tvm.runtime.tensor(chunk[None], self.device), self.kv_cache, self.params)
-            _kv("kv_state_end_forward")(self.kv_cache)
+            self._builtin("kv_state_begin_forward")(self.kv_cache, self._shape(seq_id), self._shape(len(chunk)))
+            logits, self.kv_cache = self._pair(self._entry("prefill")(tvm.runtime.tensor(chunk[None], self.device), self.kv_cache, self.params))
+            self._builtin("kv_state_end_forward")(self.kv_cache)
         return logits.numpy()[0, -1]
 
     def decode(self, seq_id: int, token: int) -> np.ndarray:
-        embed = self.vm["embed"](tvm.runtime.tensor(np.asarray([token], np.int32), self.device), self.params)
-        embed = _kv("reshape")(embed, ShapeTuple([1, 1, self.hidden_size]))
-        _kv("kv_state_begin_forward")(self.kv_cache, ShapeTuple([seq_id]), ShapeTuple([1]))
-        logits, self.kv_cache = self.vm["decode"](embed, self.kv_cache, self.params)
-        _kv("kv_state_end_forward")(self.kv_cache)
+        embed = self._entry("embed")(tvm.runtime.tensor(np.asarray([token], np.int32), self.device), self.params)
+        embed = self._builtin("reshape")(embed, self._shape(1, 1, self.hidden_size))
+        self._builtin("kv_state_begin_forward")(self.kv_cache, self._shape(seq_id), self._shape(1))
+        logits, self.kv_cache = self._pair(self._entry("decode")(embed, self.kv_cache, self.params))
+        self._builtin("kv_state_end_forward")(self.kv_cache)
         return logits.numpy()[0, -1]
 
     def teacher_forced_logits(self, ids: list[int], images: list[np.ndarray], tokens: list[int]) -> np.ndarray:

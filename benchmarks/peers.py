@@ -1,0 +1,333 @@
+"""This project against its peers, in one run, on the same random weights and prompt lengths:
+mobilevlm-mlc (`cpu` builds), PyTorch eager (transformers; fp32, bf16) and llama.cpp (llama-cpp-python
+built with native CPU flags; GGUF written from the same weights as F16, quantized to Q4_0 and Q4_K_S).
+
+    pip install -e ".[bench,peers]"
+    python benchmarks/peers.py --size 1.7b --threads 2 --out benchmarks/results/peers-1.7b
+
+Each engine runs in its own process (so its peak memory is its own) and writes a result in `bench`'s
+schema; then `compare` prints the table and draws the chart. llama.cpp gets the same number of tokens
+as text (it has no MobileVLM image path here): its image-encode and TTFT cells stay empty. The script
+also measures this machine's memory bandwidth (a STREAM-style read) and prints each decode rate as a
+fraction of the bandwidth limit (bytes of weights read per token / bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mobilevlm_mlc.bench import SCHEMA, BenchSettings, check_fits, environment, peak_rss_mib, summary, timed
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_FTYPES = {"Q4_0": 2, "Q4_K_S": 14}  # llama.h LLAMA_FTYPE_MOSTLY_*
+
+
+# ---------------------------------------------------------------- memory bandwidth
+
+def stream_read_gb_s(threads: int, gib: float = 1.0, repeat: int = 5) -> float:
+    """Best read bandwidth over `repeat` passes: `threads` threads each summing their slice of a
+    `gib` GiB float32 array (numpy releases the GIL in the reduction)."""
+    data = np.ones(int(gib * 2**30) // 4, np.float32)
+    slices = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeat):
+        workers = [threading.Thread(target=np.add.reduce, args=(s,)) for s in slices]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def decoder_bytes_per_token(dist: Path | None = None, gguf: Path | None = None) -> int | None:
+    """Bytes of weights one decode step reads: every decoder weight but the embedding table."""
+    if dist is not None:
+        cache = json.loads((dist / "tensor-cache.json").read_text())
+        return sum(r["nbytes"] for shard in cache["records"] for r in shard["records"]
+                   if r["name"].startswith(("model.layers.", "model.norm", "lm_head")))
+    if gguf is not None:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+    return None
+
+
+# ---------------------------------------------------------------- PyTorch eager
+
+def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, settings: BenchSettings) -> dict:
+    import torch
+    from PIL import Image
+
+    from mobilevlm_mlc.reference import ReferenceMobileVLM
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    ref = ReferenceMobileVLM(checkpoint, dtype=dtype)
+    image_tokens = ref.config.num_image_tokens
+    check_fits(settings, image_tokens, ref.config.context_window_size)
+    rng = np.random.default_rng(0)
+    vocab = ref.config.text.vocab_size
+    pixels = ref.pixels(Image.open(image).convert("RGB"))
+    image_embeds = ref.image_embeds(pixels)
+    embed = ref.llm.get_input_embeddings()
+
+    encode = timed(lambda: ref.image_embeds(pixels), settings.repeat, settings.warmup)
+    prefill = {}
+    with torch.no_grad():
+        for length in settings.prompt_lengths:
+            embeds = torch.cat([image_embeds, embed(torch.tensor(rng.integers(3, vocab, length)))])[None]
+            runs = timed(lambda e=embeds: ref.llm(inputs_embeds=e, use_cache=True), settings.repeat, settings.warmup)
+            prefill[str(length)] = summary([embeds.shape[1] / s for s in runs])
+        context = torch.cat([image_embeds, embed(torch.tensor(rng.integers(3, vocab, min(settings.prompt_lengths))))])[None]
+        decode = []
+        for _ in range(settings.warmup + settings.repeat):
+            out = ref.llm(inputs_embeds=context, use_cache=True)
+            logits, past = out.logits[0, -1], out.past_key_values
+            started = time.perf_counter()
+            for _ in range(settings.decode_tokens):
+                out = ref.llm(input_ids=torch.argmax(logits).view(1, 1), past_key_values=past, use_cache=True)
+                logits, past = out.logits[0, -1], out.past_key_values
+            decode.append(settings.decode_tokens / (time.perf_counter() - started))
+
+        def first_token() -> int:
+            ids = ref.input_ids(f"<image>\n{prompt}")
+            embeds = ref.input_embeds(ids, ref.image_embeds(ref.pixels(Image.open(image).convert("RGB"))))
+            return int(torch.argmax(ref.llm(inputs_embeds=embeds).logits[0, -1]))
+
+        ttft = timed(first_token, settings.repeat, settings.warmup)
+    return {
+        "label": f"pytorch eager {dtype_name}", "engine": "pytorch", "quantization": dtype_name,
+        "image_encode_ms": summary([s * 1000 for s in encode]), "prefill_tok_s": prefill,
+        "decode_tok_s": summary(decode[settings.warmup:]), "ttft_ms": summary([s * 1000 for s in ttft]),
+        "settings": settings.to_dict(image_tokens), "torch": torch.__version__,
+    }
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+def _permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half q/k rows -> GGML's interleaved pairs (as llama.cpp's own converter does)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf_f16(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint's MobileLLaMA decoder as an F16 GGUF (the vision tower and projector are not used)."""
+    import gguf
+    import sentencepiece
+
+    from mobilevlm_mlc.checkpoint import CheckpointTensors, load_config
+
+    config = load_config(checkpoint).text
+    tensors = CheckpointTensors(checkpoint)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name("MobileLLaMA (random weights)")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
+    kinds = []
+    for i in range(sp.get_piece_size()):
+        kinds.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                     else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
+                     else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i).encode() for i in range(sp.get_piece_size())])
+    writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    writer.add_token_types(kinds)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+
+    def f16(name: str) -> np.ndarray:
+        return tensors.get(name).astype(np.float16)
+
+    def f32(name: str) -> np.ndarray:
+        return tensors.get(name).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
+    writer.add_tensor("output_norm.weight", f32("model.norm.weight"))
+    writer.add_tensor("output.weight", f16("lm_head.weight"))
+    names = {"attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(config.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", f32(hf + "input_layernorm.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", f32(hf + "post_attention_layernorm.weight"))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute_rope(f16(hf + "self_attn.q_proj.weight"), config.num_attention_heads))
+        k = f16(hf + "self_attn.k_proj.weight")
+        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute_rope(k, config.num_key_value_heads))
+        for ours, theirs in names.items():
+            if ours != "attn_k":
+                writer.add_tensor(f"blk.{i}.{ours}.weight", f16(hf + theirs + ".weight"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def quantize_gguf(f16: Path, out: Path, ftype: str, threads: int) -> Path:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[ftype]
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp failed to quantize {f16} to {ftype}")
+    return out
+
+
+def bench_llama_cpp(gguf_path: Path, label: str, image_tokens: int, settings: BenchSettings) -> dict:
+    from llama_cpp import Llama
+
+    threads = settings.threads or None
+    llm = Llama(str(gguf_path), n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    rng = np.random.default_rng(0)
+    vocab = llm.n_vocab()
+    prefill = {}
+    for length in settings.prompt_lengths:
+        tokens = rng.integers(3, vocab, image_tokens + length).tolist()
+
+        def run(t=tokens) -> None:
+            llm.reset()
+            llm.eval(t)
+
+        prefill[str(length)] = summary([len(tokens) / s for s in timed(run, settings.repeat, settings.warmup)])
+    context = rng.integers(3, vocab, image_tokens + min(settings.prompt_lengths)).tolist()
+    decode = []
+    for _ in range(settings.warmup + settings.repeat):
+        llm.reset()
+        llm.eval(context)
+        started = time.perf_counter()
+        for step in range(settings.decode_tokens):
+            llm.eval([3 + step])
+        decode.append(settings.decode_tokens / (time.perf_counter() - started))
+    return {
+        "label": label, "engine": "llama.cpp", "quantization": label.split()[-1],
+        "prefill_tok_s": prefill, "decode_tok_s": summary(decode[settings.warmup:]),
+        "settings": settings.to_dict(image_tokens), "llama_cpp_python": __import__("llama_cpp").__version__,
+    }
+
+
+# ---------------------------------------------------------------- orchestration
+
+def run_one(args: argparse.Namespace) -> None:
+    """Child process: one engine, one result file (its own peak memory)."""
+    settings = BenchSettings(tuple(args.prompt_lengths), args.decode_tokens, args.repeat, args.threads, args.warmup)
+    if args.one.startswith("pytorch-"):
+        result = bench_pytorch(args.checkpoint, args.one.split("-", 1)[1], args.image, args.prompt, settings)
+    else:
+        from mobilevlm_mlc.checkpoint import load_config
+
+        image_tokens = load_config(args.checkpoint).num_image_tokens
+        result = bench_llama_cpp(args.gguf, f"llama.cpp {args.one.split('-', 1)[1]}", image_tokens, settings)
+    result |= {"schema": SCHEMA, "environment": environment(args.threads), "peak_rss_mib": peak_rss_mib()}
+    args.result.write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    from mobilevlm_mlc.demo import DEMO_IMAGE, DEMO_PROMPT
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1.7b", help="synthetic checkpoint size (tiny, 1.7b, 3b)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="use this checkpoint instead of a synthetic one")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-lengths", type=lambda v: [int(x) for x in v.split(",")], default=[128, 512])
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--quantizations", default="q4f16_1,q4f32_1", help="our builds (cpu target)")
+    parser.add_argument("--peers", default="pytorch-fp32,pytorch-bf16,llama.cpp-F16,llama.cpp-Q4_0,llama.cpp-Q4_K_S")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
+    parser.add_argument("--image", type=Path, default=DEMO_IMAGE)
+    parser.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args)
+        return
+
+    from mobilevlm_mlc.compiler import compile_model
+    from mobilevlm_mlc.convert import convert
+    from mobilevlm_mlc.synthetic import make_checkpoint
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint or args.workdir / f"ckpt-{args.size}"
+    if not (checkpoint / "config.json").exists():
+        make_checkpoint(checkpoint, "ldpnet", size=args.size)
+    common = ["--prompt-lengths", ",".join(map(str, args.prompt_lengths)), "--decode-tokens", str(args.decode_tokens),
+              "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    results, bytes_per_token = [], {}
+    for quantization in filter(None, args.quantizations.split(",")):
+        dist = args.workdir / f"{args.size}-{quantization}"
+        lib = args.workdir / f"{args.size}-{quantization}-cpu.so"
+        if not (dist / "mlc-chat-config.json").exists():
+            convert(checkpoint, dist, quantization, progress=False)
+        if not lib.exists():
+            compile_model(dist, "cpu", lib)
+        out = args.out / f"mobilevlm-mlc-{quantization}.json"
+        print(f"== mobilevlm-mlc {quantization}", flush=True)
+        subprocess.run([sys.executable, "-m", "mobilevlm_mlc.cli", "bench", str(dist), "--lib", str(lib),
+                        "--image", str(args.image), *common, "-o", str(out)], check=True)
+        results.append(out)
+        bytes_per_token[out] = decoder_bytes_per_token(dist=dist)
+    f16 = args.workdir / f"{args.size}-F16.gguf"
+    for peer in filter(None, args.peers.split(",")):
+        out = args.out / f"{peer}.json"
+        extra = []
+        if peer.startswith("llama.cpp-"):
+            ftype = peer.split("-", 1)[1]
+            if not f16.exists():
+                write_gguf_f16(checkpoint, f16)
+            gguf_path = f16 if ftype == "F16" else args.workdir / f"{args.size}-{ftype}.gguf"
+            if not gguf_path.exists():
+                quantize_gguf(f16, gguf_path, ftype, args.threads)
+            extra = ["--gguf", str(gguf_path)]
+            bytes_per_token[out] = decoder_bytes_per_token(gguf=gguf_path)
+        print(f"== {peer}", flush=True)
+        subprocess.run([sys.executable, __file__, "--one", peer, "--checkpoint", str(checkpoint), "--result", str(out),
+                        "--image", str(args.image), "--prompt", args.prompt, *common, *extra], check=True)
+        results.append(out)
+
+    bandwidth = stream_read_gb_s(args.threads)
+    print(f"\nmemory bandwidth (STREAM-style read, {args.threads} threads): {bandwidth:.1f} GB/s")
+    for path in results:
+        result = json.loads(path.read_text())
+        per_token = bytes_per_token.get(path)
+        if per_token:
+            limit = bandwidth * 1e9 / per_token
+            result["bandwidth"] = {"read_gb_s": bandwidth, "bytes_per_token": per_token, "decode_limit_tok_s": limit,
+                                   "fraction_of_limit": result["decode_tok_s"]["median"] / limit}
+            path.write_text(json.dumps(result, indent=2))
+            print(f"  {result['label']:<28} decode {result['decode_tok_s']['median']:7.2f} tok/s = "
+                  f"{100 * result['bandwidth']['fraction_of_limit']:5.1f}% of the {limit:.1f} tok/s limit ({per_token / 2**20:.0f} MiB/token)")
+    print()
+    subprocess.run([sys.executable, "-m", "mobilevlm_mlc.cli", "compare", *map(str, results), "-o", str(args.out / "chart.png")], check=True)
+
+
+if __name__ == "__main__":
+    main()
