@@ -2,7 +2,7 @@
 mobilevlm-mlc (`cpu` builds), PyTorch eager (transformers; fp32, bf16) and llama.cpp (llama-cpp-python
 built with native CPU flags; GGUF written from the same weights as F16, quantized to Q4_0 and Q4_K_S).
 
-    pip install -e ".[bench,peers]"
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -e ".[bench,peers]"
     python benchmarks/peers.py --size 1.7b --threads 2 --out benchmarks/results/peers-1.7b
 
 Each engine runs in its own process (so its peak memory is its own) and writes a result in `bench`'s

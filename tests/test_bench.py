@@ -185,3 +185,13 @@ def test_peers_script_runs_on_the_default_model(ldpnet_built, tmp_path):
     assert 0 < ours["bandwidth"]["fraction_of_limit"] and ours["bandwidth"]["read_gb_s"] > 0
     assert "memory bandwidth (STREAM-style read, 2 threads)" in proc.stdout
     assert (out / "chart.png").stat().st_size > 10_000
+
+
+def test_peak_memory_is_the_benchmark_process_own(tmp_path):
+    """A benchmark child must not report its parent's peak (ru_maxrss survives fork and exec on Linux)."""
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this (parent) process
+    ballast[::512] += 1
+    out = subprocess.run([sys.executable, "-c", "from mobilevlm_mlc.bench import peak_rss_mib; print(peak_rss_mib())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert float(out) < 300, out
+    del ballast
