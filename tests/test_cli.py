@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from mobilevlm_mlc.cli import main
