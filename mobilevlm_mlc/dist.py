@@ -35,6 +35,6 @@ def load_dist(path: Path) -> Dist:
         raise MobileVLMError(f"{cfg_path}: model_type is {chat.get('model_type')!r}, expected 'mobilevlm'")
     try:
         config = MobileVLMConfig.from_dict(chat["model_config"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise MobileVLMError(f"{cfg_path}: field 'model_config' is malformed ({type(err).__name__}: {err})") from None
     return Dist(path, chat, config, get_quantization(str(chat.get("quantization"))))

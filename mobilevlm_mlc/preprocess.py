@@ -3,6 +3,7 @@ resize (shortest edge, bicubic) -> centre crop -> rescale 1/255 -> normalize. Ou
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,13 @@ def load_image(path: Path) -> Image.Image:
     if not path.is_file():
         raise MobileVLMError(f"{path}: image not found")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise MobileVLMError(f"{path}: image too large to decode safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MobileVLMError(f"{path}: not a readable image ({err})") from None
 

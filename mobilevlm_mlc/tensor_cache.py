@@ -35,7 +35,7 @@ def load_tensor_cache(dist: Path, device: tvm.runtime.Device) -> dict[str, tvm.r
         try:
             data_path, nbytes, md5 = str(shard["dataPath"]), int(shard["nbytes"]), shard.get("md5sum")
             records = list(shard["records"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise MobileVLMError(f"{path}: malformed shard entry ({type(err).__name__}: {err})") from None
         file = Path(dist) / data_path
         if Path(data_path).is_absolute() or ".." in Path(data_path).parts:
@@ -56,7 +56,7 @@ def _tensor(path: Path, file: Path, data: bytes, record: Any, device: tvm.runtim
     try:
         name, dtype, shape = str(record["name"]), str(record["dtype"]), [int(d) for d in record["shape"]]
         offset, nbytes = int(record["byteOffset"]), int(record["nbytes"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise MobileVLMError(f"{path}: malformed record ({type(err).__name__}: {err})") from None
     if dtype not in _DTYPES:
         raise MobileVLMError(f"{path}: {name} has dtype '{dtype}', expected one of {', '.join(_DTYPES)}")
