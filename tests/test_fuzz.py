@@ -193,3 +193,23 @@ def test_package_config(android_models, tmp_path_factory):
         assert sorted(p.name for p in folder.iterdir()) in (["mlc-package-config.json"], ["mlc-package-config.json", "out"])
 
     check()
+
+
+@pytest.mark.parametrize("blob,message", [
+    (struct.pack("<Q", 2**62) + b"{}", "header too large"),
+    (struct.pack("<Q", 1000) + b"{}", "invalid header length"),
+    (struct.pack("<Q", 4) + b"abcd", "invalid JSON in header"),
+    ((lambda h: struct.pack("<Q", len(h)) + h)(json.dumps(
+        {"x": {"dtype": "F32", "shape": [1000000, 1000000], "data_offsets": [0, 4 * 10**12]}}).encode()), "incomplete metadata"),
+])
+def test_safetensors_header_is_validated_before_allocation(checkpoint, tmp_path, blob, message):
+    """A hostile header (absurd length, offsets past the file, a 4 TB tensor) is refused by name, with
+    nothing allocated for it: the header is bounded and checked against the file size first."""
+    from mobilevlm_mlc.checkpoint import CheckpointTensors
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+    (folder / "model.safetensors").write_bytes(blob)
+    with pytest.raises(MobileVLMError, match=rf"model.safetensors: cannot read weights \(SafetensorError: .*{message}"):
+        CheckpointTensors(folder).get("x")
