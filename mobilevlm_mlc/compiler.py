@@ -52,6 +52,14 @@ def _attach_metadata(mod: tvm.IRModule, meta: dict) -> tvm.IRModule:
     return mod
 
 
+def export_model(config, scheme, target: tvm.target.Target) -> tuple[tvm.IRModule, list]:
+    """The model as a Relax IRModule with MLC's entry points, exported under `target`."""
+    model = MobileVLMForCausalLM(config, scheme)
+    model.to(config.dtype)
+    with target:
+        return model.export_tvm(spec=model.get_default_spec())
+
+
 def system_lib_prefix(dist: Dist) -> str:
     """Symbol prefix of a static library, e.g. `mobilevlm_ldpnet_q4f16_0_` (TVM 0.27 needs 8+ characters)."""
     stem = re.sub(r"[^0-9a-zA-Z]+", "_", dist.path.name).strip("_").lower()
@@ -80,10 +88,7 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     started = time.perf_counter()
     build = build_target.build_info()
     target = build_target.tvm_target()
-    model = MobileVLMForCausalLM(dist.config, dist.quantization.scheme)
-    model.to(dist.config.dtype)
-    with target:
-        mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    mod, named_params = export_model(dist.config, dist.quantization.scheme, target)
     mod = _attach_metadata(mod, metadata(dist, named_params, build))
     prefix = system_lib_prefix(dist) if build_target.system_lib else None
     if prefix:

@@ -23,9 +23,9 @@ import tvm
 from tvm import tirx
 from tvm.tirx.build import codegen_build, split_host_device_mods
 
-from model_defs.mobilevlm import MobileVLMForCausalLM
 from targets import BuildTarget, get_target
 
+from .compiler import export_model
 from .dist import load_dist
 from .errors import MobileVLMError
 
@@ -51,10 +51,8 @@ class KernelResult:
 def scheduled_kernels(config, scheme, build_target: BuildTarget) -> tuple[tvm.target.Target, tvm.IRModule]:
     """The model exported for `build_target` and run through its Relax pipeline (kernels scheduled)."""
     target = build_target.tvm_target()
-    model = MobileVLMForCausalLM(config, scheme)
-    model.to(config.dtype)
+    mod, _ = export_model(config, scheme, target)
     with target:
-        mod, _ = model.export_tvm(spec=model.get_default_spec())
         return target, build_target.relax_pipeline(target)(mod)
 
 

@@ -17,14 +17,15 @@ from .schedules import cap_unroll
 _BINDING = re.compile(r'^( *)for .* in T\.thread_binding\((.+), thread="(\w+\.[xyz])"\)')
 
 
-def inconsistent_thread_extents(func: tirx.PrimFunc) -> str | None:
+def inconsistent_thread_extents(func: tirx.PrimFunc, script: str | None = None) -> str | None:
     """A thread axis bound with two different extents inside one kernel, or None.
 
     Every loop bound to e.g. threadIdx.x in one kernel must have the launch's extent; a loop with a
     larger one silently covers only part of its range (dlight's GEMV rule does this to a broadcast
-    epilogue: LDP's squeeze-excitation gate, found by `check-kernels`)."""
+    epilogue: LDP's squeeze-excitation gate, found by `check-kernels`). Pass `script` when the caller
+    already printed the function (printing a big kernel is not free)."""
     kernel_indent, extents = None, {}
-    for line in func.script().splitlines():
+    for line in (script or func.script()).splitlines():
         match = _BINDING.match(line)
         if not match:
             continue
@@ -72,7 +73,7 @@ def _verify_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
             text = func.script()
             if "blockIdx" not in text and "threadIdx" not in text:
                 raise KernelCheckError(f"kernel {gv.name_hint} is not bound to GPU threads (no schedule rule applied)")
-            inconsistent = inconsistent_thread_extents(func)
+            inconsistent = inconsistent_thread_extents(func, text)
             if inconsistent:
                 raise KernelCheckError(f"kernel {gv.name_hint}: {inconsistent}")
             if not s_tir.analysis.verify_gpu_code(func, limits):
