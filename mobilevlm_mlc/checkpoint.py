@@ -115,10 +115,17 @@ def load_config(model_dir: Path) -> MobileVLMConfig:
     )
 
 
-def _vision_config(model_dir: Path, tower: str, config_path: Path) -> tuple[VisionConfig, ImageProcessorConfig]:
+def _vision_folder(model_dir: Path, tower: str) -> Path | None:
+    """The folder of a non-standard vision tower's CLIP config (absolute, or relative to the checkpoint)."""
     if tower == STANDARD_VISION_TOWER:
+        return None
+    return Path(tower) if Path(tower).is_absolute() else model_dir / tower
+
+
+def _vision_config(model_dir: Path, tower: str, config_path: Path) -> tuple[VisionConfig, ImageProcessorConfig]:
+    folder = _vision_folder(model_dir, tower)
+    if folder is None:
         return VisionConfig(), ImageProcessorConfig()
-    folder = Path(tower) if Path(tower).is_absolute() else model_dir / tower
     if not (folder / "config.json").is_file():
         raise MobileVLMError(
             f"{config_path}: mm_vision_tower '{tower}' is neither '{STANDARD_VISION_TOWER}' "
@@ -159,6 +166,17 @@ def _vision_config(model_dir: Path, tower: str, config_path: Path) -> tuple[Visi
     return vision, processor
 
 
+def input_files(model_dir: Path, tensors: CheckpointTensors) -> list[Path]:
+    """Every checkpoint file `convert` reads except the tokenizer's: config.json, the vision tower's
+    config folder (when it is one) and the weights."""
+    model_dir = Path(model_dir)
+    files = [model_dir / "config.json"]
+    folder = _vision_folder(model_dir, str(read_json(model_dir / "config.json", "config.json").get("mm_vision_tower")))
+    if folder is not None:
+        files += [f for f in (folder / "config.json", folder / "preprocessor_config.json") if f.is_file()]
+    return files + tensors.files()
+
+
 class CheckpointTensors:
     """Lazy, read-only access to a checkpoint's tensors by their official names."""
 
@@ -166,6 +184,7 @@ class CheckpointTensors:
         self.model_dir = Path(model_dir)
         self._file_of: dict[str, Path] = {}
         self._open: dict[Path, Any] = {}
+        self._index: Path | None = None
         for base in WEIGHT_FILES:
             index = self.model_dir / f"{base}.index.json"
             single = self.model_dir / base
@@ -173,8 +192,11 @@ class CheckpointTensors:
                 weight_map = read_json(index, "weight index").get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise MobileVLMError(f"{index}: missing field 'weight_map'")
+                self._index = index
                 for name, file in weight_map.items():
                     shard = self.model_dir / str(file)
+                    if Path(str(file)).is_absolute() or ".." in Path(str(file)).parts:
+                        raise MobileVLMError(f"{index}: shard '{file}' listed for {name} is outside the checkpoint folder")
                     if not shard.is_file():
                         raise MobileVLMError(f"{index}: shard '{file}' listed for {name} not found")
                     self._file_of[name] = shard
@@ -203,6 +225,10 @@ class CheckpointTensors:
 
     def names(self) -> list[str]:
         return list(self._file_of)
+
+    def files(self) -> list[Path]:
+        """The weight files this checkpoint reads (shards and their index), for the dist's manifest."""
+        return sorted({*self._file_of.values(), *([self._index] if self._index else [])})
 
     def shape(self, name: str) -> tuple[int, ...]:
         handle = self._handle(self._file_of[name])

@@ -18,6 +18,7 @@ from targets.nvcc import ToolchainError
 from .dist import Dist, load_dist
 from .errors import MobileVLMError
 from .fileio import atomic_file
+from .manifest import dist_identity, record_library
 
 
 def metadata(dist: Dist, named_params: list, build: dict) -> dict:
@@ -85,11 +86,12 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     missing_tool = build_target.missing_toolchain()
     if missing_tool:
         raise MobileVLMError(f"target '{target_name}': {missing_tool}")
+    identity = dist_identity(dist)  # refuses a dist without a manifest before any work
     started = time.perf_counter()
     build = build_target.build_info()
     target = build_target.tvm_target()
     mod, named_params = export_model(dist.config, dist.quantization.scheme, target)
-    mod = _attach_metadata(mod, metadata(dist, named_params, build))
+    mod = _attach_metadata(mod, metadata(dist, named_params, build) | {"dist": identity})
     prefix = system_lib_prefix(dist) if build_target.system_lib else None
     if prefix:
         mod = mod.with_attr("system_lib_prefix", prefix)
@@ -110,6 +112,8 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
             executable.export_library(str(tmp), **build_target.export_options())
     except ToolchainError as err:
         raise MobileVLMError(f"target '{target_name}': {err}") from None
+    record_library(dist, output, {"target": target_name, "tvm_target": str(target), "system_lib_prefix": prefix,
+                                  "linker": build_target.linker or "host", "build": build})
     finished = time.perf_counter()
     return {
         "target": target_name,

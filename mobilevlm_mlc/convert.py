@@ -21,11 +21,12 @@ from model_defs.mobilevlm import MobileVLMForCausalLM
 from model_defs.quantization import quantized_modules
 from model_defs.weights import ParamSource, checkpoint_sources, is_unused_checkpoint_tensor
 
-from .checkpoint import CheckpointTensors, load_config
+from .checkpoint import CheckpointTensors, input_files, load_config
 from .conversation import V1_TEMPLATE
 from .dist import CHAT_CONFIG, TOKENIZER_FILES, TOKENIZER_MODEL
 from .errors import MobileVLMError
 from .fileio import atomic_dir
+from .manifest import convert_manifest, write_manifest
 from .quantization import Quantization, get_quantization, quantize_weight
 
 
@@ -152,5 +153,8 @@ def convert(
         for name in copied:
             shutil.copyfile(model_dir / name, tmp / name)
         (tmp / CHAT_CONFIG).write_text(json.dumps(chat_config(config, quant, copied), indent=2) + "\n")
+        inputs = input_files(model_dir, tensors) + [model_dir / name for name in copied]
+        names = {(f.relative_to(model_dir).as_posix() if f.is_relative_to(model_dir) else str(f)): f for f in inputs}
+        write_manifest(tmp, convert_manifest(names, quant.name, config.to_dict()))
     return out_dir
 

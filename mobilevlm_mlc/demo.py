@@ -17,22 +17,22 @@ DEMO_PROMPT = "What is in the image?"
 def demo(workdir: Path, projector: str, prompt: str, max_new_tokens: int) -> None:
     from .compiler import compile_model
     from .convert import convert
-    from .dist import CHAT_CONFIG
     from .engine import Engine
+    from .manifest import MANIFEST, library_is_recorded
     from .sampling import GenerationConfig
     from .synthetic import make_checkpoint
 
     checkpoint = workdir / f"checkpoint-{projector}"
     dist = workdir / f"{projector}-q0f32"
     lib = workdir / f"{projector}-q0f32-cpu.so"
-    steps = [
-        ("random-weight checkpoint", checkpoint / "config.json", lambda: make_checkpoint(checkpoint, projector)),
-        ("convert (q0f32)", dist / CHAT_CONFIG, lambda: convert(checkpoint, dist, "q0f32", progress=False)),
-        ("compile for cpu", lib, lambda: compile_model(dist, "cpu", lib)),
+    steps = [  # (what, what it makes, whether that is there and current, how)
+        ("random-weight checkpoint", checkpoint, lambda: (checkpoint / "config.json").exists(), lambda: make_checkpoint(checkpoint, projector)),
+        ("convert (q0f32)", dist, lambda: (dist / MANIFEST).exists(), lambda: convert(checkpoint, dist, "q0f32", progress=False)),
+        ("compile for cpu", lib, lambda: library_is_recorded(dist, lib), lambda: compile_model(dist, "cpu", lib)),
     ]
-    for label, output, run in steps:
-        if output.exists():
-            print(f"[demo] {label}: reusing {output.parent if output.name == 'config.json' else output}")
+    for label, output, done, run in steps:
+        if done():
+            print(f"[demo] {label}: reusing {output}")
             continue
         started = time.perf_counter()
         run()

@@ -2,7 +2,9 @@
 
 `Engine` owns the VM, the weights and one paged KV cache; each `ChatSession` is a sequence in that
 cache, so a multi-turn chat feeds only its new tokens. Like MLC's `debug_chat.py`, it calls the
-library's entry points directly (`embed`, `image_embed`, `prefill`, `decode`).
+library's entry points directly (`embed`, `image_embed`, `prefill`, `decode`). The library takes one
+sequence per call (no batched kernels), so several sequences share the cache by interleaved calls
+(`Engine.generate_batch`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tvm.runtime import ShapeTuple
 from .conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
 from .dist import TOKENIZER_MODEL, load_dist
 from .errors import MobileVLMError
+from .manifest import check_library
 from .preprocess import load_image, preprocess
 from .remote import RemoteSession
 from .sampling import GenerationConfig, Sampler
@@ -34,17 +37,30 @@ PAGE_SIZE = 16
 class TurnResult:
     """What one chat turn fed and produced (the CLI's `--output-json`)."""
 
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # what this turn prefilled (after a drop: the kept history, then the message)
     output_token_ids: list[int] = field(default_factory=list)
     first_logits: np.ndarray | None = None
     finish_reason: str = ""
+    dropped_turns: int = 0  # oldest turns dropped to fit the context window before this one
+
+
+@dataclass
+class _Turn:
+    """One exchange of a chat, kept so that the history can be re-prefilled after dropping older turns."""
+
+    message: str
+    image: np.ndarray | None  # its image tokens [n, hidden], if it had an image
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 class Engine:
     def __init__(self, dist_dir: Path, lib_path: Path, device: str = "cpu", max_sequences: int = 4,
-                 kv_cache_tokens: int | None = None, remote: RemoteSession | None = None):
+                 kv_cache_tokens: int | None = None, remote: RemoteSession | None = None,
+                 context_window_size: int | None = None):
         """`kv_cache_tokens` bounds the tokens of all live sequences together (default: one context window).
-        With `remote`, the library runs on that RPC device (uploaded there; weights copied over)."""
+        `context_window_size` caps one conversation below the library's window (less memory, earlier
+        dropping of old turns). With `remote`, the library runs on that RPC device (uploaded there;
+        weights copied over). The library must have been compiled from this dist (its manifest)."""
         self.dist = load_dist(dist_dir)
         lib_path = Path(lib_path)
         if not lib_path.is_file():
@@ -58,13 +74,17 @@ class Engine:
             self.metadata = json.loads(self._entry("_metadata")())
         except Exception as err:  # noqa: BLE001 - any loader failure means an unusable file
             raise MobileVLMError(f"{lib_path}: not a loadable mobilevlm-mlc library ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        check_library(self.dist, lib_path, self.metadata)
+        library_window = int(self.metadata["context_window_size"])
+        if context_window_size is not None and not 0 < context_window_size <= library_window:
+            raise MobileVLMError(f"context_window_size is {context_window_size}, expected 1..{library_window} (the library's)")
+        self.context_window_size = context_window_size or library_window
         self.params = self._load_params()
         if remote:  # RPC carries no Python lists: build the parameter array on the device's side,
             # keeping our handles alive (freeing a remote tensor's handle frees it under the array)
             self._param_handles = self.params
             self.params = remote.function("ffi.Array")(*self.params)
         self.tokenizer = Tokenizer(self.dist.path / TOKENIZER_MODEL)
-        self.context_window_size = int(self.metadata["context_window_size"])
         self.prefill_chunk_size = int(self.metadata["prefill_chunk_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
         self.kv_cache = self._entry("create_tir_paged_kv_cache")(
@@ -161,6 +181,12 @@ class Engine:
     def remove_sequence(self, seq_id: int) -> None:
         self._builtin("kv_state_remove_sequence")(self.kv_cache, seq_id)
 
+    def release_workspace(self) -> None:
+        """Free the VM's pooled buffers that are not in use. The pooled allocator keeps a buffer for every
+        size it ever served, so each long prefill of a new length (a re-prefilled chat history) would
+        otherwise stay resident for good."""
+        self._builtin("memory_manager.clear")()
+
     def prefill(self, seq_id: int, embeds: np.ndarray) -> np.ndarray:
         """Feed [n, hidden] embeddings in chunks of `prefill_chunk_size`; logits of the last position."""
         for start in range(0, len(embeds), self.prefill_chunk_size):
@@ -196,14 +222,43 @@ class Engine:
         with self.chat() as session:
             yield from session.send(prompt, image, config)
 
+    def generate_batch(self, prompts: list[str], images: list[Image.Image | Path | str | None] | None = None,
+                       config: GenerationConfig | None = None) -> list[TurnResult]:
+        """Answer several prompts together: one sequence each in the shared paged KV cache, prefilled in
+        turn, then decoded one token per live sequence per round (interleaved single-sequence calls: the
+        library has no batched entry points). Each answer is what its prompt gives alone."""
+        images = images if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise MobileVLMError(f"generate_batch got {len(prompts)} prompts but {len(images)} images (use None for none)")
+        sessions: list[ChatSession] = []
+        try:
+            for _ in prompts:
+                sessions.append(self.chat())
+            live = [s.send_tokens(p, im, config) for s, p, im in zip(sessions, prompts, images)]
+            while live:
+                live = [stream for stream in live if next(stream, None) is not None]
+            return [s.last for s in sessions]
+        finally:
+            for session in sessions:
+                session.close()
+
 
 class ChatSession:
-    """A conversation in the `v1` template; each turn prefills only the new tokens."""
+    """A conversation in the `v1` template; each turn prefills only the new tokens.
+
+    At the context window it drops its oldest turns, as chat apps do: when a turn's prompt plus
+    `min(max_new_tokens, window // 4)` answer tokens would not fit after what the session holds, the
+    oldest turns (with their images) go until the rest, re-rendered from the system prompt, and the new
+    message fill at most half the window; that history is re-prefilled in a fresh sequence
+    (`TurnResult.dropped_turns` says how many went). A message that alone does not fit the window is
+    refused with a MobileVLMError, and the session is left as it was.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.seq_id = engine.add_sequence()
-        self.conversation = Conversation(template=dict(engine.dist.chat_config["conv_template"]))
+        self.template = dict(engine.dist.chat_config["conv_template"])
+        self.turns: list[_Turn] = []  # the history the KV cache holds (the oldest may have been dropped)
         self.length = 0  # tokens in the KV cache
         self.pending: list[int] = []  # generated but not yet fed (the turn ended on max_new_tokens)
         self.last: TurnResult | None = None
@@ -218,25 +273,62 @@ class ChatSession:
         if self.seq_id is not None:
             self.engine.remove_sequence(self.seq_id)
             self.seq_id = None
+            self.turns = []
+
+    def _turn_ids(self, turn: _Turn, first: bool) -> list[int]:
+        """`turn` rendered as the conversation's first turn (BOS, system prompt) or a later one, with its answer."""
+        text = Conversation(template=self.template, turns=0 if first else 1).user_turn(turn.message, with_image=turn.image is not None)
+        return tokenize_with_images(self.engine.tokenizer, text, add_bos=first) + turn.output_token_ids
+
+    def _size(self, turn: _Turn, first: bool) -> int:
+        """Tokens `turn` takes in the KV cache (its image counts as its image tokens)."""
+        return len(self._turn_ids(turn, first)) + (len(turn.image) - 1 if turn.image is not None else 0)
+
+    def _turns_to_drop(self, turn: _Turn) -> int:
+        """How many of the oldest turns must go for the rest plus `turn` to fill at most half the window."""
+        budget = self.engine.context_window_size // 2
+        later = [self._size(t, first=False) for t in self.turns[1:]] + [self._size(turn, first=False)]
+        for start, kept in enumerate(self.turns):
+            if self._size(kept, first=True) + sum(later[start:]) <= budget:
+                return start
+        return len(self.turns)
 
     def send(self, message: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None) -> Iterator[str]:
         """Stream the answer to `message` (and `image`, if given) as text deltas."""
+        return (delta for delta in self.send_tokens(message, image, config) if delta)
+
+    def send_tokens(self, message: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None) -> Iterator[str]:
+        """Like `send`, but yields once per generated token (its text delta, possibly empty), so that
+        callers can advance several sessions a token at a time."""
         engine, config = self.engine, config or GenerationConfig()
-        images = [engine.image_embed(engine.pixels(image))] if image is not None else []
-        text = self.conversation.user_turn(message, with_image=image is not None)
-        ids = self.pending + tokenize_with_images(engine.tokenizer, text, add_bos=self.length == 0 and not self.pending)
+        window = engine.context_window_size
+        turn = _Turn(message, engine.image_embed(engine.pixels(image)) if image is not None else None)
+        ids = self.pending + self._turn_ids(turn, first=not self.turns)
+        size = len(self.pending) + self._size(turn, first=not self.turns)
+        rerender = bool(self.turns) and self.length + size + min(config.max_new_tokens, window // 4) > window
+        dropped = self._turns_to_drop(turn) if rerender else 0
+        if rerender:
+            history = self.turns[dropped:] + [turn]
+            ids = [i for k, t in enumerate(history) for i in self._turn_ids(t, first=k == 0)]
+            size = sum(self._size(t, first=k == 0) for k, t in enumerate(history))
+        if size >= window:
+            raise MobileVLMError(f"prompt of {size} tokens (with image tokens) does not fit the context window of {window} tokens")
+        start = 0 if rerender else self.length  # a re-prefill gives this sequence's pages back first
+        pages = -(-(start + size) // PAGE_SIZE) - -(-start // PAGE_SIZE) - (-(-self.length // PAGE_SIZE) if rerender else 0)
+        if pages * PAGE_SIZE > engine.free_kv_tokens():
+            raise MobileVLMError(f"prompt of {size} tokens does not fit the KV cache: {engine.free_kv_tokens()} tokens free (close other chat sessions)")
+        if rerender:  # the kept history goes into a fresh sequence
+            engine.remove_sequence(self.seq_id)
+            self.seq_id, self.length, self.turns = engine.add_sequence(), 0, self.turns[dropped:]
+        images = [t.image for t in (self.turns if rerender else []) + [turn] if t.image is not None]
         embeds = engine.input_embeds(ids, images)
-        if self.length + len(embeds) >= engine.context_window_size:
-            raise MobileVLMError(
-                f"prompt of {len(embeds)} tokens (with image tokens) does not fit the context window: "
-                f"{self.length} already used of {engine.context_window_size}"
-            )
-        if len(embeds) + PAGE_SIZE > engine.free_kv_tokens():
-            raise MobileVLMError(f"prompt of {len(embeds)} tokens does not fit the KV cache: {engine.free_kv_tokens()} tokens free (close other chat sessions)")
         self.pending = []
-        result = self.last = TurnResult(prompt_token_ids=ids)
+        result = self.last = TurnResult(prompt_token_ids=list(ids), output_token_ids=turn.output_token_ids, dropped_turns=dropped)
         logits = engine.prefill(self.seq_id, embeds)
+        if rerender:
+            engine.release_workspace()
         self.length += len(embeds)
+        self.turns.append(turn)
         result.first_logits = logits
         sampler, stream = Sampler(config), StreamDecoder(engine.tokenizer)
         while True:
@@ -244,14 +336,13 @@ class ChatSession:
             if token in engine.stop_token_ids:
                 result.finish_reason = "stop"
                 return
-            result.output_token_ids.append(token)
-            delta = stream.push(token)
-            if delta:
-                yield delta
+            turn.output_token_ids.append(token)
+            self.pending = [token]  # until it is fed (a caller may stop iterating at the yield)
+            yield stream.push(token)
             out_of_pages = self.length % PAGE_SIZE == 0 and engine.free_kv_tokens() == 0  # shared with other sessions
-            if len(result.output_token_ids) >= config.max_new_tokens or self.length + 1 >= engine.context_window_size or out_of_pages:
+            if len(turn.output_token_ids) >= config.max_new_tokens or self.length + 1 >= window or out_of_pages:
                 result.finish_reason = "length"
-                self.pending = [token]
                 return
             logits = engine.decode(self.seq_id, token)
+            self.pending = []
             self.length += 1

@@ -25,6 +25,7 @@ from .dist import CHAT_CONFIG, load_dist
 from .errors import MobileVLMError
 
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SYMBOL_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a model_lib names C symbols, never a path
 
 
 @dataclass
@@ -70,6 +71,8 @@ def _read_config(path: Path) -> list[PackagedModel]:
         if not SAFE_ID.fullmatch(model_id) or model_id in seen:
             raise MobileVLMError(f"{where}: model_id '{model_id}' must be a unique plain name (it becomes a folder under bundle/)")
         seen.add(model_id)
+        if not SYMBOL_PREFIX.fullmatch(model_lib):
+            raise MobileVLMError(f"{where}: model_lib '{model_lib}' must be a C identifier (the library's symbol prefix)")
         if model.startswith("HF://"):
             raise MobileVLMError(f"{where}: model '{model}' is on a model hub; give the path of a converted dist folder")
         dist = (base / model).resolve()
@@ -90,12 +93,12 @@ def _read_config(path: Path) -> list[PackagedModel]:
 
 def _merge_objects(models: list[PackagedModel], lib_dir: Path, scratch: Path) -> Path:
     objects: list[Path] = []
-    for index, model in enumerate(models):
+    for model in models:
         with tarfile.open(model.library) as tar:
             for member in tar.getmembers():
                 if not member.isfile() or not member.name.endswith(".o"):
                     continue
-                target = scratch / f"{index}_{model.model_lib}_{Path(member.name).name}"  # lib0.o repeats across models
+                target = scratch / f"{len(objects)}_{Path(member.name).name}"  # lib0.o repeats across models
                 target.write_bytes(tar.extractfile(member).read())
                 objects.append(target)
     archive = lib_dir / "libmodel_android.a"
@@ -111,7 +114,7 @@ def _merge_objects(models: list[PackagedModel], lib_dir: Path, scratch: Path) ->
 
 
 def package(config_path: Path, output: Path) -> Path:
-    config_path, output = Path(config_path), Path(output)
+    config_path, output = Path(config_path), Path(output).absolute()  # `ar` and `nm` never see a path starting with '-'
     models = _read_config(config_path)
     if shutil.which("ar") is None or shutil.which("nm") is None:
         raise MobileVLMError("packaging needs binutils' `ar` and `nm` on PATH")

@@ -26,7 +26,7 @@ from mobilevlm_mlc.preprocess import load_image
 from mobilevlm_mlc.tensor_cache import load_tensor_cache
 
 from .conftest import checkpoint_for
-from .test_package import android_models, write_config  # noqa: F401 (fixture)
+from .test_package import write_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=8),

@@ -8,23 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mobilevlm_mlc.compiler import compile_model
-from mobilevlm_mlc.convert import convert
 from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.package import package
-
-from .conftest import checkpoint_for
-
-
-@pytest.fixture(scope="module")
-def android_models(workspace):
-    built = {}
-    for projector, quantization, target in (("ldpnet", "q4f16_0", "android-adreno"), ("ldpnetv2", "q4f16_1", "android-cpu")):
-        name = f"mobilevlm-{projector}-{quantization}"
-        dist = convert(checkpoint_for(workspace, projector), workspace / "pkg" / name, quantization, progress=False)
-        report = compile_model(dist, target, workspace / "pkg" / f"{name}-{target}.tar")
-        built[name] = (dist, Path(report["output"]), report["system_lib_prefix"].rstrip("_"))
-    return built
 
 
 def write_config(folder: Path, models: dict, **overrides) -> Path:
