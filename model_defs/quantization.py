@@ -3,9 +3,11 @@
 Symmetric int4, 8 values per uint32 (value i of a word at bits [4i, 4i+4)), groups of 32 along the
 input (K) axis, one scale per group: w = (q - 7) * scale. Layout `NK` stores `q_weight[out, in/8]`,
 `q_scale[out, in/32]`; `KN` (the `_0` schemes, for Adreno/Metal GEMV) stores them transposed:
-`q_weight[in/8, out]`, `q_scale[in/32, out]`. Each module emits dequantize and matmul (or gather) as
-one `tensor_expr_op`, so the dequantize stage can be inlined into the consumer by the target's
-schedule: full-precision weights are never materialized.
+`q_weight[in/8, out]`, `q_scale[in/32, out]`; `NK16` (the `_3` schemes, for CPUs) interleaves 16
+consecutive output rows word by word: `q_weight[out/16, in/8, 16]`, `q_scale[out/16, in/32, 16]`, so
+one SIMD load brings the same word of 16 rows and every lane unpacks it with the same shift. Each module
+emits dequantize and matmul (or gather) as one `tensor_expr_op`, so the dequantize stage can be inlined
+into the consumer by the target's schedule: full-precision weights are never materialized.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 DEQUANTIZE_BLOCK = "dequantize"  # name of the TE stage that schedules inline
 QUANTIZED_MATMUL = "quantized_matmul"  # op name: fused functions that contain one keep it in their name
+ROW_TILE = 16  # rows interleaved by the NK16 layout: one 512-bit vector of fp32, four NEON registers
 
 
 @dataclass(frozen=True)
@@ -37,36 +40,52 @@ class GroupQuantScheme:
     def max_int(self) -> int:
         return (1 << (self.bits - 1)) - 1  # 7: q is stored as value + 7 in [0, 14]
 
-    def check_divisible(self, k: int, what: str) -> None:
+    @property
+    def dequantize_dtype(self) -> str:
+        """dtype of the dequantized weight: the model dtype, except on CPUs (NK16), where fp16 arithmetic
+        would round-trip through fp32 on every operation (x86 has none) and the product is fp32 anyway."""
+        return "float32" if self.layout == "NK16" else self.model_dtype
+
+    def check_divisible(self, k: int, what: str, n: int | None = None) -> None:
         if k % self.group_size:
             raise ValueError(f"{what}: input size {k} is not a multiple of the group size {self.group_size}")
+        if self.layout == "NK16" and n is not None and n % ROW_TILE:
+            raise ValueError(f"{what}: output size {n} is not a multiple of the {self.name} row tile {ROW_TILE}")
+
+    def weight_shapes(self, n: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Stored shapes of (q_weight, q_scale) for a weight W[n, k]."""
+        words, groups = k // self.per_word, k // self.group_size
+        if self.layout == "KN":
+            return (words, n), (groups, n)
+        if self.layout == "NK16":
+            return (n // ROW_TILE, words, ROW_TILE), (n // ROW_TILE, groups, ROW_TILE)
+        return (n, words), (n, groups)
 
 
 def _dequantize(scheme: GroupQuantScheme, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:
     """Element (row=n, col=k) of the full-precision weight W[n, k] from the packed storage."""
-    per_word, mask = scheme.per_word, tirx.const((1 << scheme.bits) - 1, "uint32")
+    per_word, mask, dtype = scheme.per_word, tirx.const((1 << scheme.bits) - 1, "uint32"), scheme.dequantize_dtype
     if scheme.layout == "NK":
         word, scale = q_weight[row, col // per_word], q_scale[row, col // scheme.group_size]
+    elif scheme.layout == "NK16":
+        tile, lane = row // ROW_TILE, row % ROW_TILE
+        word, scale = q_weight[tile, col // per_word, lane], q_scale[tile, col // scheme.group_size, lane]
     else:
         word, scale = q_weight[col // per_word, row], q_scale[col // scheme.group_size, row]
     shift = ((col % per_word) * scheme.bits).astype("uint32")
-    value = ((word >> shift) & mask).astype(scheme.model_dtype) - tirx.const(scheme.max_int, scheme.model_dtype)
-    return value * scale
+    value = ((word >> shift) & mask).astype(dtype) - tirx.const(scheme.max_int, dtype)
+    return value * scale.astype(dtype)
 
 
 class QuantizedLinear(nn.Module):
     """y = x @ dequantize(q_weight, q_scale)^T, accumulated in float32, no bias."""
 
     def __init__(self, in_features: int, out_features: int, scheme: GroupQuantScheme, name: str = "linear"):
-        scheme.check_divisible(in_features, name)
+        scheme.check_divisible(in_features, name, out_features)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        words, groups = in_features // scheme.per_word, in_features // scheme.group_size
-        if scheme.layout == "NK":
-            self.q_weight = nn.Parameter((out_features, words), "uint32")
-            self.q_scale = nn.Parameter((out_features, groups), scheme.model_dtype)
-        else:
-            self.q_weight = nn.Parameter((words, out_features), "uint32")
-            self.q_scale = nn.Parameter((groups, out_features), scheme.model_dtype)
+        weight_shape, scale_shape = scheme.weight_shapes(out_features, in_features)
+        self.q_weight = nn.Parameter(weight_shape, "uint32")
+        self.q_scale = nn.Parameter(scale_shape, scheme.model_dtype)
 
     def to(self, dtype: str | None = None) -> None:  # storage dtypes are fixed by the scheme
         del dtype

@@ -7,12 +7,17 @@ import tvm
 
 from .base import BuildTarget
 from .cpu import cpu_pipeline
+from .cpu_schedule import CpuKernelConfig
 from .gpu import gpu_pipeline
 
 # dlight's own Adreno matmul config unrolls by 16; the GEMV / reduction rules' 256 is capped to match.
 ADRENO_MAX_UNROLL_STEP = 16
 
 ANDROID_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a78"}
+
+# 32 NEON registers of 4 fp32: a 16-lane vector is 4 of them, so fewer accumulators than on AVX-512
+# (GEMM 4 rows x 1 vector = 16 registers, GEMV 2 vectors = 8). Not measured on a phone.
+NEON_KERNELS = CpuKernelConfig(gemv_row_vectors=2, gemm_rows=4, gemm_column_vectors=1)
 
 ANDROID_ADRENO = BuildTarget(
     name="android-adreno",
@@ -32,9 +37,9 @@ ANDROID_CPU = BuildTarget(
     name="android-cpu",
     description="Arm CPU (LLVM aarch64-linux-android, cortex-a78: NEON, dotprod, fp16), .tar system lib",
     make_target=lambda: tvm.target.Target(ANDROID_HOST),
-    default_quantization="q4f16_1",
-    quantizations=("q4f16_1", "q4f32_1", "q0f16", "q0f32"),
-    pipeline=cpu_pipeline,
+    default_quantization="q4f16_3",
+    quantizations=("q4f16_3", "q4f32_3", "q4f16_1", "q4f32_1", "q0f16", "q0f32"),
+    pipeline=functools.partial(cpu_pipeline, config=NEON_KERNELS),
     codegen="llvm",
     system_lib=True,
 )

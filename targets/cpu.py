@@ -3,19 +3,30 @@
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+from tvm.s_tir import dlight as dl
 
 from .base import BuildTarget
+from .cpu_attention import replace_decode_attention
+from .cpu_schedule import CpuKernelConfig, Elementwise, Matmul, ParallelLoops, QuantizedGEMV, RowReduction
 from .schedules import inline_dequantize
 
 
-def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def schedule_cpu_kernels(config: CpuKernelConfig) -> tvm.transform.Pass:
+    """Every kernel: matmuls by our rules, norms and softmax by dlight's (after our inlining)."""
+    return dl.ApplyDefaultSchedule(
+        QuantizedGEMV(config), Matmul(config), RowReduction(config), Elementwise(config), ParallelLoops(config)
+    )
+
+
+def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelConfig()) -> tvm.transform.Pass:
     """TVM's CPU pipeline with our passes: `x @ W.T` folded into one matmul (W^T never materialized),
-    and dequantize inlined into the quantized matmuls after fusion."""
+    every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
+    took, and the KV cache's decode attention replaced by a parallel, vectorized one."""
     return tvm.transform.Sequential(
-        [relax.transform.FuseTransposeMatmul()]
+        [relax.transform.FuseTransposeMatmul(), replace_decode_attention(config.lanes)]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
-        + [inline_dequantize]
+        + [schedule_cpu_kernels(config), inline_dequantize]
         + cpu_generic.dataflow_lower_passes(target)
         + cpu_generic.finalize_passes(target)
     )
@@ -25,8 +36,8 @@ HOST_CPU = BuildTarget(
     name="cpu",
     description="this machine's CPU (LLVM, host mcpu), shared library",
     make_target=lambda: tvm.target.Target.from_device(tvm.cpu()),
-    default_quantization="q4f16_1",
-    quantizations=("q0f32", "q0f16", "q4f16_1", "q4f32_1", "q4f16_0"),
+    default_quantization="q4f32_3",
+    quantizations=("q4f32_3", "q4f16_3", "q0f32", "q0f16", "q4f16_1", "q4f32_1", "q4f16_0"),
     pipeline=cpu_pipeline,
     codegen="llvm",
 )

@@ -72,11 +72,15 @@ def engine(built: Built, projector: str) -> Engine:
     return _engines[key]
 
 
-@pytest.fixture(scope="session")
-def reference(built: Built, projector: str) -> ReferenceMobileVLM:
+def reference_for(workspace: Path, projector: str) -> ReferenceMobileVLM:
     if projector not in _references:
-        _references[projector] = ReferenceMobileVLM(built.checkpoint)
+        _references[projector] = ReferenceMobileVLM(checkpoint_for(workspace, projector))
     return _references[projector]
+
+
+@pytest.fixture(scope="session")
+def reference(workspace: Path, projector: str) -> ReferenceMobileVLM:
+    return reference_for(workspace, projector)
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +94,15 @@ def ldpnet_engine(ldpnet_built: Built) -> Engine:
     if key not in _engines:
         _engines[key] = Engine(ldpnet_built.dist, ldpnet_built.lib)
     return _engines[key]
+
+
+@pytest.fixture(scope="session")
+def android_models(workspace: Path) -> dict[str, tuple[Path, Path, str]]:
+    """Two static libraries for MLC's Android app, built once: name -> (dist, .tar, model_lib)."""
+    built = {}
+    for projector, quantization, target in (("ldpnet", "q4f16_0", "android-adreno"), ("ldpnetv2", "q4f16_3", "android-cpu")):
+        name = f"mobilevlm-{projector}-{quantization}"
+        dist = convert(checkpoint_for(workspace, projector), workspace / "pkg" / name, quantization, progress=False)
+        report = compile_model(dist, target, workspace / "pkg" / f"{name}-{target}.tar")
+        built[name] = (dist, Path(report["output"]), report["system_lib_prefix"].rstrip("_"))
+    return built

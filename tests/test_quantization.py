@@ -18,7 +18,7 @@ from mobilevlm_mlc.sampling import GenerationConfig
 
 from .conftest import DEMO_IMAGE, checkpoint_for
 
-Q4 = ["q4f16_1", "q4f32_1", "q4f16_0"]
+Q4 = ["q4f16_1", "q4f32_1", "q4f16_0", "q4f32_3", "q4f16_3"]
 
 
 def mlc_reference_pack(w: np.ndarray, scale_dtype: str, layout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -37,27 +37,43 @@ def mlc_reference_pack(w: np.ndarray, scale_dtype: str, layout: str) -> tuple[np
                 q_weight[row, col // 8] |= np.uint32(q) << np.uint32(4 * (col % 8))
     if layout == "KN":
         return q_weight.T.copy(), q_scale.T.copy()
+    if layout == "NK16":  # word j of rows 16t..16t+15 side by side
+        tiled_weight = np.zeros((n // 16, k // 8, 16), np.uint32)
+        tiled_scale = np.zeros((n // 16, k // 32, 16), scale_dtype)
+        for row in range(n):
+            tiled_weight[row // 16, :, row % 16] = q_weight[row]
+            tiled_scale[row // 16, :, row % 16] = q_scale[row]
+        return tiled_weight, tiled_scale
     return q_weight, q_scale
+
+
+def as_nk(weight: np.ndarray, scale: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stored (q_weight, q_scale) of any layout back to NK: [out, in/8], [out, in/32]."""
+    if layout == "KN":
+        return weight.T, scale.T
+    if layout == "NK16":
+        return (a.transpose(0, 2, 1).reshape(-1, a.shape[1]) for a in (weight, scale))
+    return weight, scale
 
 
 @pytest.mark.parametrize("name", Q4)
 def test_packing_is_bit_exact(name):
     scheme = QUANTIZATIONS[name].scheme
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((24, 96)).astype(np.float32)
+    w = rng.standard_normal((32, 96)).astype(np.float32)
     w[3, 32:64] = 0.0  # an all-zero group
     w[5, 7] = 40.0  # an outlier that owns its group's scale
     w[6, :32] = np.linspace(-1, 1, 32)  # exact halves land on round-half-even
     q_weight, q_scale = quantize_weight(w, scheme)
     ref_weight, ref_scale = mlc_reference_pack(w, scheme.model_dtype, scheme.layout)
     assert q_weight.dtype == np.uint32 and q_scale.dtype == np.dtype(scheme.model_dtype)
-    assert q_weight.shape == ((24, 12) if scheme.layout == "NK" else (12, 24))
+    assert q_weight.shape == {"NK": (32, 12), "KN": (12, 32), "NK16": (2, 12, 16)}[scheme.layout]
     assert np.array_equal(q_weight, ref_weight)
     assert np.array_equal(q_scale, ref_scale)
     # dequantize: (q - 7) * scale, q read back nibble by nibble
-    nk_weight = ref_weight if scheme.layout == "NK" else ref_weight.T
-    nk_scale = (ref_scale if scheme.layout == "NK" else ref_scale.T).astype(np.float32)
-    nibbles = np.array([[(int(nk_weight[r, c // 8]) >> (4 * (c % 8))) & 15 for c in range(96)] for r in range(24)])
+    nk_weight, nk_scale = as_nk(ref_weight, ref_scale, scheme.layout)
+    nk_scale = nk_scale.astype(np.float32)
+    nibbles = np.array([[(int(nk_weight[r, c // 8]) >> (4 * (c % 8))) & 15 for c in range(96)] for r in range(32)])
     expected = (nibbles - 7) * np.repeat(nk_scale, 32, axis=1)
     assert np.array_equal(dequantize_weight(q_weight, q_scale, scheme), expected.astype(np.float32))
     assert np.all(dequantize_weight(q_weight, q_scale, scheme)[3, 32:64] == 0)
@@ -111,9 +127,10 @@ def test_q4_kernels_match_fake_quantized_reference(q4_builds, workspace, name):
         turn = session.last
     ref_input = reference.input_embeds(turn.prompt_token_ids, reference.image_embeds(reference.pixels(image)))
     tokens, logits = reference.greedy(ref_input, 16)
-    tolerance = 1e-4 if name == "q4f32_1" else 2e-2
+    fp32 = QUANTIZATIONS[name].model_dtype == "float32"
+    tolerance = 1e-4 if fp32 else 2e-2
     assert np.abs(turn.first_logits - logits).max() < tolerance * np.abs(logits).max()
-    if name == "q4f32_1":
+    if fp32:
         assert turn.output_token_ids == tokens
     else:  # fp16 activations (and an fp16 vision tower) against fp32 ones: thin margins may flip later tokens
         assert turn.output_token_ids[0] == tokens[0]

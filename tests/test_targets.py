@@ -41,10 +41,10 @@ def members(tar_path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def dists(workspace):
     ckpt = checkpoint_for(workspace, "ldpnet")
-    return {q: convert(ckpt, workspace / f"mobilevlm-tiny-{q}", q, progress=False) for q in ("q4f16_0", "q4f16_1")}
+    return {q: convert(ckpt, workspace / f"mobilevlm-tiny-{q}", q, progress=False) for q in ("q4f16_0", "q4f16_1", "q4f16_3")}
 
 
-@pytest.mark.parametrize("target,quantization", [("android-adreno", "q4f16_0"), ("android-cpu", "q4f16_1")])
+@pytest.mark.parametrize("target,quantization", [("android-adreno", "q4f16_0"), ("android-cpu", "q4f16_3")])
 def test_android_static_library(dists, tmp_path, target, quantization):
     out = tmp_path / f"{target}.tar"
     report = compile_model(dists[quantization], target, out)
