@@ -1,11 +1,12 @@
-"""Decode attention on the paged KV cache for CPUs.
+"""Attention on the paged KV cache for CPUs: decode, prefill over cached pages, prefill over the chunk.
 
-TVM's CPU kernel (`batch_decode_paged_kv_cpu`) walks batch, heads, cached tokens and the head dimension
-in nested scalar loops on one thread: 0.5 ms per layer at a 16-token context, growing 4.5 µs per
-cached token (MobileLLaMA-1.4B shape) — as long as a whole layer's GEMVs at a few hundred tokens.
-This kernel keeps its signature and semantics (online softmax in base 2, the log-sum-exp for merging)
-and runs (sequence, head) pairs in parallel, the dot products and the value update in SIMD lanes.
-`replace_decode_attention` swaps it into the module the KV cache was exported into.
+TVM's CPU kernels walk batch, heads, keys and the head dimension in nested scalar loops on one thread
+(its paged prefill visits every row the cache could hold): decode cost 0.5 ms per layer at a 16-token
+context plus 4.5 µs per cached token, and attention was 95 ms per layer of a 272-token prefill
+(MobileLLaMA-1.4B shape) — more than the layer's matmuls. These kernels keep TVM's signatures and
+semantics (online softmax in base 2, the log-sum-exp its merge step uses) and run (token, head) rows in
+parallel, dot products and value updates in SIMD lanes. `replace_attention` swaps them into the module
+the KV cache was exported into.
 """
 
 from __future__ import annotations
@@ -16,15 +17,55 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-DECODE_ATTENTION = "batch_decode_paged_kv_cpu"  # the global symbol the KV cache calls
+# the global symbols the KV cache calls
+DECODE_ATTENTION, PREFILL_ATTENTION, RAGGED_ATTENTION = "batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_prefill_ragged_kv"
+
+
+def _kernel_parts(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int):
+    """The pieces every kernel here shares, as TVMScript macros: load a query row (pre-scaled for base-2
+    exponentials), fold one key/value row into the online softmax, store the output row and its
+    log-sum-exp. `state` holds the running max, the running sum, the score and the rescale."""
+    D, group, chunks, log2e = head_dim, num_qo_heads // num_kv_heads, head_dim // lanes, math.log2(math.e)
+
+    @T.macro
+    def start(q, t, h, sm_scale, q_local, acc, state):
+        for d in T.vectorized(D):
+            q_local[d] = T.Cast("float32", q[t, h, d]) * (sm_scale * T.float32(log2e))
+            acc[d] = T.float32(0)
+        state[0] = T.float32(-5e4)
+        state[1] = T.float32(1)
+
+    @T.macro
+    def attend(q_local, k_row, v_row, acc, part, state):
+        for lane in T.vectorized(lanes):
+            part[lane] = T.float32(0)
+        for c in T.serial(chunks):
+            for lane in T.vectorized(lanes):
+                part[lane] = part[lane] + q_local[c * lanes + lane] * k_row[c * lanes + lane]
+        state[2] = T.float32(0)
+        for lane in T.serial(lanes):
+            state[2] = state[2] + part[lane]
+        state[3] = T.exp2(state[0] - T.max(state[0], state[2]))  # rescale of what is summed so far
+        state[0] = T.max(state[0], state[2])
+        state[2] = T.exp2(state[2] - state[0])  # this key's weight
+        state[1] = state[1] * state[3] + state[2]
+        for d in T.vectorized(D):
+            acc[d] = acc[d] * state[3] + v_row[d] * state[2]
+
+    @T.macro
+    def finish(output, lse, t, h, acc, state):
+        for d in T.vectorized(D):
+            output[t, h, d] = T.Cast(dtype, acc[d] / state[1])
+        lse[t, h] = state[0] + T.log2(state[1])
+
+    return group, start, attend, finish
 
 
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int, page_size: int = 16) -> tirx.PrimFunc:
     """`batch_decode_paged_kv_cpu` without sliding window; rope must already be applied (the model
     uses `RopeMode.NORMAL`: q and k are rotated before the append, `rotary_mode` is 0)."""
-    H_qo, D, group = num_qo_heads, head_dim, num_qo_heads // num_kv_heads
-    chunks = D // lanes
-    log2e = math.log2(math.e)
+    H_qo, D = num_qo_heads, head_dim
+    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -58,53 +99,179 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                 T.reads()  # regions depend on the page table: declared opaque
                 T.writes()
                 q_local = T.sblock_alloc_buffer((D,), "float32")
+                k_row = T.sblock_alloc_buffer((D,), "float32")
+                v_row = T.sblock_alloc_buffer((D,), "float32")
                 acc = T.sblock_alloc_buffer((D,), "float32")
                 part = T.sblock_alloc_buffer((lanes,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")  # running max, running sum, score, rescale
+                state = T.sblock_alloc_buffer((4,), "float32")
                 b: T.let[T.int32] = bh // H_qo
                 h: T.let[T.int32] = bh % H_qo
                 begin: T.let[T.int32] = page_table_indptr[b]
                 end: T.let[T.int32] = page_table_indptr[b + 1]
                 kv_len: T.let[T.int32] = T.if_then_else(begin != end, (end - begin - 1) * page_size + length_info[b], 0)  # length_info[b]: tokens in the last page
-                for d in T.vectorized(D):
-                    q_local[d] = T.Cast("float32", Q[b, h, d]) * (sm_scale * T.float32(log2e))
-                    acc[d] = T.float32(0)
-                state[0] = T.float32(-5e4)
-                state[1] = T.float32(1)
+                start(Q, b, h, sm_scale, q_local, acc, state)
                 for j in T.serial(kv_len):
-                    page: T.let[T.int32] = page_table_values[begin + j // page_size]
-                    slot: T.let[T.int32] = j % page_size
-                    for lane in T.vectorized(lanes):
-                        part[lane] = T.float32(0)
-                    for c in T.serial(chunks):
-                        for lane in T.vectorized(lanes):
-                            part[lane] = part[lane] + q_local[c * lanes + lane] * T.Cast("float32", pages[page, 0, h // group, slot, c * lanes + lane])
-                    state[2] = T.float32(0)
-                    for lane in T.serial(lanes):
-                        state[2] = state[2] + part[lane]
-                    state[3] = T.exp2(state[0] - T.max(state[0], state[2]))  # rescale of what is summed so far
-                    state[0] = T.max(state[0], state[2])
-                    state[2] = T.exp2(state[2] - state[0])  # this token's weight
-                    state[1] = state[1] * state[3] + state[2]
                     for d in T.vectorized(D):
-                        acc[d] = acc[d] * state[3] + T.Cast("float32", pages[page, 1, h // group, slot, d]) * state[2]
-                for d in T.vectorized(D):
-                    output[b, h, d] = T.Cast(dtype, acc[d] / state[1])
-                lse[b, h] = state[0] + T.log2(state[1])
+                        k_row[d] = T.Cast("float32", pages[page_table_values[begin + j // page_size], 0, h // group, j % page_size, d])
+                        v_row[d] = T.Cast("float32", pages[page_table_values[begin + j // page_size], 1, h // group, j % page_size, d])
+                    attend(q_local, k_row, v_row, acc, part, state)
+                finish(output, lse, b, h, acc, state)
     # fmt: on
 
     return batch_decode_paged_kv
 
 
-def replace_decode_attention(lanes: int) -> tvm.transform.Pass:
-    """Swap TVM's serial CPU decode attention for `decode_attention`, sized from the module's own."""
+def _visible(causal, q_idx, qo_len, kv_len):
+    """Keys a query row sees: all of them, or (causal) those up to its own position at the end."""
+    return T.if_then_else(causal > 0, T.max(T.min(kv_len, kv_len - qo_len + q_idx + 1), 0), kv_len)
 
-    @tvm.transform.module_pass(opt_level=0, name="ReplaceDecodeAttention")
+
+def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int, page_size: int = 16) -> tirx.PrimFunc:
+    """`batch_prefill_paged_kv_cpu` (no sliding window, keys already rotated): every (token, head) row
+    in parallel over the cached pages. TVM's visits `max_num_pages * page_size` rows per query."""
+    H_qo, D = num_qo_heads, head_dim
+    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+                               var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+                               var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle, causal: T.int32,
+                               rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": PREFILL_ATTENTION})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        page_indptr_offset = T.int32()
+        page_values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, num_kv_heads, page_size, D), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset)
+        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
+        assert rotary_mode == 0, "this prefill attention takes keys already rotated (RopeMode.NORMAL)"
+
+        for th in T.parallel(total_len * H_qo):
+            with T.sblock("attn"):
+                T.reads()  # regions depend on the page table: declared opaque
+                T.writes()
+                q_local = T.sblock_alloc_buffer((D,), "float32")
+                k_row = T.sblock_alloc_buffer((D,), "float32")
+                v_row = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                part = T.sblock_alloc_buffer((lanes,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                t: T.let[T.int32] = th // H_qo
+                h: T.let[T.int32] = th % H_qo
+                for bb in T.serial(batch_size):
+                    if q_indptr[bb] <= t and t < q_indptr[bb + 1]:
+                        seq[0] = bb
+                begin: T.let[T.int32] = page_indptr[seq[0]]
+                end: T.let[T.int32] = page_indptr[seq[0] + 1]
+                kv_len: T.let[T.int32] = T.if_then_else(begin != end, (end - begin - 1) * page_size + length_info[seq[0]], 0)
+                start(q, t, h, sm_scale, q_local, acc, state)
+                for j in T.serial(_visible(causal, t - q_indptr[seq[0]], q_indptr[seq[0] + 1] - q_indptr[seq[0]], kv_len)):
+                    for d in T.vectorized(D):
+                        k_row[d] = T.Cast("float32", pages[page_values[begin + j // page_size], 0, h // group, j % page_size, d])
+                        v_row[d] = T.Cast("float32", pages[page_values[begin + j // page_size], 1, h // group, j % page_size, d])
+                    attend(q_local, k_row, v_row, acc, part, state)
+                finish(output, lse, t, h, acc, state)
+    # fmt: on
+
+    return batch_prefill_paged_kv
+
+
+def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
+    """`batch_prefill_ragged_kv` (keys already rotated): the chunk's own keys and values, every
+    (token, head) row in parallel. TVM's runs the whole batch on one thread."""
+    H_qo, D = num_qo_heads, head_dim
+    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
+                                var_kv_indptr: T.handle, var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle,
+                                var_output: T.handle, var_lse: T.handle, causal: T.int32, rotary_mode: T.int32,
+                                rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "global_symbol": RAGGED_ATTENTION})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_rope_offset = T.int32()
+        k_rope_offset = T.int32()
+        q = T.match_buffer(var_q, (qo_len, H_qo, D), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset)
+        k = T.match_buffer(var_k, (kv_len, num_kv_heads, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, num_kv_heads, D), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_offset)
+        output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
+        assert rotary_mode == 0, "this prefill attention takes keys already rotated (RopeMode.NORMAL)"
+
+        for th in T.parallel(qo_len * H_qo):
+            with T.sblock("attn"):
+                T.reads()
+                T.writes()
+                q_local = T.sblock_alloc_buffer((D,), "float32")
+                k_row = T.sblock_alloc_buffer((D,), "float32")
+                v_row = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                part = T.sblock_alloc_buffer((lanes,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                t: T.let[T.int32] = th // H_qo
+                h: T.let[T.int32] = th % H_qo
+                for bb in T.serial(batch_size):
+                    if q_indptr[bb] <= t and t < q_indptr[bb + 1]:
+                        seq[0] = bb
+                first: T.let[T.int32] = kv_indptr[seq[0]]
+                start(q, t, h, sm_scale, q_local, acc, state)
+                for j in T.serial(_visible(causal, t - q_indptr[seq[0]], q_indptr[seq[0] + 1] - q_indptr[seq[0]], kv_indptr[seq[0] + 1] - first)):
+                    for d in T.vectorized(D):
+                        k_row[d] = T.Cast("float32", k[first + j, h // group, d])
+                        v_row[d] = T.Cast("float32", v[first + j, h // group, d])
+                    attend(q_local, k_row, v_row, acc, part, state)
+                finish(output, lse, t, h, acc, state)
+    # fmt: on
+
+    return batch_prefill_ragged_kv
+
+
+def replace_attention(lanes: int) -> tvm.transform.Pass:
+    """Swap TVM's serial CPU attention kernels (decode, prefill over pages, prefill over the chunk)
+    for the ones above, sized from the module's own."""
+
+    @tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
     def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc) and func.attrs.get("global_symbol") == DECODE_ATTENTION:
-                (_, num_qo_heads, head_dim), pages = func.params[0].shape, func.params[1].shape
-                mod[gv] = decode_attention(int(pages[2]), int(num_qo_heads), int(head_dim), func.params[0].dtype, lanes, int(pages[3]))
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            symbol = func.attrs.get("global_symbol")
+            if symbol not in (DECODE_ATTENTION, PREFILL_ATTENTION, RAGGED_ATTENTION):
+                continue
+            q, source = func.params[0], func.params[2 if symbol != DECODE_ATTENTION else 1]
+            heads, dim, dtype = int(q.shape[1]), int(q.shape[2]), q.dtype
+            if symbol == DECODE_ATTENTION:
+                mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype, lanes, int(source.shape[3]))
+            elif symbol == PREFILL_ATTENTION:
+                mod[gv] = prefill_attention(int(source.shape[2]), heads, dim, dtype, lanes, int(source.shape[3]))
+            elif symbol == RAGGED_ATTENTION:
+                mod[gv] = prefill_ragged_attention(int(source.shape[1]), heads, dim, dtype, lanes)
         return mod
 
     return transform

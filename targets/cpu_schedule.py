@@ -40,7 +40,7 @@ class CpuKernelConfig:
     gemv_row_vectors: int = 4  # 4 independent accumulators of 16 rows: hides FMA latency
     gemm_rows: int = 6
     gemm_column_vectors: int = 2  # 6 x 2 x 16 = 12 AVX-512 accumulators
-    k_unroll: int = 8  # one packed word
+    k_unroll: int = 32  # one quantization group: its 8 rescaled scales serve 4 words
 
 
 class _CpuRule(dl.ScheduleRule):
@@ -114,14 +114,21 @@ def _parallel_vectorized(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.vectorize(vec)
 
 
-def _inline_epilogue(sch: s_tir.Schedule, epilogue) -> None:
-    """Fold the elementwise tail (bias, residual add, cast, activation) into the block that writes
-    the matmul's result: inner blocks into their readers (quick-GELU reads the bias add twice), then
-    the last one into that writer."""
+def _inline_epilogue(sch: s_tir.Schedule, epilogue, result, lanes: int) -> None:
+    """Fold the elementwise tail (bias, residual add, cast, activation) into `result`, the block that
+    writes the matmul's result: inner blocks into their readers (quick-GELU reads the bias add twice),
+    then the last one into that writer when it has the result's shape. A last block that broadcasts
+    the result over a larger tensor (LDP's squeeze-excitation gate) stays a loop nest of its own,
+    parallel and vectorized."""
     for info in epilogue[:-1]:
         sch.compute_inline(info.block_rv)
-    if epilogue:
-        sch.reverse_compute_inline(epilogue[-1].block_rv)
+    if not epilogue:
+        return
+    last = epilogue[-1].block_rv
+    if list(sch.get(last).writes[0].source.shape) == list(sch.get(result).writes[0].source.shape):
+        sch.reverse_compute_inline(last)
+    else:
+        _parallel_vectorized(sch, last, lanes)
 
 
 def _register_kernel(sch: s_tir.Schedule, block, reduce_loop, unrolled: list, lane_loop, lanes: int) -> None:
@@ -138,7 +145,7 @@ def _register_kernel(sch: s_tir.Schedule, block, reduce_loop, unrolled: list, la
 def _finish_epilogue(sch: s_tir.Schedule, writeback, epilogue, at_loop, lanes: int) -> None:
     """The elementwise tail folded into the accumulator's write back, which runs under `at_loop`,
     vectorized."""
-    _inline_epilogue(sch, epilogue)
+    _inline_epilogue(sch, epilogue, writeback, lanes)
     sch.reverse_compute_at(writeback, at_loop, preserve_unit_loops=True)
     inner = sch.get_loops(writeback)[-1]
     _, vec = sch.split(inner, [None, lanes])
@@ -218,7 +225,7 @@ class Matmul(_CpuRule):
         _finish_epilogue(sch, writeback, [] if unpad else epilogue, m_out, lanes)
         if unpad:  # the padding is cut off by a copy that also runs the elementwise tail
             # (TVM's reverse_compute_inline of that copy drops its bound: it would write past the output)
-            _inline_epilogue(sch, epilogue)
+            _inline_epilogue(sch, epilogue, unpad[0], lanes)
             _parallel_vectorized(sch, unpad[0], lanes)
         weight_name = sch.get(weight).name_hint
         for block in sch.get_producers(main.block_rv):

@@ -16,8 +16,8 @@ def inline_dequantize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm
     For targets without a schedule rule that does this (GPU dlight GEMV / Matmul rules inline it)."""
     updates = {}
     for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or QUANTIZED_MATMUL not in gv.name_hint:
-            continue
+        if not isinstance(func, tirx.PrimFunc) or QUANTIZED_MATMUL not in gv.name_hint or func.attrs.get("tirx.is_scheduled"):
+            continue  # a scheduled kernel has placed its dequantize already (the CPU GEMM tiles it)
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root")
         for block in sch.get_child_blocks(root):
