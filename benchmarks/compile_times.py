@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from mobilevlm_mlc.compiler import compile_model
+from mobilevlm_mlc.manifest import MANIFEST
 from mobilevlm_mlc.convert import convert
 from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.synthetic import make_checkpoint
@@ -37,7 +38,7 @@ def main() -> None:
             quantization = args.quantization or target.default_quantization
             dist = args.workdir / f"{size}-{quantization}"
             started = time.perf_counter()
-            if not (dist / "mlc-chat-config.json").exists():
+            if not (dist / MANIFEST).exists():
                 convert(ckpt, dist, quantization, progress=False)
             converted = time.perf_counter()
             try:

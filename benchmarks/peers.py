@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--quantizations", default="q4f16_1,q4f32_1", help="our builds (cpu target)")
+    parser.add_argument("--quantizations", default="q4f32_3", help="our builds (cpu target)")
     parser.add_argument("--peers", default="pytorch-fp32,pytorch-bf16,llama.cpp-F16,llama.cpp-Q4_0,llama.cpp-Q4_K_S")
     parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
@@ -271,6 +271,7 @@ def main() -> None:
         return
 
     from mobilevlm_mlc.compiler import compile_model
+    from mobilevlm_mlc.manifest import MANIFEST
     from mobilevlm_mlc.convert import convert
     from mobilevlm_mlc.synthetic import make_checkpoint
 
@@ -285,10 +286,9 @@ def main() -> None:
     for quantization in filter(None, args.quantizations.split(",")):
         dist = args.workdir / f"{args.size}-{quantization}"
         lib = args.workdir / f"{args.size}-{quantization}-cpu.so"
-        if not (dist / "mlc-chat-config.json").exists():
+        if not (dist / MANIFEST).exists():  # weights are reused; the library always reflects this code
             convert(checkpoint, dist, quantization, progress=False)
-        if not lib.exists():
-            compile_model(dist, "cpu", lib)
+        compile_model(dist, "cpu", lib)
         out = args.out / f"mobilevlm-mlc-{quantization}.json"
         print(f"== mobilevlm-mlc {quantization}", flush=True)
         subprocess.run([sys.executable, "-m", "mobilevlm_mlc.cli", "bench", str(dist), "--lib", str(lib),

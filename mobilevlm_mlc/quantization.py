@@ -31,8 +31,8 @@ QUANTIZATIONS = {
         Quantization("q4f16_1", "float16", GroupQuantScheme("q4f16_1", "float16", "NK")),
         Quantization("q4f32_1", "float32", GroupQuantScheme("q4f32_1", "float32", "NK")),
         Quantization("q4f16_0", "float16", GroupQuantScheme("q4f16_0", "float16", "KN")),
-        Quantization("q4f16_3", "float16", GroupQuantScheme("q4f16_3", "float16", "NK16")),
-        Quantization("q4f32_3", "float32", GroupQuantScheme("q4f32_3", "float32", "NK16")),
+        Quantization("q4f16_3", "float16", GroupQuantScheme("q4f16_3", "float16", "NK64")),
+        Quantization("q4f32_3", "float32", GroupQuantScheme("q4f32_3", "float32", "NK64")),
     )
 }
 
@@ -59,13 +59,13 @@ def quantize_weight(weight: np.ndarray, scheme: GroupQuantScheme, layout: str | 
         packed[rows], scale[rows] = _quantize_rows(weight[rows], scheme)
     if layout == "KN":
         return np.ascontiguousarray(packed.T), np.ascontiguousarray(scale.T)
-    if layout == "NK16":
+    if layout == "NK64":
         return _interleave_rows(packed), _interleave_rows(scale)
     return packed, scale
 
 
 def _interleave_rows(a: np.ndarray) -> np.ndarray:
-    """[n, c] -> [n/16, c, 16]: column j of 16 consecutive rows side by side (the NK16 layout)."""
+    """[n, c] -> [n/64, c, 64]: column j of 64 consecutive rows side by side (the NK64 layout)."""
     return np.ascontiguousarray(a.reshape(-1, ROW_TILE, a.shape[1]).transpose(0, 2, 1))
 
 
@@ -89,7 +89,7 @@ def dequantize_weight(q_weight: np.ndarray, q_scale: np.ndarray, scheme: GroupQu
     layout = layout or scheme.layout
     if layout == "KN":
         q_weight, q_scale = q_weight.T, q_scale.T
-    elif layout == "NK16":  # [n/16, c, 16] -> [n, c]
+    elif layout == "NK64":  # [n/64, c, 64] -> [n, c]
         q_weight, q_scale = (a.transpose(0, 2, 1).reshape(-1, a.shape[1]) for a in (q_weight, q_scale))
     shifts = np.arange(scheme.per_word, dtype=np.uint32) * scheme.bits
     q = (q_weight[..., None] >> shifts) & ((1 << scheme.bits) - 1)

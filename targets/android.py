@@ -16,8 +16,8 @@ ADRENO_MAX_UNROLL_STEP = 16
 ANDROID_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a78"}
 
 # 32 NEON registers of 4 fp32: a 16-lane vector is 4 of them, so fewer accumulators than on AVX-512
-# (GEMM 4 rows x 1 vector = 16 registers, GEMV 2 vectors = 8). Not measured on a phone.
-NEON_KERNELS = CpuKernelConfig(gemv_row_vectors=2, gemm_rows=4, gemm_column_vectors=1)
+# (GEMM 4 rows x 1 vector = 16 registers; GEMV 4 vectors = 16, one NK64 tile). Not measured on a phone.
+NEON_KERNELS = CpuKernelConfig(gemm_rows=4, gemm_column_vectors=1)
 
 ANDROID_ADRENO = BuildTarget(
     name="android-adreno",

@@ -3,7 +3,7 @@
 TVM ships no CPU matmul schedule: left alone, a decode step runs every weight through scalar loops on
 one core. These rules give every kernel threads and SIMD lanes:
 
-- `QuantizedGEMV`: one token times an NK16 4-bit weight (decode). A SIMD vector holds 16 output rows;
+- `QuantizedGEMV`: one token times an NK64 4-bit weight (decode). A SIMD vector holds 16 output rows;
   each thread takes blocks of `rows_per_task` rows and streams their packed words once, unpacking every
   word with the same shift in all lanes; several vector accumulators hide the FMA latency.
 - `Matmul`: several tokens times any weight (prefill, the vision tower, the projector). Each thread
@@ -36,8 +36,8 @@ class CpuKernelConfig:
     """Register blocking of the matmul kernels: `lanes` fp32 per vector (16 on AVX-512, 4 on NEON;
     wider loops are split by LLVM), GEMV row blocks per task, GEMM rows x column-vectors per kernel."""
 
-    lanes: int = ROW_TILE
-    gemv_row_vectors: int = 4  # 4 independent accumulators of 16 rows: hides FMA latency
+    lanes: int = 16
+    gemv_row_vectors: int = 4  # 4 accumulators of 16 rows = one NK64 tile per task: hides FMA latency, one stream
     gemm_rows: int = 6
     gemm_column_vectors: int = 2  # 6 x 2 x 16 = 12 AVX-512 accumulators
     k_unroll: int = 32  # one quantization group: its 8 rescaled scales serve 4 words
@@ -84,7 +84,7 @@ def _matmul_blocks(sch: s_tir.Schedule):
 
 
 def _is_nk16_weight(sch: s_tir.Schedule, producers) -> bool:
-    """The matmul's weight is dequantized from the NK16 layout ([n/16, k/8, 16] words)."""
+    """The matmul's weight is dequantized from the NK64 layout ([n/64, k/8, 64] words)."""
     for info in producers:
         if sch.get(info.block_rv).name_hint.startswith(DEQUANTIZE_BLOCK):
             return any(len(r.source.shape) == 3 and int(r.source.shape[2]) == ROW_TILE for r in sch.get(info.block_rv).reads)
@@ -153,7 +153,7 @@ def _finish_epilogue(sch: s_tir.Schedule, writeback, epilogue, at_loop, lanes: i
 
 
 class QuantizedGEMV(_CpuRule):
-    """One token times an NK16-quantized weight, the dequantize inlined into the reduction."""
+    """One token times an NK64-quantized weight, the dequantize inlined into the reduction."""
 
     def schedule(self, sch: s_tir.Schedule) -> bool:
         blocks = _matmul_blocks(sch)

@@ -37,12 +37,12 @@ def mlc_reference_pack(w: np.ndarray, scale_dtype: str, layout: str) -> tuple[np
                 q_weight[row, col // 8] |= np.uint32(q) << np.uint32(4 * (col % 8))
     if layout == "KN":
         return q_weight.T.copy(), q_scale.T.copy()
-    if layout == "NK16":  # word j of rows 16t..16t+15 side by side
-        tiled_weight = np.zeros((n // 16, k // 8, 16), np.uint32)
-        tiled_scale = np.zeros((n // 16, k // 32, 16), scale_dtype)
+    if layout == "NK64":  # word j of rows 64t..64t+63 side by side
+        tiled_weight = np.zeros((n // 64, k // 8, 64), np.uint32)
+        tiled_scale = np.zeros((n // 64, k // 32, 64), scale_dtype)
         for row in range(n):
-            tiled_weight[row // 16, :, row % 16] = q_weight[row]
-            tiled_scale[row // 16, :, row % 16] = q_scale[row]
+            tiled_weight[row // 64, :, row % 64] = q_weight[row]
+            tiled_scale[row // 64, :, row % 64] = q_scale[row]
         return tiled_weight, tiled_scale
     return q_weight, q_scale
 
@@ -51,7 +51,7 @@ def as_nk(weight: np.ndarray, scale: np.ndarray, layout: str) -> tuple[np.ndarra
     """Stored (q_weight, q_scale) of any layout back to NK: [out, in/8], [out, in/32]."""
     if layout == "KN":
         return weight.T, scale.T
-    if layout == "NK16":
+    if layout == "NK64":
         return (a.transpose(0, 2, 1).reshape(-1, a.shape[1]) for a in (weight, scale))
     return weight, scale
 
@@ -60,20 +60,20 @@ def as_nk(weight: np.ndarray, scale: np.ndarray, layout: str) -> tuple[np.ndarra
 def test_packing_is_bit_exact(name):
     scheme = QUANTIZATIONS[name].scheme
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((32, 96)).astype(np.float32)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
     w[3, 32:64] = 0.0  # an all-zero group
     w[5, 7] = 40.0  # an outlier that owns its group's scale
     w[6, :32] = np.linspace(-1, 1, 32)  # exact halves land on round-half-even
     q_weight, q_scale = quantize_weight(w, scheme)
     ref_weight, ref_scale = mlc_reference_pack(w, scheme.model_dtype, scheme.layout)
     assert q_weight.dtype == np.uint32 and q_scale.dtype == np.dtype(scheme.model_dtype)
-    assert q_weight.shape == {"NK": (32, 12), "KN": (12, 32), "NK16": (2, 12, 16)}[scheme.layout]
+    assert q_weight.shape == {"NK": (64, 12), "KN": (12, 64), "NK64": (1, 12, 64)}[scheme.layout]
     assert np.array_equal(q_weight, ref_weight)
     assert np.array_equal(q_scale, ref_scale)
     # dequantize: (q - 7) * scale, q read back nibble by nibble
     nk_weight, nk_scale = as_nk(ref_weight, ref_scale, scheme.layout)
     nk_scale = nk_scale.astype(np.float32)
-    nibbles = np.array([[(int(nk_weight[r, c // 8]) >> (4 * (c % 8))) & 15 for c in range(96)] for r in range(32)])
+    nibbles = np.array([[(int(nk_weight[r, c // 8]) >> (4 * (c % 8))) & 15 for c in range(96)] for r in range(64)])
     expected = (nibbles - 7) * np.repeat(nk_scale, 32, axis=1)
     assert np.array_equal(dequantize_weight(q_weight, q_scale, scheme), expected.astype(np.float32))
     assert np.all(dequantize_weight(q_weight, q_scale, scheme)[3, 32:64] == 0)
@@ -155,7 +155,7 @@ def test_q4_against_fp32(q4_builds, ldpnet_engine):
 
 @pytest.mark.parametrize("name", ["q4f16_1", "q4f32_3"])
 def test_dequantized_weights_are_never_materialized(q4_builds, name):
-    """Every CPU quantized matmul unpacks int4 inside its reduction (decode on NK16) or into a tile of
+    """Every CPU quantized matmul unpacks int4 inside its reduction (decode on NK64) or into a tile of
     its own thread's columns inside the parallel loop (prefill): never the whole weight in fp."""
     from model_defs.mobilevlm import MobileVLMForCausalLM
     from targets import get_target

@@ -1,0 +1,96 @@
+"""Where the time goes: every kernel and VM builtin of one `decode`, `prefill` or `image_embed` call of
+a compiled library, timed through the Relax VM's instrument hook (one call, after one untimed call).
+
+    python benchmarks/profile_kernels.py DIST LIB decode --context 256
+    python benchmarks/profile_kernels.py DIST LIB prefill --tokens 272
+    python benchmarks/profile_kernels.py DIST LIB image
+
+Per-kernel times include the VM's call overhead; their sum is printed next to the call's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm.runtime import ShapeTuple
+
+from mobilevlm_mlc.engine import Engine
+
+
+class KernelTimer:
+    """VM instrument: wall time and calls per function name."""
+
+    def __init__(self):
+        self.active = False
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+        self._started: dict[str, float] = {}
+
+    def __call__(self, _func, name: str, before_run: bool, _ret, *_args) -> int:
+        if not self.active:
+            return 0
+        if before_run:
+            self._started[name] = time.perf_counter()
+        else:
+            self.seconds[name] += time.perf_counter() - self._started.pop(name)
+            self.calls[name] += 1
+        return 0  # go on running
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dist", type=Path)
+    parser.add_argument("lib", type=Path)
+    parser.add_argument("entry", choices=["decode", "prefill", "image"])
+    parser.add_argument("--context", type=int, default=16, help="tokens in the cache before a decode step")
+    parser.add_argument("--tokens", type=int, default=272, help="prefill length (144 image tokens + text)")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    engine = Engine(args.dist, args.lib)
+    rng = np.random.default_rng(0)
+    dtype, hidden = engine.dist.config.dtype, engine.hidden_size
+
+    def embeds(n: int) -> np.ndarray:
+        return (rng.standard_normal((n, hidden)) * 0.02).astype(dtype)
+
+    kv = tvm.get_global_func
+    timer = KernelTimer()
+
+    def run_once() -> float:
+        if args.entry == "image":
+            size = engine.dist.config.vision.image_size
+            started, timer.active = time.perf_counter(), True
+            engine.image_embed(np.zeros((1, 3, size, size), dtype))
+            timer.active = False
+            return time.perf_counter() - started
+        seq = engine.add_sequence()
+        if args.entry == "decode" and args.context:
+            engine.prefill(seq, embeds(args.context))
+        x = tvm.runtime.tensor(embeds(1 if args.entry == "decode" else args.tokens)[None], engine.device)
+        kv("vm.builtin.kv_state_begin_forward")(engine.kv_cache, ShapeTuple([seq]), ShapeTuple([x.shape[1]]))
+        started, timer.active = time.perf_counter(), True
+        engine.vm[args.entry](x, engine.kv_cache, engine.params)
+        took, timer.active = time.perf_counter() - started, False
+        kv("vm.builtin.kv_state_end_forward")(engine.kv_cache)
+        engine.remove_sequence(seq)
+        return took
+
+    engine.vm.set_instrument(timer)
+    run_once()  # first-call allocations
+    timer.seconds.clear()
+    timer.calls.clear()
+    wall = run_once()
+    rows = sorted(timer.seconds.items(), key=lambda item: -item[1])
+    print(f"{args.entry}: {wall * 1e3:.1f} ms wall, {sum(timer.seconds.values()) * 1e3:.1f} ms in {sum(timer.calls.values())} calls")
+    for name, seconds in rows[: args.top]:
+        print(f"{seconds * 1e3:10.2f} ms {timer.calls[name]:5d}x  {name}")
+
+
+if __name__ == "__main__":
+    main()
