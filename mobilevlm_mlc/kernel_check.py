@@ -30,7 +30,8 @@ from .dist import load_dist
 from .errors import MobileVLMError
 
 # KV-cache kernels have target-specific implementations; the CPU build names them with `_cpu`.
-CPU_NAMES = {"batch_decode_paged_kv": "batch_decode_paged_kv_cpu"}
+# the CPU build names these differently: its own attention kernels, TOPI's fast softmax
+CPU_NAMES = {"batch_decode_paged_kv": "batch_decode_paged_kv_cpu", "softmax": "fast_softmax"}
 # Kernels the decode step reaches through the KV cache object rather than a direct call.
 KV_CACHE_DECODE_KERNELS = ("fused_rope", "tir_kv_cache_transpose_append", "batch_decode_paged_kv")
 TOLERANCE = 1e-4  # max |opencl - cpu| / max |cpu|: fp32 kernels, reduction order differs

@@ -121,16 +121,63 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return batch_decode_paged_kv
 
 
-def _visible(causal, q_idx, qo_len, kv_len):
-    """Keys a query row sees: all of them, or (causal) those up to its own position at the end."""
-    return T.if_then_else(causal > 0, T.max(T.min(kv_len, kv_len - qo_len + q_idx + 1), 0), kv_len)
+def _prefill_rows(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int):
+    """The body both prefill kernels share, as a macro: every (token, head) row in parallel, its
+    sequence found from `q_indptr`, its visible keys (all, or causally up to its own position at the
+    end), each key/value row fetched by the kernel's own `kv_length` / `load_kv` macros from its four
+    source buffers."""
+    H_qo, D = num_qo_heads, head_dim
+    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+
+    @T.macro
+    def rows(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, sources, kv_length, load_kv):
+        for th in T.parallel(total_len * H_qo):
+            with T.sblock("attn"):
+                T.reads()  # regions depend on the page table / indptr: declared opaque
+                T.writes()
+                q_local = T.sblock_alloc_buffer((D,), "float32")
+                k_row = T.sblock_alloc_buffer((D,), "float32")
+                v_row = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                part = T.sblock_alloc_buffer((lanes,), "float32")
+                state = T.sblock_alloc_buffer((4,), "float32")
+                seq = T.sblock_alloc_buffer((2,), "int32")  # the row's sequence, its key count
+                t: T.let[T.int32] = th // H_qo
+                h: T.let[T.int32] = th % H_qo
+                for bb in T.serial(batch_size):
+                    if q_indptr[bb] <= t and t < q_indptr[bb + 1]:
+                        seq[0] = bb
+                kv_length(sources, seq)
+                qo_len: T.let[T.int32] = q_indptr[seq[0] + 1] - q_indptr[seq[0]]
+                visible: T.let[T.int32] = T.if_then_else(causal > 0, T.max(T.min(seq[1], seq[1] - qo_len + t - q_indptr[seq[0]] + 1), 0), seq[1])
+                start(q, t, h, sm_scale, q_local, acc, state)
+                for j in T.serial(visible):
+                    load_kv(sources, seq, j, h // group, k_row, v_row)
+                    attend(q_local, k_row, v_row, acc, part, state)
+                finish(output, lse, t, h, acc, state)
+
+    return rows
 
 
 def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int, page_size: int = 16) -> tirx.PrimFunc:
-    """`batch_prefill_paged_kv_cpu` (no sliding window, keys already rotated): every (token, head) row
-    in parallel over the cached pages. TVM's visits `max_num_pages * page_size` rows per query."""
+    """`batch_prefill_paged_kv_cpu` (no sliding window, keys already rotated) over the cached pages.
+    TVM's visits `max_num_pages * page_size` rows per query, on one thread."""
     H_qo, D = num_qo_heads, head_dim
-    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+    rows = _prefill_rows(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+
+    @T.macro
+    def kv_length(sources, seq):
+        pages, page_values, page_indptr, length_info = sources
+        begin: T.let[T.int32] = page_indptr[seq[0]]
+        end: T.let[T.int32] = page_indptr[seq[0] + 1]
+        seq[1] = T.if_then_else(begin != end, (end - begin - 1) * page_size + length_info[seq[0]], 0)
+
+    @T.macro
+    def load_kv(sources, seq, j, kv_head, k_row, v_row):
+        pages, page_values, page_indptr, length_info = sources
+        for d in T.vectorized(D):
+            k_row[d] = T.Cast("float32", pages[page_values[page_indptr[seq[0]] + j // page_size], 0, kv_head, j % page_size, d])
+            v_row[d] = T.Cast("float32", pages[page_values[page_indptr[seq[0]] + j // page_size], 1, kv_head, j % page_size, d])
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -160,43 +207,29 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype
         output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
         assert rotary_mode == 0, "this prefill attention takes keys already rotated (RopeMode.NORMAL)"
-
-        for th in T.parallel(total_len * H_qo):
-            with T.sblock("attn"):
-                T.reads()  # regions depend on the page table: declared opaque
-                T.writes()
-                q_local = T.sblock_alloc_buffer((D,), "float32")
-                k_row = T.sblock_alloc_buffer((D,), "float32")
-                v_row = T.sblock_alloc_buffer((D,), "float32")
-                acc = T.sblock_alloc_buffer((D,), "float32")
-                part = T.sblock_alloc_buffer((lanes,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")
-                seq = T.sblock_alloc_buffer((1,), "int32")
-                t: T.let[T.int32] = th // H_qo
-                h: T.let[T.int32] = th % H_qo
-                for bb in T.serial(batch_size):
-                    if q_indptr[bb] <= t and t < q_indptr[bb + 1]:
-                        seq[0] = bb
-                begin: T.let[T.int32] = page_indptr[seq[0]]
-                end: T.let[T.int32] = page_indptr[seq[0] + 1]
-                kv_len: T.let[T.int32] = T.if_then_else(begin != end, (end - begin - 1) * page_size + length_info[seq[0]], 0)
-                start(q, t, h, sm_scale, q_local, acc, state)
-                for j in T.serial(_visible(causal, t - q_indptr[seq[0]], q_indptr[seq[0] + 1] - q_indptr[seq[0]], kv_len)):
-                    for d in T.vectorized(D):
-                        k_row[d] = T.Cast("float32", pages[page_values[begin + j // page_size], 0, h // group, j % page_size, d])
-                        v_row[d] = T.Cast("float32", pages[page_values[begin + j // page_size], 1, h // group, j % page_size, d])
-                    attend(q_local, k_row, v_row, acc, part, state)
-                finish(output, lse, t, h, acc, state)
+        rows(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, (pages, page_values, page_indptr, length_info), kv_length, load_kv)
     # fmt: on
 
     return batch_prefill_paged_kv
 
 
 def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
-    """`batch_prefill_ragged_kv` (keys already rotated): the chunk's own keys and values, every
-    (token, head) row in parallel. TVM's runs the whole batch on one thread."""
+    """`batch_prefill_ragged_kv` (keys already rotated) over the chunk's own keys and values. TVM's
+    runs the whole batch on one thread."""
     H_qo, D = num_qo_heads, head_dim
-    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+    rows = _prefill_rows(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+
+    @T.macro
+    def kv_length(sources, seq):
+        k, v, kv_indptr = sources
+        seq[1] = kv_indptr[seq[0] + 1] - kv_indptr[seq[0]]
+
+    @T.macro
+    def load_kv(sources, seq, j, kv_head, k_row, v_row):
+        k, v, kv_indptr = sources
+        for d in T.vectorized(D):
+            k_row[d] = T.Cast("float32", k[kv_indptr[seq[0]] + j, kv_head, d])
+            v_row[d] = T.Cast("float32", v[kv_indptr[seq[0]] + j, kv_head, d])
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -222,31 +255,7 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
         assert rotary_mode == 0, "this prefill attention takes keys already rotated (RopeMode.NORMAL)"
-
-        for th in T.parallel(qo_len * H_qo):
-            with T.sblock("attn"):
-                T.reads()
-                T.writes()
-                q_local = T.sblock_alloc_buffer((D,), "float32")
-                k_row = T.sblock_alloc_buffer((D,), "float32")
-                v_row = T.sblock_alloc_buffer((D,), "float32")
-                acc = T.sblock_alloc_buffer((D,), "float32")
-                part = T.sblock_alloc_buffer((lanes,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")
-                seq = T.sblock_alloc_buffer((1,), "int32")
-                t: T.let[T.int32] = th // H_qo
-                h: T.let[T.int32] = th % H_qo
-                for bb in T.serial(batch_size):
-                    if q_indptr[bb] <= t and t < q_indptr[bb + 1]:
-                        seq[0] = bb
-                first: T.let[T.int32] = kv_indptr[seq[0]]
-                start(q, t, h, sm_scale, q_local, acc, state)
-                for j in T.serial(_visible(causal, t - q_indptr[seq[0]], q_indptr[seq[0] + 1] - q_indptr[seq[0]], kv_indptr[seq[0] + 1] - first)):
-                    for d in T.vectorized(D):
-                        k_row[d] = T.Cast("float32", k[first + j, h // group, d])
-                        v_row[d] = T.Cast("float32", v[first + j, h // group, d])
-                    attend(q_local, k_row, v_row, acc, part, state)
-                finish(output, lse, t, h, acc, state)
+        rows(qo_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, (k, v, kv_indptr), kv_length, load_kv)
     # fmt: on
 
     return batch_prefill_ragged_kv
