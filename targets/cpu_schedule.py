@@ -18,7 +18,7 @@ Sizes come from `CpuKernelConfig`, which each CPU target picks for its vector re
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
 
 import tvm
@@ -29,6 +29,8 @@ from tvm.tirx.analysis import undefined_vars
 from tvm.target import Target
 
 from model_defs.quantization import DEQUANTIZE_BLOCK, ROW_TILE
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,7 @@ class _CpuRule(dl.ScheduleRule):
         try:
             return sch if self.schedule(sch) else None
         except (s_tir.ScheduleError, tvm.error.InternalError) as err:
-            if os.environ.get("MOBILEVLM_DEBUG_SCHEDULE"):
-                print(f"{type(self).__name__} declined {[p.name for p in func.params]}: {str(err).splitlines()[-1][:300]}")
+            _log.debug("%s declined the kernel of %s: %s", type(self).__name__, [p.name for p in func.params], str(err).splitlines()[-1][:300])
             return None
 
     def schedule(self, sch: s_tir.Schedule) -> bool:
