@@ -4,17 +4,16 @@ TVM ships no CPU matmul schedule: left alone, a decode step runs every weight th
 one core. These rules give every kernel threads and SIMD lanes:
 
 - `QuantizedGEMV`: one token times an NK64 4-bit weight (decode). A SIMD vector holds 16 output rows;
-  each thread takes blocks of `rows_per_task` rows and streams their packed words once, unpacking every
-  word with the same shift in all lanes; several vector accumulators hide the FMA latency.
-- `Matmul`: several tokens times any weight (prefill, the vision tower, the projector). Each thread
-  takes a block of output columns, dequantizes (or repacks) that block of the weight once into a
-  k-major tile, then runs a register-blocked kernel over the rows: `rows x columns` accumulators,
-  one weight vector load feeding `rows` FMAs.
-- `Elementwise`: loops parallel over the outer axes and vectorized on the innermost one.
-- dlight's own `cpu.Reduction` takes norms and softmax.
+  each task takes one 64-row tile and streams its packed words once (AND, convert, two FMAs per 16
+  weights, no shifts); four vector accumulators hide the FMA latency.
+- `Matmul`: several tokens times any weight (prefill, the vision tower, the projector, attention
+  scores). Each task takes a block of output columns, dequantizes (or repacks) that block of the weight
+  once into a k-major tile, then runs a register-blocked kernel over the rows (padded to its multiple):
+  `rows x column-vectors` accumulators, one weight vector load feeding `rows` FMAs.
+- `RowReduction`: norms and softmax, rows in parallel. `Elementwise`: parallel outer loops, vectorized
+  inner one. `ParallelLoops`: any other single loop nest (the KV cache's RoPE).
 
-Sizes come from `CpuKernelConfig`, which each CPU target picks for its vector registers.
-"""
+Sizes come from `CpuKernelConfig`, which each CPU target picks for its vector registers."""
 
 from __future__ import annotations
 
