@@ -33,6 +33,11 @@ from .tokenizer import StreamDecoder, Tokenizer
 PAGE_SIZE = 16
 
 
+def _pages(tokens: int) -> int:
+    """KV cache pages that `tokens` tokens of one sequence occupy."""
+    return -(-tokens // PAGE_SIZE)
+
+
 @dataclass
 class TurnResult:
     """What one chat turn fed and produced (the CLI's `--output-json`)."""
@@ -280,9 +285,11 @@ class ChatSession:
         text = Conversation(template=self.template, turns=0 if first else 1).user_turn(turn.message, with_image=turn.image is not None)
         return tokenize_with_images(self.engine.tokenizer, text, add_bos=first) + turn.output_token_ids
 
-    def _size(self, turn: _Turn, first: bool) -> int:
-        """Tokens `turn` takes in the KV cache (its image counts as its image tokens)."""
-        return len(self._turn_ids(turn, first)) + (len(turn.image) - 1 if turn.image is not None else 0)
+    def _size(self, turn: _Turn, first: bool, ids: list[int] | None = None) -> int:
+        """Tokens `turn` takes in the KV cache (its image counts as its image tokens); pass its `ids`
+        when already tokenized."""
+        ids = self._turn_ids(turn, first) if ids is None else ids
+        return len(ids) + (len(turn.image) - 1 if turn.image is not None else 0)
 
     def _turns_to_drop(self, turn: _Turn) -> int:
         """How many of the oldest turns must go for the rest plus `turn` to fill at most half the window."""
@@ -303,8 +310,9 @@ class ChatSession:
         engine, config = self.engine, config or GenerationConfig()
         window = engine.context_window_size
         turn = _Turn(message, engine.image_embed(engine.pixels(image)) if image is not None else None)
-        ids = self.pending + self._turn_ids(turn, first=not self.turns)
-        size = len(self.pending) + self._size(turn, first=not self.turns)
+        turn_ids = self._turn_ids(turn, first=not self.turns)
+        ids = self.pending + turn_ids
+        size = len(self.pending) + self._size(turn, first=not self.turns, ids=turn_ids)
         rerender = bool(self.turns) and self.length + size + min(config.max_new_tokens, window // 4) > window
         dropped = self._turns_to_drop(turn) if rerender else 0
         if rerender:
@@ -314,7 +322,7 @@ class ChatSession:
         if size >= window:
             raise MobileVLMError(f"prompt of {size} tokens (with image tokens) does not fit the context window of {window} tokens")
         start = 0 if rerender else self.length  # a re-prefill gives this sequence's pages back first
-        pages = -(-(start + size) // PAGE_SIZE) - -(-start // PAGE_SIZE) - (-(-self.length // PAGE_SIZE) if rerender else 0)
+        pages = _pages(start + size) - _pages(start) - (_pages(self.length) if rerender else 0)
         if pages * PAGE_SIZE > engine.free_kv_tokens():
             raise MobileVLMError(f"prompt of {size} tokens does not fit the KV cache: {engine.free_kv_tokens()} tokens free (close other chat sessions)")
         if rerender:  # the kept history goes into a fresh sequence

@@ -83,7 +83,7 @@ def _matmul_blocks(sch: s_tir.Schedule):
     return infos[:index], main, infos[index + 1 :]
 
 
-def _is_nk16_weight(sch: s_tir.Schedule, producers) -> bool:
+def _is_nk64_weight(sch: s_tir.Schedule, producers) -> bool:
     """The matmul's weight is dequantized from the NK64 layout ([n/64, k/8, 64] words)."""
     for info in producers:
         if sch.get(info.block_rv).name_hint.startswith(DEQUANTIZE_BLOCK):
@@ -102,16 +102,20 @@ def _static_rows(sch: s_tir.Schedule, main) -> int | None:
     return total
 
 
+def _vectorize(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """`loop` split into SIMD vectors of `lanes`, when its extent divides into them."""
+    extent = sch.get(loop).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+        _, vec = sch.split(loop, [None, lanes])
+        sch.vectorize(vec)
+
+
 def _parallel_vectorized(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Outer loops fused and parallel; the innermost vectorized when it divides into vectors."""
     loops = sch.get_loops(block)
-    inner = loops[-1]
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
-    extent = sch.get(inner).extent
-    if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
-        _, vec = sch.split(inner, [None, lanes])
-        sch.vectorize(vec)
+    _vectorize(sch, loops[-1], lanes)
 
 
 def _inline_epilogue(sch: s_tir.Schedule, epilogue, result, lanes: int) -> None:
@@ -138,8 +142,7 @@ def _register_kernel(sch: s_tir.Schedule, block, reduce_loop, unrolled: list, la
         sch.unroll(loop)
     sch.vectorize(lane_loop)
     init = sch.decompose_reduction(block, reduce_loop)
-    _, vec = sch.split(sch.get_loops(init)[-1], [None, lanes])
-    sch.vectorize(vec)
+    _vectorize(sch, sch.get_loops(init)[-1], lanes)
 
 
 def _finish_epilogue(sch: s_tir.Schedule, writeback, epilogue, at_loop, lanes: int) -> None:
@@ -147,9 +150,7 @@ def _finish_epilogue(sch: s_tir.Schedule, writeback, epilogue, at_loop, lanes: i
     vectorized."""
     _inline_epilogue(sch, epilogue, writeback, lanes)
     sch.reverse_compute_at(writeback, at_loop, preserve_unit_loops=True)
-    inner = sch.get_loops(writeback)[-1]
-    _, vec = sch.split(inner, [None, lanes])
-    sch.vectorize(vec)
+    _vectorize(sch, sch.get_loops(writeback)[-1], lanes)
 
 
 class QuantizedGEMV(_CpuRule):
@@ -157,7 +158,7 @@ class QuantizedGEMV(_CpuRule):
 
     def schedule(self, sch: s_tir.Schedule) -> bool:
         blocks = _matmul_blocks(sch)
-        if blocks is None or not _is_nk16_weight(sch, blocks[0]) or _static_rows(sch, blocks[1]) != 1:
+        if blocks is None or not _is_nk64_weight(sch, blocks[0]) or _static_rows(sch, blocks[1]) != 1:
             return False
         producers, main, epilogue = blocks
         lanes, config = self.config.lanes, self.config
@@ -281,8 +282,7 @@ def _tile_weight(sch: s_tir.Schedule, weight, main, task, columns: int, lanes: i
     loops = sch.get_loops(weight)
     tile_n, tile_k = (loops[-2], loops[-1]) if n_pos < k_pos else (loops[-1], loops[-2])
     sch.reorder(tile_k, tile_n)
-    _, tile_lane = sch.split(tile_n, [None, lanes])
-    sch.vectorize(tile_lane)
+    _vectorize(sch, tile_n, lanes)
 
 
 class Elementwise(_CpuRule):
@@ -324,10 +324,7 @@ class RowReduction(_CpuRule):
             sch.parallel(row)
             for block in reversed(blocks[:-1]):
                 sch.compute_at(block, row, preserve_unit_loops=True)
-        extent = sch.get(inner).extent
-        if isinstance(extent, tirx.IntImm) and int(extent) % self.config.lanes == 0:
-            _, vec = sch.split(inner, [None, self.config.lanes])
-            sch.vectorize(vec)
+        _vectorize(sch, inner, self.config.lanes)
         return True
 
 
