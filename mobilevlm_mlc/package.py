@@ -75,12 +75,12 @@ def _read_config(path: Path) -> list[PackagedModel]:
             raise MobileVLMError(f"{where}: model_lib '{model_lib}' must be a C identifier (the library's symbol prefix)")
         if model.startswith("HF://"):
             raise MobileVLMError(f"{where}: model '{model}' is on a model hub; give the path of a converted dist folder")
-        dist = (base / model).resolve()
+        dist = _resolve(base, model, f"{where}: model")
         if not (dist / CHAT_CONFIG).is_file():
             raise MobileVLMError(f"{where}: model '{model}' is not a dist folder ({dist / CHAT_CONFIG} not found)")
         if model_lib not in libs:
             raise MobileVLMError(f"{where}: model_lib '{model_lib}' has no entry in model_lib_path_for_prepare_libs")
-        library = (base / str(libs[model_lib])).resolve()
+        library = _resolve(base, str(libs[model_lib]), f"{path}: model_lib_path_for_prepare_libs['{model_lib}']")
         if not library.is_file() or library.suffix != ".tar":
             raise MobileVLMError(f"{where}: library '{libs[model_lib]}' for '{model_lib}' is not a .tar system library ({library})")
         vram = entry.get("estimated_vram_bytes")
@@ -89,6 +89,13 @@ def _read_config(path: Path) -> list[PackagedModel]:
             int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(dist),
         ))
     return result
+
+
+def _resolve(base: Path, value: str, what: str) -> Path:
+    """A config path made absolute; a NUL byte (which no file name holds) is a clear error, not ValueError."""
+    if "\x00" in value:
+        raise MobileVLMError(f"{what} {value!r} contains a NUL byte; expected a path")
+    return (base / value).resolve()
 
 
 def _merge_objects(models: list[PackagedModel], lib_dir: Path, scratch: Path) -> Path:
