@@ -26,8 +26,18 @@ from .quantization import dequantize_weight, quantize_weight
 
 IMAGE_TOKEN_INDEX = -200
 _DECODER_QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight|model\.embed_tokens\.weight|lm_head\.weight")
+_DECODER_PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
 VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
+
+
+def int8_activations(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """x rounded as an int8-activation matmul sees it: per token and per group of `group` inputs,
+    q = round_half_even(x * (127 / max|x|)), value q * (max|x| / 127); an all-zero group stays zero."""
+    groups = x.float().reshape(*x.shape[:-1], -1, group)
+    amax = groups.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(groups * (127 / amax)), 0)
+    return (q * (amax / 127)).reshape(x.shape).to(x.dtype)
 
 
 # ---- projectors with MobileVLM's module structure (torchvision MobileNetV3 / timm pieces) -----------
@@ -239,13 +249,20 @@ class ReferenceMobileVLM:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), use_fast=False)
 
     @torch.no_grad()
-    def fake_quantize(self, scheme: GroupQuantScheme) -> None:
+    def fake_quantize(self, scheme: GroupQuantScheme, int8_prefill: bool = False) -> None:
         """Replace the decoder's weights, in place, by what a `scheme` build computes with:
-        dequantize(quantize(W)). Then only the kernels and activation precision differ."""
+        dequantize(quantize(W)). Then only the kernels and activation precision differ. `int8_prefill`:
+        the library's prefill matmuls take int8 activations (its build records
+        `prefill_matmul_activations: int8`), so the projections' inputs of more than one token are
+        rounded the same way (`int8_activations`)."""
         for name, param in self.llm.named_parameters():
             if _DECODER_QUANTIZED.fullmatch(name):
                 packed = quantize_weight(param.float().numpy(), scheme, "NK")
                 param.copy_(torch.from_numpy(dequantize_weight(*packed, scheme, "NK")))
+        if int8_prefill:
+            for name, module in self.llm.named_modules():
+                if _DECODER_PROJECTION.fullmatch(name):
+                    module.register_forward_pre_hook(lambda _module, args: (int8_activations(args[0]),) if args[0].shape[-2] > 1 else None)
 
     @staticmethod
     def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

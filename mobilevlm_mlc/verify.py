@@ -6,7 +6,11 @@ are checked against the reference with the decoder's weights fake-quantized (deq
 which isolates the kernels: only their arithmetic may differ. The error of a tensor is its max abs
 difference; relative error divides it by the reference's max magnitude. Tolerances: fp32 1e-4 — the
 kernels sum in another order than PyTorch, ~sqrt(K)·eps ≈ 1e-5 per reduction of length K up to ~6k,
-compounding mildly over the layers (measured ~1e-6); fp16 activations 2e-2.
+compounding mildly over the layers (measured ~1e-6); fp16 activations 2e-2; int8 prefill activations
+(a `cpu` q4f32_3 build on AVX-512 VNNI, emulated by the reference) 2e-2: each rounding to 1/127 of its
+group's max flips under fp32 noise now and then, and one flip moves a random-weight model's logits by
+up to ~1% (a 1e-7 relative nudge of the reference's own input moves them 0.9%), so greedy tokens past
+the first are not required to agree, as with fp16.
 
 Accuracy (what quantization costs): logits against the fp32 reference over a 64-token teacher-forced
 continuation (the fp32 model's own greedy tokens): cosine similarity, max abs error, top-1 agreement.
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 2e-2}  # by the decoder's activation precision
 
 
 @dataclass
@@ -136,8 +140,9 @@ def verify(
     reference = ReferenceMobileVLM(model_dir)
     dtype = engine.dist.config.dtype
     tolerance = RELATIVE_TOLERANCE[dtype]
-    report = VerifyReport(quantization, "fp32" if scheme is None else f"fp32, decoder fake-quantized {scheme.name}",
-                          tokens_required=dtype == "float32")
+    activations = "int8" if engine.int8_prefill else dtype
+    against = "fp32" if scheme is None else f"fp32, decoder fake-quantized {scheme.name}" + (", int8 prefill activations" if engine.int8_prefill else "")
+    report = VerifyReport(quantization, against, tokens_required=activations == "float32")
 
     pixels, ref_pixels = engine.pixels(picture), reference.pixels(picture)
     report.boundaries.append(compare("pixels", pixels, ref_pixels.numpy(), tolerance))
@@ -153,7 +158,7 @@ def verify(
         forced, _ = reference.greedy(ref_input, teacher_tokens, eos_id=None)
         fp32_logits = reference.teacher_forced_logits(ref_input, forced)
         report.accuracy = accuracy(engine.teacher_forced_logits(ids, [image_embeds], forced), fp32_logits, forced)
-        reference.fake_quantize(scheme)
+        reference.fake_quantize(scheme, engine.int8_prefill)
         ref_input = reference.input_embeds(ids, ref_embeds)
 
     with engine.chat() as session:
@@ -162,7 +167,7 @@ def verify(
     if turn.prompt_token_ids != ids:
         raise ValueError("prompt token ids differ from the reference tokenizer's")
     ref_tokens, ref_logits = reference.greedy(ref_input, tokens)
-    report.boundaries.append(compare("first-token logits", turn.first_logits, ref_logits, tolerance))
+    report.boundaries.append(compare("first-token logits", turn.first_logits, ref_logits, RELATIVE_TOLERANCE[activations]))
     report.tokens = turn.output_token_ids + ([2] if turn.finish_reason == "stop" else [])
     report.reference_tokens = ref_tokens
     return report

@@ -6,7 +6,7 @@ import functools
 import tvm
 
 from .base import BuildTarget
-from .cpu import cpu_pipeline
+from .cpu import cpu_numerics, cpu_pipeline
 from .cpu_schedule import CpuKernelConfig
 from .gpu import gpu_pipeline
 
@@ -41,5 +41,6 @@ ANDROID_CPU = BuildTarget(
     quantizations=("q4f16_3", "q4f32_3", "q4f16_1", "q4f32_1", "q0f16", "q0f32"),
     pipeline=functools.partial(cpu_pipeline, config=NEON_KERNELS),
     codegen="llvm",
+    numerics=cpu_numerics,
     system_lib=True,
 )

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import tvm
 from tvm.support import cc
 
+from model_defs.quantization import GroupQuantScheme
+
 from .nvcc import NvccDeviceCode, ToolchainError
 
 
@@ -31,6 +33,7 @@ class BuildTarget:
     device_code: NvccDeviceCode | None = None  # compiles embedded device source ahead of time (CUDA)
     linker: str | None = None  # cross C++ compiler linking the shared library (None: this host's)
     linker_package: str = ""  # where the cross linker comes from
+    numerics: Callable[[tvm.target.Target, GroupQuantScheme | None], dict] | None = None  # arithmetic chosen from the CPU's features
 
     @property
     def library_suffix(self) -> str:
@@ -60,9 +63,10 @@ class BuildTarget:
                 return str(err)
         return None
 
-    def build_info(self) -> dict:
-        """What the library records about how it was built (the CUDA toolkit, for instance)."""
+    def build_info(self, target: tvm.target.Target, scheme: GroupQuantScheme | None) -> dict:
+        """What the library records about how it was built (the CUDA toolkit, int8 prefill matmuls)."""
         info = {"target": self.name, "tvm": tvm.__version__}
+        info |= self.numerics(target, scheme) if self.numerics else {}
         return info | (self.device_code.build_info() if self.device_code else {})
 
     def export_options(self) -> dict:

@@ -4,9 +4,13 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight as dl
+from tvm.target.codegen import target_has_features
+
+from model_defs.quantization import GroupQuantScheme
 
 from .base import BuildTarget
 from .cpu_attention import replace_attention
+from .cpu_int8_matmul import replace_prefill_matmuls
 from .cpu_schedule import CpuKernelConfig, Elementwise, Matmul, ParallelLoops, QuantizedGEMV, RowReduction
 from .schedules import inline_dequantize
 
@@ -31,14 +35,28 @@ def mark_no_alias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRM
     return mod
 
 
+def int8_prefill(target: tvm.target.Target) -> bool:
+    """Prefill matmuls on int8 activations (`cpu_int8_matmul`): where the CPU has AVX-512 VNNI."""
+    return bool(target_has_features("avx512vnni", target))
+
+
+def cpu_numerics(target: tvm.target.Target, scheme: GroupQuantScheme | None) -> dict:
+    """What a CPU library records about its arithmetic: the activations of its quantized prefill matmuls
+    (`replace_prefill_matmuls` takes exactly the NK64 float32 ones: q4f32_3)."""
+    int8 = int8_prefill(target) and scheme is not None and scheme.layout == "NK64" and scheme.model_dtype == "float32"
+    return {"prefill_matmul_activations": "int8" if int8 else "model dtype"}
+
+
 def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelConfig()) -> tvm.transform.Pass:
     """TVM's CPU pipeline with our passes: `x @ W.T` folded into one matmul (W^T never materialized),
     every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
     took, and the KV cache's attention kernels replaced by parallel, vectorized ones. Softmax uses TOPI's
     polynomial exp (vectorizes; libm's `expf` does not): the vision tower's softmax took 400 ms of a
-    2.5 s image encode."""
+    2.5 s image encode. With AVX-512 VNNI, q4f32_3 prefill matmuls run on int8 activations."""
+    int8 = [replace_prefill_matmuls] if int8_prefill(target) else []
     return tvm.transform.Sequential(
-        [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention(config.lanes)]
+        int8
+        + [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention(config.lanes)]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
         + [schedule_cpu_kernels(config), inline_dequantize, mark_no_alias]
@@ -55,4 +73,5 @@ HOST_CPU = BuildTarget(
     quantizations=("q4f32_3", "q4f16_3", "q0f32", "q0f16", "q4f16_1", "q4f32_1", "q4f16_0"),
     pipeline=cpu_pipeline,
     codegen="llvm",
+    numerics=cpu_numerics,
 )

@@ -12,9 +12,11 @@ the KV cache was exported into.
 from __future__ import annotations
 
 import math
+import re
 
 import tvm
-from tvm import tirx
+from tvm import s_tir, tirx
+from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 from tvm.script import tirx as T
 
 # the global symbols the KV cache calls
@@ -121,49 +123,116 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     return batch_decode_paged_kv
 
 
-def _prefill_rows(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int):
-    """The body both prefill kernels share, as a macro: every (token, head) row in parallel, its
-    sequence found from `q_indptr`, its visible keys (all, or causally up to its own position at the
-    end), each key/value row fetched by the kernel's own `kv_length` / `load_kv` macros from its four
-    source buffers."""
-    H_qo, D = num_qo_heads, head_dim
-    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+ROWS = KEYS = 16  # a prefill task's query rows (one per fp32 lane of AVX-512), and keys per step
+
+# 2^f on [0, 1): degree-5 fit of the relative error, 1 at 0 exactly (an unchanged max rescales by exactly 1)
+_EXP2_FRACTION = (1.0, 0.6931513547897339, 0.2401641607284546, 0.05580044537782669, 0.009016687981784344, 0.0018671829020604491)
+
+
+def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^x for x <= 0 in arithmetic that vectorizes (libm's `exp2f` does not): 2^floor(x) built in the
+    exponent bits times a polynomial of the fraction; relative error 1.6e-7, exactly 0 below 2^-127."""
+    x = tirx.max(x, tirx.const(-127.0, "float32"))
+    whole = tirx.floor(x)
+    fraction = x - whole
+    poly = tirx.const(_EXP2_FRACTION[-1], "float32")
+    for c in reversed(_EXP2_FRACTION[:-1]):
+        poly = poly * fraction + tirx.const(c, "float32")
+    return poly * tirx.reinterpret("float32", (whole.astype("int32") + 127) << 23)
+
+
+def _prefill_blocks(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str):
+    """The body both prefill kernels share, as a macro. A task is one head and `ROWS` consecutive query
+    rows, held one row per SIMD lane (queries transposed), so the online softmax runs on vectors with no
+    horizontal reductions: per step of `KEYS` keys, scores[key, rows] accumulate over the head dimension
+    (a key's element broadcast times a vector of the rows' query elements), the max, rescale and
+    exponentials are lane-wise, and each row's output (head dimension in lanes) takes the step's 16
+    weighted value rows. A step's keys and values are copied to tiles by the kernel's `load_block` macro
+    (rows past the sequence clamped to its last; they are masked). Tasks are head-major, so a thread's
+    run of tasks reads one head's keys (in its L2) over and over."""
+    H_qo, D, group, log2e = num_qo_heads, head_dim, num_qo_heads // num_kv_heads, math.log2(math.e)
 
     @T.macro
-    def rows(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, sources, kv_length, load_kv):
-        for th in T.parallel(total_len * H_qo):
+    def blocks(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, sources, kv_length, load_block):
+        for task in T.parallel(H_qo * T.ceildiv(total_len, ROWS)):
             with T.sblock("attn"):
                 T.reads()  # regions depend on the page table / indptr: declared opaque
                 T.writes()
-                q_local = T.sblock_alloc_buffer((D,), "float32")
-                k_row = T.sblock_alloc_buffer((D,), "float32")
-                v_row = T.sblock_alloc_buffer((D,), "float32")
-                acc = T.sblock_alloc_buffer((D,), "float32")
-                part = T.sblock_alloc_buffer((lanes,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")
-                seq = T.sblock_alloc_buffer((2,), "int32")  # the row's sequence, its key count
-                t: T.let[T.int32] = th // H_qo
-                h: T.let[T.int32] = th % H_qo
+                q_t = T.sblock_alloc_buffer((D, ROWS), "float32")
+                k_tile = T.sblock_alloc_buffer((KEYS, D), "float32")
+                v_tile = T.sblock_alloc_buffer((KEYS, D), "float32")
+                acc = T.sblock_alloc_buffer((ROWS, D), "float32")
+                score = T.sblock_alloc_buffer((KEYS, ROWS), "float32", scope="local")
+                out_row = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                row_max = T.sblock_alloc_buffer((ROWS,), "float32")
+                row_sum = T.sblock_alloc_buffer((ROWS,), "float32")
+                new_max = T.sblock_alloc_buffer((ROWS,), "float32")
+                rescale = T.sblock_alloc_buffer((ROWS,), "float32")
+                visible = T.sblock_alloc_buffer((ROWS,), "int32")
+                seq = T.sblock_alloc_buffer((3,), "int32")  # the sequence, its key count, keys the task's rows see
+                h: T.let[T.int32] = task // T.ceildiv(total_len, ROWS)
+                t0: T.let[T.int32] = task % T.ceildiv(total_len, ROWS) * ROWS
                 for bb in T.serial(batch_size):
-                    if q_indptr[bb] <= t and t < q_indptr[bb + 1]:
+                    if q_indptr[bb] < t0 + ROWS and t0 < q_indptr[bb + 1]:
                         seq[0] = bb
-                kv_length(sources, seq)
-                qo_len: T.let[T.int32] = q_indptr[seq[0] + 1] - q_indptr[seq[0]]
-                visible: T.let[T.int32] = T.if_then_else(causal > 0, T.max(T.min(seq[1], seq[1] - qo_len + t - q_indptr[seq[0]] + 1), 0), seq[1])
-                start(q, t, h, sm_scale, q_local, acc, state)
-                for j in T.serial(visible):
-                    load_kv(sources, seq, j, h // group, k_row, v_row)
-                    attend(q_local, k_row, v_row, acc, part, state)
-                finish(output, lse, t, h, acc, state)
+                        kv_length(sources, seq)
+                        lo: T.let[T.int32] = T.max(t0, q_indptr[bb])
+                        rows: T.let[T.int32] = T.min(t0 + ROWS, q_indptr[bb + 1]) - lo
+                        first: T.let[T.int32] = seq[1] - (q_indptr[bb + 1] - q_indptr[bb]) + (lo - q_indptr[bb]) + 1  # keys row 0 sees if causal
+                        seq[2] = 0
+                        for r in T.serial(ROWS):
+                            visible[r] = T.if_then_else(r < rows, T.if_then_else(causal > 0, T.max(T.min(first + r, seq[1]), 0), seq[1]), 0)
+                            seq[2] = T.max(seq[2], visible[r])
+                            row_max[r] = T.float32(-5e4)
+                            row_sum[r] = T.float32(1)
+                            for d in T.serial(D):
+                                q_t[d, r] = T.if_then_else(r < rows, T.Cast("float32", q[lo + T.min(r, rows - 1), h, d]) * (sm_scale * T.float32(log2e)), T.float32(0))
+                            for d in T.vectorized(D):
+                                acc[r, d] = T.float32(0)
+                        for kb in T.serial(T.ceildiv(seq[2], KEYS)):
+                            load_block(sources, seq, kb, h // group, k_tile, v_tile)
+                            for j in T.unroll(KEYS):
+                                for r in T.vectorized(ROWS):
+                                    score[j, r] = T.float32(0)
+                            for d in T.serial(D):
+                                for j in T.unroll(KEYS):
+                                    for r in T.vectorized(ROWS):
+                                        score[j, r] = score[j, r] + k_tile[j, d] * q_t[d, r]
+                            for r in T.vectorized(ROWS):
+                                new_max[r] = row_max[r]
+                            for j in T.unroll(KEYS):
+                                for r in T.vectorized(ROWS):
+                                    score[j, r] = T.if_then_else(kb * KEYS + j < visible[r], score[j, r], T.float32(-1e30))
+                                    new_max[r] = T.max(new_max[r], score[j, r])
+                            for r in T.vectorized(ROWS):
+                                rescale[r] = _exp2(row_max[r] - new_max[r])
+                                row_sum[r] = row_sum[r] * rescale[r]
+                                row_max[r] = new_max[r]
+                            for j in T.unroll(KEYS):
+                                for r in T.vectorized(ROWS):
+                                    score[j, r] = _exp2(score[j, r] - new_max[r])
+                                    row_sum[r] = row_sum[r] + score[j, r]
+                            for r in T.serial(ROWS):
+                                for d in T.vectorized(D):
+                                    out_row[d] = acc[r, d] * rescale[r]
+                                for j in T.unroll(KEYS):
+                                    for d in T.vectorized(D):
+                                        out_row[d] = out_row[d] + score[j, r] * v_tile[j, d]
+                                for d in T.vectorized(D):
+                                    acc[r, d] = out_row[d]
+                        for r in T.serial(rows):
+                            for d in T.vectorized(D):
+                                output[lo + r, h, d] = T.Cast(dtype, acc[r, d] / row_sum[r])
+                            lse[lo + r, h] = row_max[r] + T.log2(row_sum[r])
 
-    return rows
+    return blocks
 
 
 def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int, page_size: int = 16) -> tirx.PrimFunc:
     """`batch_prefill_paged_kv_cpu` (no sliding window, keys already rotated) over the cached pages.
     TVM's visits `max_num_pages * page_size` rows per query, on one thread."""
     H_qo, D = num_qo_heads, head_dim
-    rows = _prefill_rows(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+    blocks = _prefill_blocks(num_kv_heads, num_qo_heads, head_dim, dtype)
 
     @T.macro
     def kv_length(sources, seq):
@@ -173,11 +242,13 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype
         seq[1] = T.if_then_else(begin != end, (end - begin - 1) * page_size + length_info[seq[0]], 0)
 
     @T.macro
-    def load_kv(sources, seq, j, kv_head, k_row, v_row):
+    def load_block(sources, seq, kb, kv_head, k_tile, v_tile):
         pages, page_values, page_indptr, length_info = sources
-        for d in T.vectorized(D):
-            k_row[d] = T.Cast("float32", pages[page_values[page_indptr[seq[0]] + j // page_size], 0, kv_head, j % page_size, d])
-            v_row[d] = T.Cast("float32", pages[page_values[page_indptr[seq[0]] + j // page_size], 1, kv_head, j % page_size, d])
+        for j in T.serial(KEYS):
+            key: T.let[T.int32] = T.min(kb * KEYS + j, seq[1] - 1)
+            for d in T.vectorized(D):
+                k_tile[j, d] = T.Cast("float32", pages[page_values[page_indptr[seq[0]] + key // page_size], 0, kv_head, key % page_size, d])
+                v_tile[j, d] = T.Cast("float32", pages[page_values[page_indptr[seq[0]] + key // page_size], 1, kv_head, key % page_size, d])
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -207,7 +278,7 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype
         output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
         assert rotary_mode == 0, "this prefill attention takes keys already rotated (RopeMode.NORMAL)"
-        rows(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, (pages, page_values, page_indptr, length_info), kv_length, load_kv)
+        blocks(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, (pages, page_values, page_indptr, length_info), kv_length, load_block)
     # fmt: on
 
     return batch_prefill_paged_kv
@@ -217,7 +288,7 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     """`batch_prefill_ragged_kv` (keys already rotated) over the chunk's own keys and values. TVM's
     runs the whole batch on one thread."""
     H_qo, D = num_qo_heads, head_dim
-    rows = _prefill_rows(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+    blocks = _prefill_blocks(num_kv_heads, num_qo_heads, head_dim, dtype)
 
     @T.macro
     def kv_length(sources, seq):
@@ -225,11 +296,13 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         seq[1] = kv_indptr[seq[0] + 1] - kv_indptr[seq[0]]
 
     @T.macro
-    def load_kv(sources, seq, j, kv_head, k_row, v_row):
+    def load_block(sources, seq, kb, kv_head, k_tile, v_tile):
         k, v, kv_indptr = sources
-        for d in T.vectorized(D):
-            k_row[d] = T.Cast("float32", k[kv_indptr[seq[0]] + j, kv_head, d])
-            v_row[d] = T.Cast("float32", v[kv_indptr[seq[0]] + j, kv_head, d])
+        for j in T.serial(KEYS):
+            key: T.let[T.int32] = kv_indptr[seq[0]] + T.min(kb * KEYS + j, seq[1] - 1)
+            for d in T.vectorized(D):
+                k_tile[j, d] = T.Cast("float32", k[key, kv_head, d])
+                v_tile[j, d] = T.Cast("float32", v[key, kv_head, d])
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -255,15 +328,84 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         output = T.match_buffer(var_output, (qo_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, H_qo), "float32")
         assert rotary_mode == 0, "this prefill attention takes keys already rotated (RopeMode.NORMAL)"
-        rows(qo_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, (k, v, kv_indptr), kv_length, load_kv)
+        blocks(qo_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, (k, v, kv_indptr), kv_length, load_block)
     # fmt: on
 
     return batch_prefill_ragged_kv
 
 
+def rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int, dtype: str) -> tirx.PrimFunc:
+    """The KV cache's `fused_rope` (split q/k/v, rotate q and k; TVM's `llama_rope_with_position_map`
+    without scaling), same signature and arithmetic, with each token's cosines and sines computed once
+    instead of once per head and element: TVM's calls `pow`, `cos` and `sin` from libm for every element
+    of every q/k head (none vectorizes), 6.5 ms of a 272-token prefill layer."""
+    D, half, H_q, H_kv = head_dim, head_dim // 2, num_q_heads, num_kv_heads
+
+    @T.macro
+    def rotate(qkv, s, h, out, out_h, cos_f, sin_f, apply_rope):
+        for d in T.vectorized(half):
+            out[s, out_h, d] = T.if_then_else(apply_rope > 0, T.Cast(dtype, cos_f[d] * T.Cast("float32", qkv[s, h, d]) + sin_f[d] * -T.Cast("float32", qkv[s, h, d + half])), qkv[s, h, d])
+            out[s, out_h, d + half] = T.if_then_else(apply_rope > 0, T.Cast(dtype, cos_f[d] * T.Cast("float32", qkv[s, h, d + half]) + sin_f[d] * T.Cast("float32", qkv[s, h, d])), qkv[s, h, d + half])
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, H_q + 2 * H_kv, D), dtype)
+        q = T.match_buffer(var_q, (seq_len, H_q, D), dtype)
+        k = T.match_buffer(var_k, (seq_len, H_kv, D), dtype)
+        v = T.match_buffer(var_v, (seq_len, H_kv, D), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        for s in T.parallel(seq_len):
+            with T.sblock("rope"):
+                T.reads()
+                T.writes()
+                cos_f = T.sblock_alloc_buffer((half,), "float32")
+                sin_f = T.sblock_alloc_buffer((half,), "float32")
+                for d in T.serial(half):
+                    cos_f[d] = T.cos(T.Cast("float32", position_map[s]) / T.pow(T.float32(theta), T.Cast("float32", d * 2) / T.float32(D)))
+                    sin_f[d] = T.sin(T.Cast("float32", position_map[s]) / T.pow(T.float32(theta), T.Cast("float32", d * 2) / T.float32(D)))
+                for h in T.serial(H_q):
+                    rotate(qkv, s, h, q, h, cos_f, sin_f, apply_rope)
+                for h in T.serial(H_kv):
+                    rotate(qkv, s, H_q + h, k, h, cos_f, sin_f, apply_rope)
+                    for d in T.vectorized(D):
+                        v[s, h, d] = qkv[s, H_q + H_kv + h, d]
+    # fmt: on
+
+    return fused_rope
+
+
+_POW_BASE = re.compile(r"T\.pow\(T\.float32\(([-+0-9.e]+)\)")
+
+
+def faster_rope(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """`rope` for a kernel that is exactly TVM's unscaled default RoPE, else None: heads and dtype come
+    from its block's outputs, theta from its `pow`, and TVM's kernel regenerated from them must equal
+    it structurally; any other variant (scaled, llama3, longrope, partial rotary) stays TVM's."""
+    sch = s_tir.Schedule(func)
+    try:
+        block = sch.get(sch.get_sblock("llama_fused_rope"))
+    except s_tir.ScheduleError:
+        return None
+    outputs = {region.source.name: region.source for region in block.writes}
+    theta = _POW_BASE.search(func.script())
+    if theta is None or set(outputs) != {"q", "k", "v"}:
+        return None
+    q, k = outputs["q"], outputs["k"]
+    heads, kv_heads, dim, dtype = int(q.shape[1]), int(k.shape[1]), int(q.shape[2]), q.dtype
+    try:
+        tvm.ir.assert_structural_equal(func, llama_rope_with_position_map(float(theta.group(1)), 1.0, dim, heads, kv_heads, dtype, {}, dim))
+    except ValueError:
+        return None
+    return rope(float(theta.group(1)), dim, heads, kv_heads, dtype)
+
+
 def replace_attention(lanes: int) -> tvm.transform.Pass:
-    """Swap TVM's serial CPU attention kernels (decode, prefill over pages, prefill over the chunk)
-    for the ones above, sized from the module's own."""
+    """Swap TVM's serial CPU attention kernels (decode, prefill over pages, prefill over the chunk) and
+    its RoPE for the ones above, sized from the module's own."""
 
     @tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
     def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -272,6 +414,9 @@ def replace_attention(lanes: int) -> tvm.transform.Pass:
                 continue
             symbol = func.attrs.get("global_symbol")
             if symbol not in (DECODE_ATTENTION, PREFILL_ATTENTION, RAGGED_ATTENTION):
+                faster = faster_rope(func)
+                if faster is not None:
+                    mod[gv] = faster
                 continue
             q, source = func.params[0], func.params[2 if symbol != DECODE_ATTENTION else 1]
             heads, dim, dtype = int(q.shape[1]), int(q.shape[2]), q.dtype

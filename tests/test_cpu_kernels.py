@@ -1,5 +1,6 @@
 """The CPU kernels of `targets/`: our decode attention against numpy and against TVM's own CPU kernel
-on the same paged KV cache layout; each schedule rule against the unscheduled kernel on real shapes."""
+on the same paged KV cache layout, our RoPE against TVM's; the int8 prefill matmul against the
+reference's emulation of it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
+from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
-from targets.cpu_attention import decode_attention, prefill_attention, prefill_ragged_attention
+from mobilevlm_mlc.quantization import QUANTIZATIONS, dequantize_weight, quantize_weight
+from mobilevlm_mlc.reference import int8_activations
+from targets.cpu import int8_prefill
+from targets.cpu_attention import faster_rope, decode_attention, prefill_attention, prefill_ragged_attention
+from targets.cpu_int8_matmul import int8_quantized_matmul
 
 TARGET = tvm.target.Target.from_device(tvm.cpu())
 
@@ -102,22 +109,25 @@ def run_kernel(func, arrays, scalars, out_shapes):
 @pytest.mark.parametrize("causal", [0, 1])
 def test_paged_prefill_attention_matches_numpy_and_tvm(causal):
     kv_heads, qo_heads, dim, page_size, sm_scale = 2, 8, 64, 16, 64**-0.5
-    lengths, queries = [40, 17, 5], [3, 17, 1]  # history longer than, equal to and shorter than the chunk
+    # history longer than, equal to, shorter than the chunk; rows that see no key; tasks spanning sequences
+    lengths, queries = [40, 17, 5, 3], [3, 17, 1, 6]
     _, pages, indptr, values, last = paged_case(lengths, kv_heads, qo_heads, dim, page_size, seed=1)
     q_indptr = np.cumsum([0] + queries).astype(np.int32)
     q = np.random.default_rng(2).standard_normal((q_indptr[-1], qo_heads, dim)).astype(np.float32)
-    keys = [np.concatenate([pages[p, 0] for p in values[indptr[b]:indptr[b + 1]]], axis=1) for b in range(3)]
-    vals = [np.concatenate([pages[p, 1] for p in values[indptr[b]:indptr[b + 1]]], axis=1) for b in range(3)]
+    keys = [np.concatenate([pages[p, 0] for p in values[indptr[b]:indptr[b + 1]]], axis=1) for b in range(len(lengths))]
+    vals = [np.concatenate([pages[p, 1] for p in values[indptr[b]:indptr[b + 1]]], axis=1) for b in range(len(lengths))]
     expected = numpy_prefill(q, keys, vals, q_indptr, lengths, causal, sm_scale)
-    zeros = np.zeros(3, np.int32)
+    zeros = np.zeros(len(lengths), np.int32)
     arrays = [q, q_indptr, pages, indptr, values, last, zeros, np.zeros(len(q), np.int32)]
     shapes = [q.shape, q.shape[:2]]
     scalars = [causal, 0, 1.0, 10000.0, sm_scale]
     ours = run_kernel(prefill_attention(kv_heads, qo_heads, dim, "float32", 16, page_size), arrays, scalars, shapes)
     theirs = run_kernel(_attention_prefill_cpu(kv_heads, qo_heads, dim, "float32", False, {}, page_size), arrays, scalars, shapes)
-    for got in (ours, theirs):
-        np.testing.assert_allclose(got[0], expected[0], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(ours[0], expected[0], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(ours[1], expected[1], rtol=2e-5, atol=2e-5)
+    seen = expected[1] > -5e4  # rows that see a key (a row that sees none: 0 and -5e4 here, NaN in TVM's kernel)
+    assert causal == 0 or not seen.all()
+    np.testing.assert_allclose(theirs[0][seen], expected[0][seen], rtol=2e-5, atol=2e-6)
 
 
 def test_ragged_prefill_attention_matches_numpy_and_tvm():
@@ -138,3 +148,54 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
     for got in (ours, theirs):
         np.testing.assert_allclose(got[0], expected[0], rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(got[1], expected[1], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not int8_prefill(TARGET), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("rows", [1, 7, 13])
+def test_int8_prefill_matmul_matches_its_emulation(rows):
+    """x rounded by the reference's `int8_activations` times the dequantized weight, up to fp32
+    summation order (rows not a multiple of the kernel's 6, an all-zero group, rows of scales 1e-3 to
+    1e3); against unrounded x it is off by the rounding alone (under 1%, never exact)."""
+    k, n = 96, 192
+    rng = np.random.default_rng(rows)
+    scheme = QUANTIZATIONS["q4f32_3"].scheme
+    q_weight, q_scale = quantize_weight(rng.standard_normal((n, k)).astype(np.float32), scheme)
+    weight = dequantize_weight(q_weight, q_scale, scheme).astype(np.float64)
+    x = (rng.standard_normal((1, rows, k)) * 10.0 ** rng.uniform(-3, 3, (1, rows, 1))).astype(np.float32)
+    x[0, 0, 32:64] = 0
+    lib = tvm.compile(tvm.IRModule({"main": int8_quantized_matmul(k, n)}), target=TARGET)
+    out = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, q_weight, q_scale)), out)
+    got = out.numpy()[0].astype(np.float64)
+    rounded = int8_activations(torch.from_numpy(x)).numpy()[0].astype(np.float64)
+    emulated, exact = rounded @ weight.T, x[0].astype(np.float64) @ weight.T
+    scale = np.abs(exact).max(axis=1, keepdims=True)  # per row: rows differ by 10^6 in magnitude
+    assert np.all(np.abs(got - emulated) <= 1e-5 * scale)
+    assert np.all(np.abs(got - exact) < 1e-2 * scale) and np.all(np.abs(got - exact).max(axis=1) > 0)
+
+
+@pytest.mark.parametrize("dtype,kv_heads", [("float32", 4), ("float16", 2)])
+def test_rope_matches_tvm_and_only_replaces_the_default_variant(dtype, kv_heads):
+    """Our RoPE against TVM's (the kernel it replaces) on shuffled positions, rotation on and off; a
+    scaled or llama3 RoPE is left to TVM."""
+    heads, dim, tokens = 4, 64, 21
+    theirs = llama_rope_with_position_map(10000.0, 1.0, dim, heads, kv_heads, dtype, {}, dim)
+    ours = faster_rope(theirs)
+    assert ours is not None
+    assert faster_rope(llama_rope_with_position_map(10000.0, 2.0, dim, heads, kv_heads, dtype, {}, dim)) is None
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert faster_rope(llama_rope_with_position_map(500000.0, 1.0, dim, heads, kv_heads, dtype, llama3, dim)) is None
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal((tokens, heads + 2 * kv_heads, dim)).astype(dtype)
+    positions = rng.permutation(400)[:tokens].astype(np.int32)
+    for apply_rope in (1, 0):
+        results = []
+        for func in (ours, theirs):
+            lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+            outs = [tvm.runtime.tensor(np.zeros((tokens, h, dim), dtype)) for h in (heads, kv_heads, kv_heads)]
+            lib(tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions), *outs, apply_rope)
+            results.append([o.numpy().astype(np.float32) for o in outs])
+        for got, expected in zip(*results):
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        assert np.array_equal(results[0][2], qkv[:, heads + kv_heads:].astype(np.float32))  # v copied
+        assert np.array_equal(results[0][0], qkv[:, :heads].astype(np.float32)) == (apply_rope == 0)
