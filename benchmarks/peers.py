@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--quantizations", default="q4f32_3", help="our builds (cpu target)")
+    parser.add_argument("--quantizations", default="q4f16_3", help="our builds (cpu target)")
     parser.add_argument("--peers", default="pytorch-fp32,pytorch-bf16,llama.cpp-F16,llama.cpp-Q4_0,llama.cpp-Q4_K_S")
     parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")

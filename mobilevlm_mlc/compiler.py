@@ -89,7 +89,7 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     identity = dist_identity(dist)  # refuses a dist without a manifest before any work
     started = time.perf_counter()
     target = build_target.tvm_target()
-    build = build_target.build_info(target, dist.quantization.scheme)
+    build = build_target.build_info(target, dist.config.dtype, dist.quantization.scheme)
     mod, named_params = export_model(dist.config, dist.quantization.scheme, target)
     mod = _attach_metadata(mod, metadata(dist, named_params, build) | {"dist": identity})
     prefix = system_lib_prefix(dist) if build_target.system_lib else None

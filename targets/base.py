@@ -33,7 +33,7 @@ class BuildTarget:
     device_code: NvccDeviceCode | None = None  # compiles embedded device source ahead of time (CUDA)
     linker: str | None = None  # cross C++ compiler linking the shared library (None: this host's)
     linker_package: str = ""  # where the cross linker comes from
-    numerics: Callable[[tvm.target.Target, GroupQuantScheme | None], dict] | None = None  # arithmetic chosen from the CPU's features
+    numerics: Callable[[tvm.target.Target, str, GroupQuantScheme | None], dict] | None = None  # arithmetic chosen from the CPU's features
 
     @property
     def library_suffix(self) -> str:
@@ -63,10 +63,10 @@ class BuildTarget:
                 return str(err)
         return None
 
-    def build_info(self, target: tvm.target.Target, scheme: GroupQuantScheme | None) -> dict:
+    def build_info(self, target: tvm.target.Target, dtype: str, scheme: GroupQuantScheme | None) -> dict:
         """What the library records about how it was built (the CUDA toolkit, int8 prefill matmuls)."""
         info = {"target": self.name, "tvm": tvm.__version__}
-        info |= self.numerics(target, scheme) if self.numerics else {}
+        info |= self.numerics(target, dtype, scheme) if self.numerics else {}
         return info | (self.device_code.build_info() if self.device_code else {})
 
     def export_options(self) -> dict:

@@ -13,6 +13,7 @@ from .cpu_attention import replace_attention
 from .cpu_int8_matmul import replace_prefill_matmuls
 from .cpu_schedule import CpuKernelConfig, Elementwise, Matmul, ParallelLoops, QuantizedGEMV, RowReduction
 from .schedules import inline_dequantize
+from .vision_float32 import vision_in_float32
 
 
 def schedule_cpu_kernels(config: CpuKernelConfig) -> tvm.transform.Pass:
@@ -40,11 +41,21 @@ def int8_prefill(target: tvm.target.Target) -> bool:
     return bool(target_has_features("avx512vnni", target))
 
 
-def cpu_numerics(target: tvm.target.Target, scheme: GroupQuantScheme | None) -> dict:
+def fp16_arithmetic(target: tvm.target.Target) -> bool:
+    """The CPU computes in fp16 natively (AArch64 `fullfp16`, x86 AVX512-FP16); otherwise an fp16 model's
+    vision tower runs in fp32 (`vision_float32`)."""
+    return bool(target_has_features("fullfp16", target) or target_has_features("avx512fp16", target))
+
+
+def cpu_numerics(target: tvm.target.Target, dtype: str, scheme: GroupQuantScheme | None) -> dict:
     """What a CPU library records about its arithmetic: the activations of its quantized prefill matmuls
-    (`replace_prefill_matmuls` takes exactly the NK64 float32 ones: q4f32_3)."""
-    int8 = int8_prefill(target) and scheme is not None and scheme.layout == "NK64" and scheme.model_dtype == "float32"
-    return {"prefill_matmul_activations": "int8" if int8 else "model dtype"}
+    (`replace_prefill_matmuls` takes exactly the NK64 ones: q4f32_3, q4f16_3), and the dtype its vision
+    tower computes in."""
+    int8 = int8_prefill(target) and scheme is not None and scheme.layout == "NK64"
+    return {
+        "prefill_matmul_activations": "int8" if int8 else "model dtype",
+        "vision_compute_dtype": "float32" if dtype == "float16" and not fp16_arithmetic(target) else dtype,
+    }
 
 
 def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelConfig()) -> tvm.transform.Pass:
@@ -52,10 +63,13 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelC
     every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
     took, and the KV cache's attention kernels replaced by parallel, vectorized ones. Softmax uses TOPI's
     polynomial exp (vectorizes; libm's `expf` does not): the vision tower's softmax took 400 ms of a
-    2.5 s image encode. With AVX-512 VNNI, q4f32_3 prefill matmuls run on int8 activations."""
+    2.5 s image encode. With AVX-512 VNNI, NK64 (q4f32_3, q4f16_3) prefill matmuls run on int8
+    activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32."""
     int8 = [replace_prefill_matmuls] if int8_prefill(target) else []
+    vision = [] if fp16_arithmetic(target) else [vision_in_float32]
     return tvm.transform.Sequential(
-        int8
+        vision
+        + int8
         + [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention(config.lanes)]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
@@ -69,8 +83,8 @@ HOST_CPU = BuildTarget(
     name="cpu",
     description="this machine's CPU (LLVM, host mcpu), shared library",
     make_target=lambda: tvm.target.Target.from_device(tvm.cpu()),
-    default_quantization="q4f32_3",
-    quantizations=("q4f32_3", "q4f16_3", "q0f32", "q0f16", "q4f16_1", "q4f32_1", "q4f16_0"),
+    default_quantization="q4f16_3",
+    quantizations=("q4f16_3", "q4f32_3", "q0f32", "q0f16", "q4f16_1", "q4f32_1", "q4f16_0"),
     pipeline=cpu_pipeline,
     codegen="llvm",
     numerics=cpu_numerics,

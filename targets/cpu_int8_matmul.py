@@ -30,8 +30,9 @@ LANES = 16  # 32-bit lanes of a 512-bit vector: 16 output columns, each 4 bytes 
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
-def int8_quantized_matmul(k: int, n: int, rows: int = 6, column_vectors: int = 2) -> tirx.PrimFunc:
-    """y[1, m, n] = x[1, m, k] @ W^T, W in q4f32_3's NK64 layout, on int8 activations (module docstring)."""
+def int8_quantized_matmul(k: int, n: int, dtype: str = "float32", rows: int = 6, column_vectors: int = 2) -> tirx.PrimFunc:
+    """y[1, m, n] = x[1, m, k] @ W^T, W in the NK64 layout (q4f32_3, or q4f16_3 with `dtype` float16:
+    activations and scales in that dtype, read into fp32), on int8 activations (module docstring)."""
     groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
     R, C, width = rows, column_vectors, column_vectors * LANES
     halves = ROW_TILE // width
@@ -39,11 +40,11 @@ def int8_quantized_matmul(k: int, n: int, rows: int = 6, column_vectors: int = 2
     # fmt: off
     @T.prim_func(s_tir=True)
     def quantized_matmul_int8(var_x: T.handle, q_weight: T.Buffer((tiles, words, ROW_TILE), "uint32"),
-                              q_scale: T.Buffer((tiles, groups, ROW_TILE), "float32"), var_y: T.handle):
+                              q_scale: T.Buffer((tiles, groups, ROW_TILE), dtype), var_y: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         m = T.int64()
-        x = T.match_buffer(var_x, (1, m, k), "float32")
-        y = T.match_buffer(var_y, (1, m, n), "float32")
+        x = T.match_buffer(var_x, (1, m, k), dtype)
+        y = T.match_buffer(var_y, (1, m, n), dtype)
         padded: T.let[T.int64] = (m + R - 1) // R * R
         x_q = T.alloc_buffer((padded, quads), "int32")  # 4 int8 per word, K ascending from the low byte
         x_scale = T.alloc_buffer((padded, groups), "float32")
@@ -59,11 +60,11 @@ def int8_quantized_matmul(k: int, n: int, rows: int = 6, column_vectors: int = 2
                     amax[0] = T.float32(0)
                     for j in T.serial(32):
                         if row < m:
-                            amax[0] = T.max(amax[0], T.fabs(x[0, row, g * 32 + j]))
+                            amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", x[0, row, g * 32 + j])))
                     for j in T.serial(32):
                         q[j] = 0
                         if row < m and amax[0] > T.float32(0):
-                            q[j] = T.Cast("int32", T.round(x[0, row, g * 32 + j] * (T.float32(127) / amax[0])))
+                            q[j] = T.Cast("int32", T.round(T.Cast("float32", x[0, row, g * 32 + j]) * (T.float32(127) / amax[0])))
                     total[0] = 0
                     for j in T.serial(32):
                         total[0] = total[0] + q[j]
@@ -106,36 +107,36 @@ def int8_quantized_matmul(k: int, n: int, rows: int = 6, column_vectors: int = 2
                                             T.reinterpret("int8x64", T.broadcast(x_q[block * R + r, g * 8 + kq], LANES)))
                             for c in T.unroll(C):
                                 for r in T.unroll(R):
-                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[r, T.ramp(c * LANES, 1, LANES)] + q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)] * (
+                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[r, T.ramp(c * LANES, 1, LANES)] + T.Cast("float32x16", q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)]) * (
                                         T.Cast("float32x16", acc[r, T.ramp(c * LANES, 1, LANES)]) * T.broadcast(x_scale[block * R + r, g], LANES)
                                         + T.broadcast(x_offset[block * R + r, g], LANES))
                         for r in T.unroll(R):
                             if block * R + r < m:
                                 for lane in T.vectorized(width):
-                                    y[0, block * R + r, tile * ROW_TILE + half * width + lane] = out[r, lane]
+                                    y[0, block * R + r, tile * ROW_TILE + half * width + lane] = T.Cast(dtype, out[r, lane])
     # fmt: on
 
     return quantized_matmul_int8
 
 
-def _prefill_matmul_shape(func: tirx.PrimFunc) -> tuple[int, int] | None:
-    """(K, N) of a q4f32_3 quantized matmul over a symbolic number of rows, x[1, m, K] -> y[1, m, N]; else None."""
+def _prefill_matmul_shape(func: tirx.PrimFunc) -> tuple[int, int, str] | None:
+    """(K, N, dtype) of an NK64 quantized matmul over a symbolic number of rows, x[1, m, K] -> y[1, m, N]; else None."""
     if len(func.params) != 4:
         return None
     x, weight, scale, y = func.params
     if len(x.shape) != 3 or len(weight.shape) != 3 or len(y.shape) != 3 or isinstance(x.shape[1], tirx.IntImm):
         return None
-    if (x.dtype, weight.dtype, scale.dtype, y.dtype) != ("float32", "uint32", "float32", "float32") or int(weight.shape[2]) != ROW_TILE:
+    if x.dtype not in ("float32", "float16") or (weight.dtype, scale.dtype, y.dtype) != ("uint32", x.dtype, x.dtype) or int(weight.shape[2]) != ROW_TILE:
         return None
     k, n = int(x.shape[2]), int(y.shape[2])
     if int(weight.shape[1]) * 8 != k or int(scale.shape[1]) * 32 != k or int(weight.shape[0]) * ROW_TILE != n:
         return None
-    return k, n
+    return k, n, x.dtype
 
 
 @tvm.transform.module_pass(opt_level=0, name="ReplacePrefillMatmuls")
 def replace_prefill_matmuls(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Every q4f32_3 quantized matmul over a symbolic row count (prefill) becomes the int8 kernel above,
+    """Every NK64 quantized matmul over a symbolic row count (prefill) becomes the int8 kernel above,
     same parameters; decode's one-row GEMVs keep fp32 activations. The kernel is opaque to fusion, so
     an elementwise tail (residual add) runs as a kernel of its own."""
     for gv, func in list(mod.functions_items()):

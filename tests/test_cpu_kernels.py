@@ -151,26 +151,28 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
 
 
 @pytest.mark.skipif(not int8_prefill(TARGET), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("rows", [1, 7, 13])
-def test_int8_prefill_matmul_matches_its_emulation(rows):
+@pytest.mark.parametrize("rows,dtype", [(1, "float32"), (7, "float32"), (13, "float32"), (13, "float16")])
+def test_int8_prefill_matmul_matches_its_emulation(rows, dtype):
     """x rounded by the reference's `int8_activations` times the dequantized weight, up to fp32
     summation order (rows not a multiple of the kernel's 6, an all-zero group, rows of scales 1e-3 to
-    1e3); against unrounded x it is off by the rounding alone (under 1%, never exact)."""
+    1e3; fp16 activations and scales read into fp32, the result rounded to fp16); against unrounded x it
+    is off by the rounding alone (under 1%, never exact)."""
     k, n = 96, 192
     rng = np.random.default_rng(rows)
-    scheme = QUANTIZATIONS["q4f32_3"].scheme
+    scheme = QUANTIZATIONS["q4f32_3" if dtype == "float32" else "q4f16_3"].scheme
     q_weight, q_scale = quantize_weight(rng.standard_normal((n, k)).astype(np.float32), scheme)
     weight = dequantize_weight(q_weight, q_scale, scheme).astype(np.float64)
-    x = (rng.standard_normal((1, rows, k)) * 10.0 ** rng.uniform(-3, 3, (1, rows, 1))).astype(np.float32)
+    x = (rng.standard_normal((1, rows, k)) * 10.0 ** rng.uniform(-3, 3, (1, rows, 1))).astype(dtype)
     x[0, 0, 32:64] = 0
-    lib = tvm.compile(tvm.IRModule({"main": int8_quantized_matmul(k, n)}), target=TARGET)
-    out = tvm.runtime.tensor(np.zeros((1, rows, n), np.float32))
+    lib = tvm.compile(tvm.IRModule({"main": int8_quantized_matmul(k, n, dtype)}), target=TARGET)
+    out = tvm.runtime.tensor(np.zeros((1, rows, n), dtype))
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, q_weight, q_scale)), out)
     got = out.numpy()[0].astype(np.float64)
-    rounded = int8_activations(torch.from_numpy(x)).numpy()[0].astype(np.float64)
+    rounded = int8_activations(torch.from_numpy(x.astype(np.float32))).numpy()[0].astype(np.float64)
     emulated, exact = rounded @ weight.T, x[0].astype(np.float64) @ weight.T
     scale = np.abs(exact).max(axis=1, keepdims=True)  # per row: rows differ by 10^6 in magnitude
-    assert np.all(np.abs(got - emulated) <= 1e-5 * scale)
+    tolerance = 1e-5 if dtype == "float32" else 1e-3  # fp16 output: half an ulp is 2^-11 of the value
+    assert np.all(np.abs(got - emulated) <= tolerance * scale)
     assert np.all(np.abs(got - exact) < 1e-2 * scale) and np.all(np.abs(got - exact).max(axis=1) > 0)
 
 

@@ -190,17 +190,21 @@ def test_dequantized_weights_are_never_materialized(q4_builds, name):
         assert int8 == prefill and len(prefill) == 4
 
 
-def test_cpu_build_records_its_prefill_activations(q4_builds):
-    """The record says int8 for q4f32_3 on an AVX-512 VNNI host (the one scheme whose prefill matmuls
-    `replace_prefill_matmuls` takes), the model dtype for every other build."""
+def test_cpu_build_records_its_arithmetic(q4_builds):
+    """The record says int8 prefill activations for the NK64 schemes (q4f32_3, q4f16_3: the matmuls
+    `replace_prefill_matmuls` takes) on an AVX-512 VNNI host, the model dtype for every other build; and
+    an fp32 vision tower for fp16 models on a CPU without fp16 arithmetic."""
     from targets import get_target
-    from targets.cpu import int8_prefill
+    from targets.cpu import fp16_arithmetic, int8_prefill
 
-    vnni = int8_prefill(get_target("cpu").tvm_target())
+    target = get_target("cpu").tvm_target()
+    vnni, fp16 = int8_prefill(target), fp16_arithmetic(target)
     for name, engine in q4_builds.items():
-        expected = "int8" if vnni and name == "q4f32_3" else "model dtype"
+        expected = "int8" if vnni and name.endswith("_3") else "model dtype"
         assert engine.metadata["build"]["prefill_matmul_activations"] == expected, name
         assert engine.int8_prefill == (expected == "int8")
+        dtype = QUANTIZATIONS[name].model_dtype
+        assert engine.metadata["build"]["vision_compute_dtype"] == ("float32" if dtype == "float16" and not fp16 else dtype), name
 
 
 def test_tall_matrices_are_packed_in_bounded_steps_identically():
@@ -210,6 +214,32 @@ def test_tall_matrices_are_packed_in_bounded_steps_identically():
     q_weight, q_scale = quantize_weight(w, scheme)
     ref_weight, ref_scale = mlc_reference_pack(w, "float16", "NK")
     assert np.array_equal(q_weight, ref_weight) and np.array_equal(q_scale, ref_scale)
+
+
+def test_fp16_vision_tower_computes_in_fp32_without_fp16_arithmetic(q4_builds, workspace):
+    """On a CPU without fp16 arithmetic the vision path of an fp16 build widens its fp16 weights and
+    pixels and computes in fp32: it matches PyTorch computing in fp32 from the same fp16-rounded weights
+    and pixels up to the rounding of its fp16 result (2^-11 = 4.9e-4), inside what fp16 arithmetic costs
+    (PyTorch in fp16, which accumulates in fp32: 1.5e-3)."""
+    import torch
+
+    engine = q4_builds["q0f16"]
+    if engine.metadata["build"]["vision_compute_dtype"] != "float32":
+        pytest.skip("this CPU has fp16 arithmetic: the vision tower computes in fp16")
+    reference = ReferenceMobileVLM(checkpoint_for(workspace, "ldpnet"))
+    for module in (reference.vision, reference.projector):
+        module.half().float()  # the dist's fp16 weights, computed in fp32
+    pixels = engine.pixels(Image.open(DEMO_IMAGE))
+    assert pixels.dtype == np.float16
+    with torch.no_grad():
+        ref_pixels = torch.from_numpy(pixels.astype(np.float32))
+        features, embeds = reference.vision_features(ref_pixels)[0].numpy(), reference.image_embeds(ref_pixels).numpy()
+        half = ReferenceMobileVLM(checkpoint_for(workspace, "ldpnet"), dtype=torch.float16)
+        half_embeds = half.image_embeds(torch.from_numpy(pixels)).float().numpy()
+    for got, expected in ((engine.vision_features(pixels), features), (engine.image_embed(pixels), embeds)):
+        assert got.dtype == np.float16
+        assert np.abs(got.astype(np.float32) - expected).max() <= 6e-4 * np.abs(expected).max()  # measured 2.5e-4, 3.9e-4
+    assert np.abs(half_embeds - embeds).max() > 1e-3 * np.abs(embeds).max()  # what fp16 arithmetic costs: 1.5e-3
 
 
 def test_q0f16_matches_fp32_reference(q4_builds, workspace):
