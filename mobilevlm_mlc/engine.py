@@ -92,8 +92,8 @@ class Engine:
         self.tokenizer = Tokenizer(self.dist.path / TOKENIZER_MODEL)
         self.prefill_chunk_size = int(self.metadata["prefill_chunk_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
-        # the library's prefill matmuls round activations to int8 (its build record, `targets/cpu.py`)
-        self.int8_prefill = self.metadata["build"].get("prefill_matmul_activations") == "int8"
+        # the library's quantized matmuls round activations to int8 (its build record, `targets/cpu.py`)
+        self.int8_activations = self.metadata["build"].get("quantized_matmul_activations") == "int8"
         self.kv_cache = self._entry("create_tir_paged_kv_cache")(
             self._shape(max_sequences), self._shape(kv_cache_tokens or self.context_window_size),
             self._shape(self.prefill_chunk_size), self._shape(PAGE_SIZE), self._shape(0),

@@ -26,7 +26,7 @@ from .quantization import dequantize_weight, quantize_weight
 
 IMAGE_TOKEN_INDEX = -200
 _DECODER_QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight|model\.embed_tokens\.weight|lm_head\.weight")
-_DECODER_PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+_QUANTIZED_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|lm_head")
 VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 
@@ -249,20 +249,20 @@ class ReferenceMobileVLM:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), use_fast=False)
 
     @torch.no_grad()
-    def fake_quantize(self, scheme: GroupQuantScheme, int8_prefill: bool = False) -> None:
+    def fake_quantize(self, scheme: GroupQuantScheme, int8: bool = False) -> None:
         """Replace the decoder's weights, in place, by what a `scheme` build computes with:
-        dequantize(quantize(W)). Then only the kernels and activation precision differ. `int8_prefill`:
-        the library's prefill matmuls take int8 activations (its build records
-        `prefill_matmul_activations: int8`), so the projections' inputs of more than one token are
-        rounded the same way (`int8_activations`)."""
+        dequantize(quantize(W)). Then only the kernels and activation precision differ. `int8`: the
+        library's quantized matmuls take int8 activations (its build records
+        `quantized_matmul_activations: int8`), so the inputs of the decoder's projections and of
+        `lm_head` are rounded the same way (`int8_activations`)."""
         for name, param in self.llm.named_parameters():
             if _DECODER_QUANTIZED.fullmatch(name):
                 packed = quantize_weight(param.float().numpy(), scheme, "NK")
                 param.copy_(torch.from_numpy(dequantize_weight(*packed, scheme, "NK")))
-        if int8_prefill:
+        if int8:
             for name, module in self.llm.named_modules():
-                if _DECODER_PROJECTION.fullmatch(name):
-                    module.register_forward_pre_hook(lambda _module, args: (int8_activations(args[0]),) if args[0].shape[-2] > 1 else None)
+                if _QUANTIZED_LINEAR.fullmatch(name):
+                    module.register_forward_pre_hook(lambda _module, args: (int8_activations(args[0]),))
 
     @staticmethod
     def _load(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -6,11 +6,11 @@ are checked against the reference with the decoder's weights fake-quantized (deq
 which isolates the kernels: only their arithmetic may differ. The error of a tensor is its max abs
 difference; relative error divides it by the reference's max magnitude. Tolerances: fp32 1e-4 — the
 kernels sum in another order than PyTorch, ~sqrt(K)·eps ≈ 1e-5 per reduction of length K up to ~6k,
-compounding mildly over the layers (measured ~1e-6); fp16 activations 2e-2; int8 prefill activations
-(a `cpu` q4f32_3 build on AVX-512 VNNI, emulated by the reference) 2e-2: each rounding to 1/127 of its
-group's max flips under fp32 noise now and then, and one flip moves a random-weight model's logits by
-up to ~1% (a 1e-7 relative nudge of the reference's own input moves them 0.9%), so greedy tokens past
-the first are not required to agree, as with fp16.
+compounding mildly over the layers (measured ~1e-6); fp16 activations 2e-2; int8 activations of
+the quantized matmuls (a `cpu` NK64 build on AVX-512 VNNI, emulated by the reference) 2e-2: each
+rounding to 1/127 of its group's max flips under fp32 noise now and then, and one flip moves a
+random-weight model's logits by up to ~1% (a 1e-7 relative nudge of the reference's own input moves
+them 0.9%), so greedy tokens past the first are not required to agree, as with fp16.
 
 Accuracy (what quantization costs): logits against the fp32 reference over a 64-token teacher-forced
 continuation (the fp32 model's own greedy tokens): cosine similarity, max abs error, top-1 agreement.
@@ -140,8 +140,8 @@ def verify(
     reference = ReferenceMobileVLM(model_dir)
     dtype = engine.dist.config.dtype
     tolerance = RELATIVE_TOLERANCE[dtype]
-    activations = "int8" if engine.int8_prefill else dtype
-    against = "fp32" if scheme is None else f"fp32, decoder fake-quantized {scheme.name}" + (", int8 prefill activations" if engine.int8_prefill else "")
+    activations = "int8" if engine.int8_activations else dtype
+    against = "fp32" if scheme is None else f"fp32, decoder fake-quantized {scheme.name}" + (", int8 activations" if engine.int8_activations else "")
     report = VerifyReport(quantization, against, tokens_required=activations == "float32")
 
     pixels, ref_pixels = engine.pixels(picture), reference.pixels(picture)
@@ -158,7 +158,7 @@ def verify(
         forced, _ = reference.greedy(ref_input, teacher_tokens, eos_id=None)
         fp32_logits = reference.teacher_forced_logits(ref_input, forced)
         report.accuracy = accuracy(engine.teacher_forced_logits(ids, [image_embeds], forced), fp32_logits, forced)
-        reference.fake_quantize(scheme, engine.int8_prefill)
+        reference.fake_quantize(scheme, engine.int8_activations)
         ref_input = reference.input_embeds(ids, ref_embeds)
 
     with engine.chat() as session:

@@ -10,7 +10,7 @@ from model_defs.quantization import GroupQuantScheme
 
 from .base import BuildTarget
 from .cpu_attention import replace_attention
-from .cpu_int8_matmul import replace_prefill_matmuls
+from .cpu_int8_matmul import replace_quantized_matmuls
 from .cpu_schedule import CpuKernelConfig, Elementwise, Matmul, ParallelLoops, QuantizedGEMV, RowReduction
 from .schedules import inline_dequantize
 from .vision_float32 import vision_in_float32
@@ -36,8 +36,8 @@ def mark_no_alias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRM
     return mod
 
 
-def int8_prefill(target: tvm.target.Target) -> bool:
-    """Prefill matmuls on int8 activations (`cpu_int8_matmul`): where the CPU has AVX-512 VNNI."""
+def vnni(target: tvm.target.Target) -> bool:
+    """The CPU has AVX-512 VNNI: quantized matmuls then run on int8 activations (`cpu_int8_matmul`)."""
     return bool(target_has_features("avx512vnni", target))
 
 
@@ -48,12 +48,12 @@ def fp16_arithmetic(target: tvm.target.Target) -> bool:
 
 
 def cpu_numerics(target: tvm.target.Target, dtype: str, scheme: GroupQuantScheme | None) -> dict:
-    """What a CPU library records about its arithmetic: the activations of its quantized prefill matmuls
-    (`replace_prefill_matmuls` takes exactly the NK64 ones: q4f32_3, q4f16_3), and the dtype its vision
+    """What a CPU library records about its arithmetic: the activations of its quantized matmuls
+    (`replace_quantized_matmuls` takes exactly the NK64 ones: q4f32_3, q4f16_3), and the dtype its vision
     tower computes in."""
-    int8 = int8_prefill(target) and scheme is not None and scheme.layout == "NK64"
+    int8 = vnni(target) and scheme is not None and scheme.layout == "NK64"
     return {
-        "prefill_matmul_activations": "int8" if int8 else "model dtype",
+        "quantized_matmul_activations": "int8" if int8 else "model dtype",
         "vision_compute_dtype": "float32" if dtype == "float16" and not fp16_arithmetic(target) else dtype,
     }
 
@@ -63,9 +63,9 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelC
     every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
     took, and the KV cache's attention kernels replaced by parallel, vectorized ones. Softmax uses TOPI's
     polynomial exp (vectorizes; libm's `expf` does not): the vision tower's softmax took 400 ms of a
-    2.5 s image encode. With AVX-512 VNNI, NK64 (q4f32_3, q4f16_3) prefill matmuls run on int8
+    2.5 s image encode. With AVX-512 VNNI, NK64 (q4f32_3, q4f16_3) quantized matmuls run on int8
     activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32."""
-    int8 = [replace_prefill_matmuls] if int8_prefill(target) else []
+    int8 = [replace_quantized_matmuls] if vnni(target) else []
     vision = [] if fp16_arithmetic(target) else [vision_in_float32]
     return tvm.transform.Sequential(
         vision

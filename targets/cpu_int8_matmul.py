@@ -1,4 +1,4 @@
-"""Prefill matmuls on AVX-512 VNNI: 4-bit weights times 8-bit activations, integer dot products.
+"""Quantized matmuls on AVX-512 VNNI: 4-bit weights times 8-bit activations, integer dot products.
 
 A prefill matmul is compute-bound, and fp32 FMAs are its ceiling: 16 multiply-adds per instruction.
 `vpdpbusd` does 64 (unsigned bytes times signed bytes, summed in fours into 32-bit lanes), so, as
@@ -7,15 +7,16 @@ group) to int8, and each group's integer dot product is scaled back in fp32:
 
     y[m, n] = sum_g  s_w[n, g] * (s_x[m, g] * sum_j q_w * q_x  -  7 * s_x[m, g] * sum_j q_x)
 
-(q_w in [0, 14] is the stored nibble, the weight being (q_w - 7) * s_w.) Decode keeps the fp32 GEMV:
-it is bound by memory, not arithmetic, and keeps full-precision activations.
+(q_w in [0, 14] is the stored nibble, the weight being (q_w - 7) * s_w.) Decode uses them too: its
+GEMV is bound by memory, but two cores unpacking to fp32 (AND, convert, two FMAs per 16 weights) are
+barely faster than the memory, while a word's even and odd nibbles go straight into two `vpdpbusd`.
 
-One kernel per (K, N): first every row of x is quantized (rows in parallel), then each task takes one
-NK64 tile (64 output columns), unpacks its nibbles once into bytes laid out for `vpdpbusd` (16 columns
-x 4 consecutive K per 512-bit vector), and for every block of `rows` rows accumulates
-rows x column-vectors integer dot products per group in registers, folded into fp32 accumulators
-after each group. `replace_prefill_matmuls` swaps it in for the quantized matmuls whose row count is
-not 1.
+Activations are packed in the weights' nibble order (per word of 8 K values: the even K's 4 bytes, then
+the odd K's), so a word needs AND, shift, AND and no shuffles. The GEMM (prefill: any number of rows)
+first quantizes every row (in parallel), then each task takes one NK64 tile (64 output columns), unpacks
+its nibbles once into bytes, and for every block of `rows` rows accumulates rows x column-vectors
+integer dot products per group in registers, folded into fp32 accumulators after each group. The GEMV
+(decode, logits: one row) streams each 64-row tile once. `replace_quantized_matmuls` swaps them in.
 """
 
 from __future__ import annotations
@@ -28,14 +29,51 @@ from model_defs.quantization import QUANTIZED_MATMUL, ROW_TILE
 
 LANES = 16  # 32-bit lanes of a 512-bit vector: 16 output columns, each 4 bytes of K
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+NIBBLES = 0x0F0F0F0F  # a packed word's even nibbles (K = 0, 2, 4, 6 of its 8) as 4 bytes; >> 4 gives the odd
+
+
+def _quantize_rows(k: int, dtype: str):
+    """The macro both kernels start with: row `row` of x (zeros where `valid` is false) rounded to int8
+    per group of 32, packed in the weights' nibble order — per word of 8 K values, one int32 of the even
+    K's 4 bytes, then one of the odd K's — with each group's scale and -7 * scale * sum of its values."""
+    groups = k // 32
+
+    @T.macro
+    def quantize(x, row, valid, x_q, x_scale, x_offset):
+        with T.sblock("quantize"):
+            T.reads()
+            T.writes()
+            amax = T.sblock_alloc_buffer((1,), "float32")
+            total = T.sblock_alloc_buffer((1,), "int32")
+            q = T.sblock_alloc_buffer((32,), "int32")
+            for g in T.serial(groups):
+                amax[0] = T.float32(0)
+                for j in T.serial(32):
+                    if valid:
+                        amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", x[0, row, g * 32 + j])))
+                for j in T.serial(32):
+                    q[j] = 0
+                    if valid and amax[0] > T.float32(0):
+                        q[j] = T.Cast("int32", T.round(T.Cast("float32", x[0, row, g * 32 + j]) * (T.float32(127) / amax[0])))
+                total[0] = 0
+                for j in T.serial(32):
+                    total[0] = total[0] + q[j]
+                for w in T.serial(8):  # quad w: word w // 2, its even (w % 2 == 0) or odd K
+                    x_q[row, g * 8 + w] = ((q[w // 2 * 8 + w % 2] & 255) | ((q[w // 2 * 8 + w % 2 + 2] & 255) << 8)
+                                           | ((q[w // 2 * 8 + w % 2 + 4] & 255) << 16) | (q[w // 2 * 8 + w % 2 + 6] << 24))
+                x_scale[row, g] = amax[0] / T.float32(127)
+                x_offset[row, g] = T.float32(-7) * x_scale[row, g] * T.Cast("float32", total[0])
+
+    return quantize
 
 
 def int8_quantized_matmul(k: int, n: int, dtype: str = "float32", rows: int = 6, column_vectors: int = 2) -> tirx.PrimFunc:
-    """y[1, m, n] = x[1, m, k] @ W^T, W in the NK64 layout (q4f32_3, or q4f16_3 with `dtype` float16:
-    activations and scales in that dtype, read into fp32), on int8 activations (module docstring)."""
+    """y[1, m, n] = x[1, m, k] @ W^T for any m (prefill), W in the NK64 layout (q4f32_3, or q4f16_3 with
+    `dtype` float16: activations and scales in that dtype, read into fp32), on int8 activations."""
     groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
     R, C, width = rows, column_vectors, column_vectors * LANES
     halves = ROW_TILE // width
+    quantize = _quantize_rows(k, dtype)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -46,49 +84,22 @@ def int8_quantized_matmul(k: int, n: int, dtype: str = "float32", rows: int = 6,
         x = T.match_buffer(var_x, (1, m, k), dtype)
         y = T.match_buffer(var_y, (1, m, n), dtype)
         padded: T.let[T.int64] = (m + R - 1) // R * R
-        x_q = T.alloc_buffer((padded, quads), "int32")  # 4 int8 per word, K ascending from the low byte
+        x_q = T.alloc_buffer((padded, quads), "int32")
         x_scale = T.alloc_buffer((padded, groups), "float32")
-        x_offset = T.alloc_buffer((padded, groups), "float32")  # -7 * s_x * sum_j q_x
+        x_offset = T.alloc_buffer((padded, groups), "float32")
         for row in T.parallel(padded):
-            with T.sblock("quantize"):
-                T.reads()
-                T.writes()
-                amax = T.sblock_alloc_buffer((1,), "float32")
-                total = T.sblock_alloc_buffer((1,), "int32")
-                q = T.sblock_alloc_buffer((32,), "int32")
-                for g in T.serial(groups):
-                    amax[0] = T.float32(0)
-                    for j in T.serial(32):
-                        if row < m:
-                            amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", x[0, row, g * 32 + j])))
-                    for j in T.serial(32):
-                        q[j] = 0
-                        if row < m and amax[0] > T.float32(0):
-                            q[j] = T.Cast("int32", T.round(T.Cast("float32", x[0, row, g * 32 + j]) * (T.float32(127) / amax[0])))
-                    total[0] = 0
-                    for j in T.serial(32):
-                        total[0] = total[0] + q[j]
-                    for w in T.serial(8):
-                        x_q[row, g * 8 + w] = (q[4 * w] & 255) | ((q[4 * w + 1] & 255) << 8) | ((q[4 * w + 2] & 255) << 16) | (q[4 * w + 3] << 24)
-                    x_scale[row, g] = amax[0] / T.float32(127)
-                    x_offset[row, g] = T.float32(-7) * x_scale[row, g] * T.Cast("float32", total[0])
+            quantize(x, row, row < m, x_q, x_scale, x_offset)
         for tile in T.parallel(tiles):
             with T.sblock("gemm"):
                 T.reads()
                 T.writes()
-                w_q = T.sblock_alloc_buffer((quads, ROW_TILE), "int32")  # bytes of 4 consecutive K per column
+                w_q = T.sblock_alloc_buffer((quads, ROW_TILE), "int32")  # the tile's nibbles as bytes, x_q's order
                 acc = T.sblock_alloc_buffer((R, width), "int32", scope="local")
                 out = T.sblock_alloc_buffer((R, width), "float32", scope="local")
                 for kw in T.serial(words):
                     for col in T.vectorized(ROW_TILE):
-                        w_q[2 * kw, col] = T.reinterpret("int32", (q_weight[tile, kw, col] & T.uint32(0xF))
-                                                         | ((q_weight[tile, kw, col] & T.uint32(0xF0)) << T.uint32(4))
-                                                         | ((q_weight[tile, kw, col] & T.uint32(0xF00)) << T.uint32(8))
-                                                         | ((q_weight[tile, kw, col] & T.uint32(0xF000)) << T.uint32(12)))
-                        w_q[2 * kw + 1, col] = T.reinterpret("int32", ((q_weight[tile, kw, col] >> T.uint32(16)) & T.uint32(0xF))
-                                                             | ((q_weight[tile, kw, col] >> T.uint32(12)) & T.uint32(0xF00))
-                                                             | ((q_weight[tile, kw, col] >> T.uint32(8)) & T.uint32(0xF0000))
-                                                             | ((q_weight[tile, kw, col] >> T.uint32(4)) & T.uint32(0xF000000)))
+                        w_q[2 * kw, col] = T.reinterpret("int32", q_weight[tile, kw, col] & T.uint32(NIBBLES))
+                        w_q[2 * kw + 1, col] = T.reinterpret("int32", (q_weight[tile, kw, col] >> T.uint32(4)) & T.uint32(NIBBLES))
                 for block in T.serial(padded // R):
                     for half in T.serial(halves):
                         for r in T.unroll(R):
@@ -119,30 +130,94 @@ def int8_quantized_matmul(k: int, n: int, dtype: str = "float32", rows: int = 6,
     return quantized_matmul_int8
 
 
-def _prefill_matmul_shape(func: tirx.PrimFunc) -> tuple[int, int, str] | None:
-    """(K, N, dtype) of an NK64 quantized matmul over a symbolic number of rows, x[1, m, K] -> y[1, m, N]; else None."""
+def int8_quantized_gemv(k: int, n: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """y[1, 1, n] = x[1, 1, k] @ W^T (decode, the last token's logits), W in the NK64 layout, on int8
+    activations. Decode is memory-bound, but at 30-40 GB/s two cores of fp32 unpacking (AND, convert,
+    two FMAs per 16 weights) are not much faster than the memory: here a loaded word costs AND, shift,
+    AND and two `vpdpbusd` (its even and odd nibbles), and a group's 4 words one rescale per 16 rows.
+    A task is one 64-row tile, read once as one stream; even and odd nibbles accumulate apart (two
+    dependency chains per 16 rows)."""
+    groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
+    C = ROW_TILE // LANES
+    quantize = _quantize_rows(k, dtype)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def quantized_gemv_int8(x: T.Buffer((1, 1, k), dtype), q_weight: T.Buffer((tiles, words, ROW_TILE), "uint32"),
+                            q_scale: T.Buffer((tiles, groups, ROW_TILE), dtype), y: T.Buffer((1, 1, n), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        x_q = T.alloc_buffer((1, quads), "int32")
+        x_scale = T.alloc_buffer((1, groups), "float32")
+        x_offset = T.alloc_buffer((1, groups), "float32")
+        for row in T.serial(1):
+            quantize(x, row, True, x_q, x_scale, x_offset)
+        for tile in T.parallel(tiles):
+            with T.sblock("gemv"):
+                T.reads()
+                T.writes()
+                even = T.sblock_alloc_buffer((C, LANES), "int32", scope="local")
+                odd = T.sblock_alloc_buffer((C, LANES), "int32", scope="local")
+                out = T.sblock_alloc_buffer((C, LANES), "float32", scope="local")
+                for c in T.unroll(C):
+                    for lane in T.vectorized(LANES):
+                        out[c, lane] = T.float32(0)
+                for g in T.serial(groups):
+                    for c in T.unroll(C):
+                        for lane in T.vectorized(LANES):
+                            even[c, lane] = 0
+                            odd[c, lane] = 0
+                    for w in T.unroll(4):
+                        for c in T.unroll(C):
+                            even[c, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
+                                "int32x16", VPDPBUSD, even[c, T.ramp(0, 1, LANES)],
+                                T.reinterpret("int8x64", q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] & T.broadcast(T.uint32(NIBBLES), LANES)),
+                                T.reinterpret("int8x64", T.broadcast(x_q[0, g * 8 + 2 * w], LANES)))
+                            odd[c, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
+                                "int32x16", VPDPBUSD, odd[c, T.ramp(0, 1, LANES)],
+                                T.reinterpret("int8x64", (q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] >> T.broadcast(T.uint32(4), LANES)) & T.broadcast(T.uint32(NIBBLES), LANES)),
+                                T.reinterpret("int8x64", T.broadcast(x_q[0, g * 8 + 2 * w + 1], LANES)))
+                    for c in T.unroll(C):
+                        out[c, T.ramp(0, 1, LANES)] = out[c, T.ramp(0, 1, LANES)] + T.Cast("float32x16", q_scale[tile, g, T.ramp(c * LANES, 1, LANES)]) * (
+                            T.Cast("float32x16", even[c, T.ramp(0, 1, LANES)] + odd[c, T.ramp(0, 1, LANES)]) * T.broadcast(x_scale[0, g], LANES)
+                            + T.broadcast(x_offset[0, g], LANES))
+                for c in T.unroll(C):
+                    for lane in T.vectorized(LANES):
+                        y[0, 0, tile * ROW_TILE + c * LANES + lane] = T.Cast(dtype, out[c, lane])
+    # fmt: on
+
+    return quantized_gemv_int8
+
+
+def _nk64_matmul(func: tirx.PrimFunc) -> tuple[int, int, str, bool] | None:
+    """(K, N, dtype, one row) of an NK64 quantized matmul x[1, m, K] -> y[1, m, N] whose row count is
+    symbolic (prefill) or 1 (decode, logits); else None."""
     if len(func.params) != 4:
         return None
     x, weight, scale, y = func.params
-    if len(x.shape) != 3 or len(weight.shape) != 3 or len(y.shape) != 3 or isinstance(x.shape[1], tirx.IntImm):
+    if len(x.shape) != 3 or len(weight.shape) != 3 or len(y.shape) != 3:
+        return None
+    rows = x.shape[1]
+    if isinstance(rows, tirx.IntImm) and int(rows) != 1:
         return None
     if x.dtype not in ("float32", "float16") or (weight.dtype, scale.dtype, y.dtype) != ("uint32", x.dtype, x.dtype) or int(weight.shape[2]) != ROW_TILE:
         return None
     k, n = int(x.shape[2]), int(y.shape[2])
     if int(weight.shape[1]) * 8 != k or int(scale.shape[1]) * 32 != k or int(weight.shape[0]) * ROW_TILE != n:
         return None
-    return k, n, x.dtype
+    return k, n, x.dtype, isinstance(rows, tirx.IntImm)
 
 
-@tvm.transform.module_pass(opt_level=0, name="ReplacePrefillMatmuls")
-def replace_prefill_matmuls(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Every NK64 quantized matmul over a symbolic row count (prefill) becomes the int8 kernel above,
-    same parameters; decode's one-row GEMVs keep fp32 activations. The kernel is opaque to fusion, so
-    an elementwise tail (residual add) runs as a kernel of its own."""
+@tvm.transform.module_pass(opt_level=0, name="ReplaceQuantizedMatmuls")
+def replace_quantized_matmuls(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Every NK64 quantized matmul becomes one of the int8 kernels above, same parameters: over a
+    symbolic row count (prefill) the GEMM, over one row (decode, logits) the GEMV. They are opaque to
+    fusion, so an elementwise tail (residual add) runs as a kernel of its own."""
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc) or not gv.name_hint.startswith(QUANTIZED_MATMUL):
             continue
-        shape = _prefill_matmul_shape(func)
+        shape = _nk64_matmul(func)
         if shape is not None:
-            mod[gv] = int8_quantized_matmul(*shape).with_attr("global_symbol", gv.name_hint)
+            k, n, dtype, one_row = shape
+            kernel = int8_quantized_gemv(k, n, dtype) if one_row else int8_quantized_matmul(k, n, dtype)
+            mod[gv] = kernel.with_attr("global_symbol", gv.name_hint)
     return mod

@@ -1,6 +1,6 @@
 """The CPU kernels of `targets/`: our decode attention against numpy and against TVM's own CPU kernel
-on the same paged KV cache layout, our RoPE against TVM's; the int8 prefill matmul against the
-reference's emulation of it."""
+on the same paged KV cache layout, our RoPE against TVM's; the int8 matmuls against the reference's
+emulation of them."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_positio
 
 from mobilevlm_mlc.quantization import QUANTIZATIONS, dequantize_weight, quantize_weight
 from mobilevlm_mlc.reference import int8_activations
-from targets.cpu import int8_prefill
+from targets.cpu import vnni
 from targets.cpu_attention import faster_rope, decode_attention, prefill_attention, prefill_ragged_attention
-from targets.cpu_int8_matmul import int8_quantized_matmul
+from targets.cpu_int8_matmul import int8_quantized_gemv, int8_quantized_matmul
 
 TARGET = tvm.target.Target.from_device(tvm.cpu())
 
@@ -150,11 +150,12 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
         np.testing.assert_allclose(got[1], expected[1], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.skipif(not int8_prefill(TARGET), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("rows,dtype", [(1, "float32"), (7, "float32"), (13, "float32"), (13, "float16")])
-def test_int8_prefill_matmul_matches_its_emulation(rows, dtype):
+@pytest.mark.skipif(not vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("kernel,rows,dtype", [("gemm", 1, "float32"), ("gemm", 7, "float32"), ("gemm", 13, "float32"),
+                                               ("gemm", 13, "float16"), ("gemv", 1, "float32"), ("gemv", 1, "float16")])
+def test_int8_matmuls_match_their_emulation(kernel, rows, dtype):
     """x rounded by the reference's `int8_activations` times the dequantized weight, up to fp32
-    summation order (rows not a multiple of the kernel's 6, an all-zero group, rows of scales 1e-3 to
+    summation order (rows not a multiple of the GEMM's 6, an all-zero group, rows of scales 1e-3 to
     1e3; fp16 activations and scales read into fp32, the result rounded to fp16); against unrounded x it
     is off by the rounding alone (under 1%, never exact)."""
     k, n = 96, 192
@@ -164,7 +165,8 @@ def test_int8_prefill_matmul_matches_its_emulation(rows, dtype):
     weight = dequantize_weight(q_weight, q_scale, scheme).astype(np.float64)
     x = (rng.standard_normal((1, rows, k)) * 10.0 ** rng.uniform(-3, 3, (1, rows, 1))).astype(dtype)
     x[0, 0, 32:64] = 0
-    lib = tvm.compile(tvm.IRModule({"main": int8_quantized_matmul(k, n, dtype)}), target=TARGET)
+    func = int8_quantized_gemv(k, n, dtype) if kernel == "gemv" else int8_quantized_matmul(k, n, dtype)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     out = tvm.runtime.tensor(np.zeros((1, rows, n), dtype))
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, q_weight, q_scale)), out)
     got = out.numpy()[0].astype(np.float64)

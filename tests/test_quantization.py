@@ -120,18 +120,18 @@ def q4_builds(workspace):
 def test_q4_kernels_match_fake_quantized_reference(q4_builds, workspace, name):
     """Same weights on both sides (dequantize(quantize(W)) in PyTorch): only kernel arithmetic differs.
     Tolerance by activation precision (see mobilevlm_mlc/verify.py): 1e-4 relative for fp32, 2e-2 for
-    fp16 and for int8 prefill activations (emulated by the reference; their roundings flip under fp32
+    fp16 and for int8 matmul activations (emulated by the reference; their roundings flip under fp32
     noise, so only the first token must agree)."""
     engine = q4_builds[name]
     reference = ReferenceMobileVLM(checkpoint_for(workspace, "ldpnet"))
-    reference.fake_quantize(QUANTIZATIONS[name].scheme, engine.int8_prefill)
+    reference.fake_quantize(QUANTIZATIONS[name].scheme, engine.int8_activations)
     image = Image.open(DEMO_IMAGE)
     with engine.chat() as session:
         list(session.send("What is in the image?", image, GenerationConfig(max_new_tokens=16)))
         turn = session.last
     ref_input = reference.input_embeds(turn.prompt_token_ids, reference.image_embeds(reference.pixels(image)))
     tokens, logits = reference.greedy(ref_input, 16)
-    activations = "int8" if engine.int8_prefill else QUANTIZATIONS[name].model_dtype
+    activations = "int8" if engine.int8_activations else QUANTIZATIONS[name].model_dtype
     assert np.abs(turn.first_logits - logits).max() < RELATIVE_TOLERANCE[activations] * np.abs(logits).max()
     if activations == "float32":
         assert turn.output_token_ids == tokens
@@ -184,25 +184,24 @@ def test_dequantized_weights_are_never_materialized(q4_builds, name):
             assert parallel, f"{fname}: dequantize outside the parallel loop"
     if name == "q4f32_3":  # decode GEMVs read the packed words directly
         assert inlined >= 4
-    if q4_builds[name].int8_prefill:  # the prefill matmuls (symbolic rows), and only they, on VNNI dot products
+    if q4_builds[name].int8_activations:  # every quantized matmul (prefill, decode, logits) on VNNI dot products
         int8 = {fname for fname, func in quantized.items() if VPDPBUSD in func.script()}
-        prefill = {fname for fname, func in quantized.items() if not isinstance(func.params[0].shape[1], tvm.tirx.IntImm)}
-        assert int8 == prefill and len(prefill) == 4
+        assert int8 == set(quantized) and len(int8) == 9
 
 
 def test_cpu_build_records_its_arithmetic(q4_builds):
-    """The record says int8 prefill activations for the NK64 schemes (q4f32_3, q4f16_3: the matmuls
-    `replace_prefill_matmuls` takes) on an AVX-512 VNNI host, the model dtype for every other build; and
-    an fp32 vision tower for fp16 models on a CPU without fp16 arithmetic."""
+    """The record says int8 activations for the quantized matmuls of the NK64 schemes (q4f32_3, q4f16_3:
+    those `replace_quantized_matmuls` takes) on an AVX-512 VNNI host, the model dtype for every other
+    build; and an fp32 vision tower for fp16 models on a CPU without fp16 arithmetic."""
     from targets import get_target
-    from targets.cpu import fp16_arithmetic, int8_prefill
+    from targets.cpu import fp16_arithmetic, vnni
 
     target = get_target("cpu").tvm_target()
-    vnni, fp16 = int8_prefill(target), fp16_arithmetic(target)
+    int8, fp16 = vnni(target), fp16_arithmetic(target)
     for name, engine in q4_builds.items():
-        expected = "int8" if vnni and name.endswith("_3") else "model dtype"
-        assert engine.metadata["build"]["prefill_matmul_activations"] == expected, name
-        assert engine.int8_prefill == (expected == "int8")
+        expected = "int8" if int8 and name.endswith("_3") else "model dtype"
+        assert engine.metadata["build"]["quantized_matmul_activations"] == expected, name
+        assert engine.int8_activations == (expected == "int8")
         dtype = QUANTIZATIONS[name].model_dtype
         assert engine.metadata["build"]["vision_compute_dtype"] == ("float32" if dtype == "float16" and not fp16 else dtype), name
 
