@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
 
+from mobilevlm_mlc.bench import set_threads
 from mobilevlm_mlc.engine import Engine
 
 
@@ -50,7 +52,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=16, help="tokens in the cache before a decode step")
     parser.add_argument("--tokens", type=int, default=272, help="prefill length (144 image tokens + text)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="TVM's pool threads (its own default can be fewer than the cores: 1 on some VMs)")
     args = parser.parse_args()
+    set_threads(args.threads)
 
     engine = Engine(args.dist, args.lib)
     rng = np.random.default_rng(0)

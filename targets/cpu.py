@@ -70,7 +70,7 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelC
     return tvm.transform.Sequential(
         vision
         + int8
-        + [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention(config.lanes)]
+        + [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
         + [schedule_cpu_kernels(config), inline_dequantize, mark_no_alias]

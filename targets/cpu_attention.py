@@ -23,51 +23,49 @@ from tvm.script import tirx as T
 DECODE_ATTENTION, PREFILL_ATTENTION, RAGGED_ATTENTION = "batch_decode_paged_kv_cpu", "batch_prefill_paged_kv_cpu", "batch_prefill_ragged_kv"
 
 
-def _kernel_parts(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int):
-    """The pieces every kernel here shares, as TVMScript macros: load a query row (pre-scaled for base-2
-    exponentials), fold one key/value row into the online softmax, store the output row and its
-    log-sum-exp. `state` holds the running max, the running sum, the score and the rescale."""
-    D, group, chunks, log2e = head_dim, num_qo_heads // num_kv_heads, head_dim // lanes, math.log2(math.e)
+ROWS = KEYS = 16  # a prefill task's query rows (one per fp32 lane of AVX-512), and keys per step
 
-    @T.macro
-    def start(q, t, h, sm_scale, q_local, acc, state):
-        for d in T.vectorized(D):
-            q_local[d] = T.Cast("float32", q[t, h, d]) * (sm_scale * T.float32(log2e))
-            acc[d] = T.float32(0)
-        state[0] = T.float32(-5e4)
-        state[1] = T.float32(1)
-
-    @T.macro
-    def attend(q_local, k_row, v_row, acc, part, state):
-        for lane in T.vectorized(lanes):
-            part[lane] = T.float32(0)
-        for c in T.serial(chunks):
-            for lane in T.vectorized(lanes):
-                part[lane] = part[lane] + q_local[c * lanes + lane] * k_row[c * lanes + lane]
-        state[2] = T.float32(0)
-        for lane in T.serial(lanes):
-            state[2] = state[2] + part[lane]
-        state[3] = T.exp2(state[0] - T.max(state[0], state[2]))  # rescale of what is summed so far
-        state[0] = T.max(state[0], state[2])
-        state[2] = T.exp2(state[2] - state[0])  # this key's weight
-        state[1] = state[1] * state[3] + state[2]
-        for d in T.vectorized(D):
-            acc[d] = acc[d] * state[3] + v_row[d] * state[2]
-
-    @T.macro
-    def finish(output, lse, t, h, acc, state):
-        for d in T.vectorized(D):
-            output[t, h, d] = T.Cast(dtype, acc[d] / state[1])
-        lse[t, h] = state[0] + T.log2(state[1])
-
-    return group, start, attend, finish
+# 2^f on [0, 1): degree-5 fit of the relative error, 1 at 0 exactly (an unchanged max rescales by exactly 1)
+_EXP2_FRACTION = (1.0, 0.6931513547897339, 0.2401641607284546, 0.05580044537782669, 0.009016687981784344, 0.0018671829020604491)
 
 
-def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int, page_size: int = 16) -> tirx.PrimFunc:
+def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^x for x <= 0 in arithmetic that vectorizes (libm's `exp2f` does not): 2^floor(x) built in the
+    exponent bits times a polynomial of the fraction; relative error 1.6e-7, exactly 0 below 2^-127."""
+    x = tirx.max(x, tirx.const(-127.0, "float32"))
+    whole = tirx.floor(x)
+    fraction = x - whole
+    poly = tirx.const(_EXP2_FRACTION[-1], "float32")
+    for c in reversed(_EXP2_FRACTION[:-1]):
+        poly = poly * fraction + tirx.const(c, "float32")
+    return poly * tirx.reinterpret("float32", (whole.astype("int32") + 127) << 23)
+
+
+# transposing sums: 16 vectors of 16 partial sums -> one vector of 16 totals, in 4 levels of pairwise
+# shuffles (concatenated pair, lanes 0-31) and adds; level i halves the partials each key keeps
+_TREE = (
+    (list(range(0, 8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32))),
+    ([i + o for o in (0, 8, 16, 24) for i in range(4)], [i + o for o in (4, 12, 20, 28) for i in range(4)]),
+    ([i + o for o in range(0, 32, 4) for i in range(2)], [i + o for o in range(2, 32, 4) for i in range(2)]),
+    (list(range(0, 32, 2)), list(range(1, 32, 2))),
+)
+
+
+def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
     """`batch_decode_paged_kv_cpu` without sliding window; rope must already be applied (the model
-    uses `RopeMode.NORMAL`: q and k are rotated before the append, `rotary_mode` is 0)."""
-    H_qo, D = num_qo_heads, head_dim
-    group, start, attend, finish = _kernel_parts(num_kv_heads, num_qo_heads, head_dim, dtype, lanes)
+    uses `RopeMode.NORMAL`: q and k are rotated before the append, `rotary_mode` is 0). A task is one
+    (sequence, head); a step is one page of `KEYS` keys (the cache's page size): each key's dot product
+    accumulates in a vector of partial sums (head dimension in lanes), the 16 vectors are transposed and
+    summed in 4 levels of shuffles into one vector of 16 scores, and the online softmax runs on that
+    vector (polynomial exp2), so no key costs a horizontal sum or a libm call. The last page's stale
+    rows are scored (lanes never mix) and masked; only valid rows' values are read."""
+    H_qo, D, group, log2e, page_size = num_qo_heads, head_dim, num_qo_heads // num_kv_heads, math.log2(math.e), KEYS
+    chunks = D // KEYS
+
+    def tree(level: int, vectors, pair: int):
+        lo, hi = _TREE[level]
+        a, b = vectors[2 * pair, T.ramp(0, 1, KEYS)], vectors[2 * pair + 1, T.ramp(0, 1, KEYS)]
+        return T.Shuffle([a, b], lo) + T.Shuffle([a, b], hi)
 
     # fmt: off
     @T.prim_func(s_tir=True)
@@ -100,45 +98,66 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
             with T.sblock("attn"):
                 T.reads()  # regions depend on the page table: declared opaque
                 T.writes()
-                q_local = T.sblock_alloc_buffer((D,), "float32")
-                k_row = T.sblock_alloc_buffer((D,), "float32")
-                v_row = T.sblock_alloc_buffer((D,), "float32")
-                acc = T.sblock_alloc_buffer((D,), "float32")
-                part = T.sblock_alloc_buffer((lanes,), "float32")
-                state = T.sblock_alloc_buffer((4,), "float32")
+                q_local = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                partial = T.sblock_alloc_buffer((KEYS, KEYS), "float32", scope="local")
+                half = T.sblock_alloc_buffer((KEYS // 2, KEYS), "float32", scope="local")
+                quarter = T.sblock_alloc_buffer((KEYS // 4, KEYS), "float32", scope="local")
+                eighth = T.sblock_alloc_buffer((KEYS // 8, KEYS), "float32", scope="local")
+                score = T.sblock_alloc_buffer((KEYS,), "float32", scope="local")
+                row_sum = T.sblock_alloc_buffer((KEYS,), "float32", scope="local")  # per lane; summed at the end
+                state = T.sblock_alloc_buffer((3,), "float32", scope="local")  # running max, new max, rescale
                 b: T.let[T.int32] = bh // H_qo
                 h: T.let[T.int32] = bh % H_qo
                 begin: T.let[T.int32] = page_table_indptr[b]
                 end: T.let[T.int32] = page_table_indptr[b + 1]
                 kv_len: T.let[T.int32] = T.if_then_else(begin != end, (end - begin - 1) * page_size + length_info[b], 0)  # length_info[b]: tokens in the last page
-                start(Q, b, h, sm_scale, q_local, acc, state)
-                for j in T.serial(kv_len):
+                for d in T.vectorized(D):
+                    q_local[d] = T.Cast("float32", Q[b, h, d]) * (sm_scale * T.float32(log2e))
+                    acc[d] = T.float32(0)
+                for j in T.vectorized(KEYS):
+                    row_sum[j] = T.if_then_else(j == 0, T.float32(1), T.float32(0))
+                state[0] = T.float32(-5e4)
+                for kb in T.serial(T.ceildiv(kv_len, KEYS)):
+                    page: T.let[T.int32] = page_table_values[begin + kb]
+                    for j in T.unroll(KEYS):
+                        for lane in T.vectorized(KEYS):
+                            partial[j, lane] = T.float32(0)
+                    for c in T.serial(chunks):
+                        for j in T.unroll(KEYS):
+                            for lane in T.vectorized(KEYS):
+                                partial[j, lane] = partial[j, lane] + q_local[c * KEYS + lane] * T.Cast("float32", pages[page, 0, h // group, j, c * KEYS + lane])
+                    for i in T.unroll(KEYS // 2):
+                        half[i, T.ramp(0, 1, KEYS)] = tree(0, partial, i)
+                    for i in T.unroll(KEYS // 4):
+                        quarter[i, T.ramp(0, 1, KEYS)] = tree(1, half, i)
+                    for i in T.unroll(KEYS // 8):
+                        eighth[i, T.ramp(0, 1, KEYS)] = tree(2, quarter, i)
+                    score[T.ramp(0, 1, KEYS)] = tree(3, eighth, 0)
+                    for j in T.vectorized(KEYS):
+                        score[j] = T.if_then_else(kb * KEYS + j < kv_len, score[j], T.float32(-1e30))
+                    state[1] = state[0]
+                    for j in T.serial(KEYS):
+                        state[1] = T.max(state[1], score[j])
+                    state[2] = _exp2(state[0] - state[1])
+                    state[0] = state[1]
+                    for j in T.vectorized(KEYS):
+                        score[j] = _exp2(score[j] - state[1])
+                        row_sum[j] = row_sum[j] * state[2] + score[j]
                     for d in T.vectorized(D):
-                        k_row[d] = T.Cast("float32", pages[page_table_values[begin + j // page_size], 0, h // group, j % page_size, d])
-                        v_row[d] = T.Cast("float32", pages[page_table_values[begin + j // page_size], 1, h // group, j % page_size, d])
-                    attend(q_local, k_row, v_row, acc, part, state)
-                finish(output, lse, b, h, acc, state)
+                        acc[d] = acc[d] * state[2]
+                    for j in T.serial(T.min(KEYS, kv_len - kb * KEYS)):  # valid keys only: a page's tail is stale
+                        for d in T.vectorized(D):
+                            acc[d] = acc[d] + score[j] * T.Cast("float32", pages[page, 1, h // group, j, d])
+                state[1] = T.float32(0)
+                for j in T.serial(KEYS):
+                    state[1] = state[1] + row_sum[j]
+                for d in T.vectorized(D):
+                    output[b, h, d] = T.Cast(dtype, acc[d] / state[1])
+                lse[b, h] = state[0] + T.log2(state[1])
     # fmt: on
 
     return batch_decode_paged_kv
-
-
-ROWS = KEYS = 16  # a prefill task's query rows (one per fp32 lane of AVX-512), and keys per step
-
-# 2^f on [0, 1): degree-5 fit of the relative error, 1 at 0 exactly (an unchanged max rescales by exactly 1)
-_EXP2_FRACTION = (1.0, 0.6931513547897339, 0.2401641607284546, 0.05580044537782669, 0.009016687981784344, 0.0018671829020604491)
-
-
-def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """2^x for x <= 0 in arithmetic that vectorizes (libm's `exp2f` does not): 2^floor(x) built in the
-    exponent bits times a polynomial of the fraction; relative error 1.6e-7, exactly 0 below 2^-127."""
-    x = tirx.max(x, tirx.const(-127.0, "float32"))
-    whole = tirx.floor(x)
-    fraction = x - whole
-    poly = tirx.const(_EXP2_FRACTION[-1], "float32")
-    for c in reversed(_EXP2_FRACTION[:-1]):
-        poly = poly * fraction + tirx.const(c, "float32")
-    return poly * tirx.reinterpret("float32", (whole.astype("int32") + 127) << 23)
 
 
 def _prefill_blocks(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str):
@@ -228,7 +247,7 @@ def _prefill_blocks(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: 
     return blocks
 
 
-def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int, page_size: int = 16) -> tirx.PrimFunc:
+def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16) -> tirx.PrimFunc:
     """`batch_prefill_paged_kv_cpu` (no sliding window, keys already rotated) over the cached pages.
     TVM's visits `max_num_pages * page_size` rows per query, on one thread."""
     H_qo, D = num_qo_heads, head_dim
@@ -284,7 +303,7 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype
     return batch_prefill_paged_kv
 
 
-def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, lanes: int) -> tirx.PrimFunc:
+def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
     """`batch_prefill_ragged_kv` (keys already rotated) over the chunk's own keys and values. TVM's
     runs the whole batch on one thread."""
     H_qo, D = num_qo_heads, head_dim
@@ -403,29 +422,26 @@ def faster_rope(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return rope(float(theta.group(1)), dim, heads, kv_heads, dtype)
 
 
-def replace_attention(lanes: int) -> tvm.transform.Pass:
+@tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
+def replace_attention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Swap TVM's serial CPU attention kernels (decode, prefill over pages, prefill over the chunk) and
     its RoPE for the ones above, sized from the module's own."""
-
-    @tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
-    def transform(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            symbol = func.attrs.get("global_symbol")
-            if symbol not in (DECODE_ATTENTION, PREFILL_ATTENTION, RAGGED_ATTENTION):
-                faster = faster_rope(func)
-                if faster is not None:
-                    mod[gv] = faster
-                continue
-            q, source = func.params[0], func.params[2 if symbol != DECODE_ATTENTION else 1]
-            heads, dim, dtype = int(q.shape[1]), int(q.shape[2]), q.dtype
-            if symbol == DECODE_ATTENTION:
-                mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype, lanes, int(source.shape[3]))
-            elif symbol == PREFILL_ATTENTION:
-                mod[gv] = prefill_attention(int(source.shape[2]), heads, dim, dtype, lanes, int(source.shape[3]))
-            elif symbol == RAGGED_ATTENTION:
-                mod[gv] = prefill_ragged_attention(int(source.shape[1]), heads, dim, dtype, lanes)
-        return mod
-
-    return transform
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        symbol = func.attrs.get("global_symbol")
+        if symbol not in (DECODE_ATTENTION, PREFILL_ATTENTION, RAGGED_ATTENTION):
+            faster = faster_rope(func)
+            if faster is not None:
+                mod[gv] = faster
+            continue
+        q, source = func.params[0], func.params[2 if symbol != DECODE_ATTENTION else 1]
+        heads, dim, dtype = int(q.shape[1]), int(q.shape[2]), q.dtype
+        if symbol == DECODE_ATTENTION:
+            if int(source.shape[3]) == KEYS:  # a page per step (the engine's page size); else TVM's stays
+                mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype)
+        elif symbol == PREFILL_ATTENTION:
+            mod[gv] = prefill_attention(int(source.shape[2]), heads, dim, dtype, int(source.shape[3]))
+        elif symbol == RAGGED_ATTENTION:
+            mod[gv] = prefill_ragged_attention(int(source.shape[1]), heads, dim, dtype)
+    return mod
