@@ -1,12 +1,14 @@
-"""Attention on the paged KV cache for CPUs: decode, prefill over cached pages, prefill over the chunk.
+"""Attention on the paged KV cache for CPUs: decode, prefill over cached pages, prefill over the chunk;
+and the cache's RoPE.
 
 TVM's CPU kernels walk batch, heads, keys and the head dimension in nested scalar loops on one thread
 (its paged prefill visits every row the cache could hold): decode cost 0.5 ms per layer at a 16-token
 context plus 4.5 µs per cached token, and attention was 95 ms per layer of a 272-token prefill
 (MobileLLaMA-1.4B shape) — more than the layer's matmuls. These kernels keep TVM's signatures and
-semantics (online softmax in base 2, the log-sum-exp its merge step uses) and run (token, head) rows in
-parallel, dot products and value updates in SIMD lanes. `replace_attention` swaps them into the module
-the KV cache was exported into.
+semantics (online softmax in base 2, the log-sum-exp its merge step uses) and keep the online softmax
+in SIMD vectors: decode transposes 16 keys' dot products into one vector of scores, prefill holds 16
+query rows in the lanes; exponentials are a polynomial (libm's `exp2f` does not vectorize).
+`replace_attention` swaps them into the module the KV cache was exported into.
 """
 
 from __future__ import annotations
@@ -438,7 +440,7 @@ def replace_attention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm
         q, source = func.params[0], func.params[2 if symbol != DECODE_ATTENTION else 1]
         heads, dim, dtype = int(q.shape[1]), int(q.shape[2]), q.dtype
         if symbol == DECODE_ATTENTION:
-            if int(source.shape[3]) == KEYS:  # a page per step (the engine's page size); else TVM's stays
+            if int(source.shape[3]) == KEYS and dim % KEYS == 0:  # a page per step (the engine's page size); else TVM's stays
                 mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype)
         elif symbol == PREFILL_ATTENTION:
             mod[gv] = prefill_attention(int(source.shape[2]), heads, dim, dtype, int(source.shape[3]))
