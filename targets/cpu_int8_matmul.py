@@ -22,7 +22,7 @@ integer dot products per group in registers, folded into fp32 accumulators after
 from __future__ import annotations
 
 import tvm
-from tvm import relax, tirx
+from tvm import tirx
 from tvm.script import tirx as T
 
 from model_defs.quantization import QUANTIZED_MATMUL, ROW_TILE
