@@ -386,8 +386,9 @@ def rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int, dtype
                 cos_f = T.sblock_alloc_buffer((half,), "float32")
                 sin_f = T.sblock_alloc_buffer((half,), "float32")
                 for d in T.serial(half):
-                    cos_f[d] = T.cos(T.Cast("float32", position_map[s]) / T.pow(T.float32(theta), T.Cast("float32", d * 2) / T.float32(D)))
-                    sin_f[d] = T.sin(T.Cast("float32", position_map[s]) / T.pow(T.float32(theta), T.Cast("float32", d * 2) / T.float32(D)))
+                    freq: T.let[T.float32] = T.Cast("float32", position_map[s]) / T.pow(T.float32(theta), T.Cast("float32", d * 2) / T.float32(D))
+                    cos_f[d] = T.cos(freq)
+                    sin_f[d] = T.sin(freq)
                 for h in T.serial(H_q):
                     rotate(qkv, s, h, q, h, cos_f, sin_f, apply_rope)
                 for h in T.serial(H_kv):

@@ -32,6 +32,18 @@ VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 NIBBLES = 0x0F0F0F0F  # a packed word's even nibbles (K = 0, 2, 4, 6 of its 8) as 4 bytes; >> 4 gives the odd
 
 
+def _dot4(acc: tirx.PrimExpr, weight_bytes: tirx.PrimExpr, activations: tirx.PrimExpr) -> tirx.PrimExpr:
+    """acc + per lane the sum of 4 (unsigned weight byte x signed activation byte) products: `vpdpbusd`
+    on 16 lanes, the 4 activation bytes (one int32) broadcast to all of them."""
+    return T.call_llvm_pure_intrin("int32x16", VPDPBUSD, acc, T.reinterpret("int8x64", weight_bytes),
+                                   T.reinterpret("int8x64", T.broadcast(activations, LANES)))
+
+
+def _rescale(total: tirx.PrimExpr, weight_scale: tirx.PrimExpr, x_scale: tirx.PrimExpr, x_offset: tirx.PrimExpr) -> tirx.PrimExpr:
+    """One group's integer dot products (16 lanes) in fp32: s_w * (s_x * total - 7 * s_x * sum q_x)."""
+    return T.Cast("float32x16", weight_scale) * (T.Cast("float32x16", total) * T.broadcast(x_scale, LANES) + T.broadcast(x_offset, LANES))
+
+
 def _quantize_rows(k: int, dtype: str):
     """The macro both kernels start with: row `row` of x (zeros where `valid` is false) rounded to int8
     per group of 32, packed in the weights' nibble order — per word of 8 K values, one int32 of the even
@@ -112,15 +124,14 @@ def int8_quantized_matmul(k: int, n: int, dtype: str = "float32", rows: int = 6,
                             for kq in T.unroll(8):
                                 for c in T.unroll(C):
                                     for r in T.unroll(R):
-                                        acc[r, T.ramp(c * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                                            "int32x16", VPDPBUSD, acc[r, T.ramp(c * LANES, 1, LANES)],
-                                            T.reinterpret("int8x64", w_q[g * 8 + kq, T.ramp(half * width + c * LANES, 1, LANES)]),
-                                            T.reinterpret("int8x64", T.broadcast(x_q[block * R + r, g * 8 + kq], LANES)))
+                                        acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(acc[r, T.ramp(c * LANES, 1, LANES)],
+                                                                                    w_q[g * 8 + kq, T.ramp(half * width + c * LANES, 1, LANES)],
+                                                                                    x_q[block * R + r, g * 8 + kq])
                             for c in T.unroll(C):
                                 for r in T.unroll(R):
-                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[r, T.ramp(c * LANES, 1, LANES)] + T.Cast("float32x16", q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)]) * (
-                                        T.Cast("float32x16", acc[r, T.ramp(c * LANES, 1, LANES)]) * T.broadcast(x_scale[block * R + r, g], LANES)
-                                        + T.broadcast(x_offset[block * R + r, g], LANES))
+                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[r, T.ramp(c * LANES, 1, LANES)] + _rescale(
+                                        acc[r, T.ramp(c * LANES, 1, LANES)], q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)],
+                                        x_scale[block * R + r, g], x_offset[block * R + r, g])
                         for r in T.unroll(R):
                             if block * R + r < m:
                                 for lane in T.vectorized(width):
@@ -168,18 +179,18 @@ def int8_quantized_gemv(k: int, n: int, dtype: str = "float32") -> tirx.PrimFunc
                             odd[c, lane] = 0
                     for w in T.unroll(4):
                         for c in T.unroll(C):
-                            even[c, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
-                                "int32x16", VPDPBUSD, even[c, T.ramp(0, 1, LANES)],
-                                T.reinterpret("int8x64", q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] & T.broadcast(T.uint32(NIBBLES), LANES)),
-                                T.reinterpret("int8x64", T.broadcast(x_q[0, g * 8 + 2 * w], LANES)))
-                            odd[c, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
-                                "int32x16", VPDPBUSD, odd[c, T.ramp(0, 1, LANES)],
-                                T.reinterpret("int8x64", (q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] >> T.broadcast(T.uint32(4), LANES)) & T.broadcast(T.uint32(NIBBLES), LANES)),
-                                T.reinterpret("int8x64", T.broadcast(x_q[0, g * 8 + 2 * w + 1], LANES)))
+                            even[c, T.ramp(0, 1, LANES)] = _dot4(
+                                even[c, T.ramp(0, 1, LANES)],
+                                q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] & T.broadcast(T.uint32(NIBBLES), LANES),
+                                x_q[0, g * 8 + 2 * w])
+                            odd[c, T.ramp(0, 1, LANES)] = _dot4(
+                                odd[c, T.ramp(0, 1, LANES)],
+                                (q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] >> T.broadcast(T.uint32(4), LANES)) & T.broadcast(T.uint32(NIBBLES), LANES),
+                                x_q[0, g * 8 + 2 * w + 1])
                     for c in T.unroll(C):
-                        out[c, T.ramp(0, 1, LANES)] = out[c, T.ramp(0, 1, LANES)] + T.Cast("float32x16", q_scale[tile, g, T.ramp(c * LANES, 1, LANES)]) * (
-                            T.Cast("float32x16", even[c, T.ramp(0, 1, LANES)] + odd[c, T.ramp(0, 1, LANES)]) * T.broadcast(x_scale[0, g], LANES)
-                            + T.broadcast(x_offset[0, g], LANES))
+                        out[c, T.ramp(0, 1, LANES)] = out[c, T.ramp(0, 1, LANES)] + _rescale(
+                            even[c, T.ramp(0, 1, LANES)] + odd[c, T.ramp(0, 1, LANES)], q_scale[tile, g, T.ramp(c * LANES, 1, LANES)],
+                            x_scale[0, g], x_offset[0, g])
                 for c in T.unroll(C):
                     for lane in T.vectorized(LANES):
                         y[0, 0, tile * ROW_TILE + c * LANES + lane] = T.Cast(dtype, out[c, lane])

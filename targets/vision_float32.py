@@ -76,8 +76,7 @@ def widen_to_float32(mod: tvm.IRModule, func: relax.Function) -> relax.Function:
 @tvm.transform.module_pass(opt_level=0, name="VisionInFloat32")
 def vision_in_float32(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """`widen_to_float32` for the vision entry points of an fp16 model; fp32 models pass through."""
-    for name in VISION_FUNCTIONS:
-        gv = mod.get_global_var(name) if any(g.name_hint == name for g in mod.get_global_vars()) else None
-        if gv is not None and _is_half(mod[gv].body.body):
+    for gv in mod.get_global_vars():
+        if gv.name_hint in VISION_FUNCTIONS and _is_half(mod[gv].body.body):
             mod[gv] = widen_to_float32(mod, mod[gv])
     return relax.transform.Normalize()(mod)

@@ -101,10 +101,12 @@ def numpy_prefill(q, keys, values, q_indptr, lengths, causal, sm_scale):
     return out, lse
 
 
-def run_kernel(func, arrays, scalars, out_shapes):
+def run_kernel(func, arrays, scalars, out_shapes, dtype="float32"):
+    """`func` built for this CPU, called with `arrays`, then zeroed outputs of `out_shapes` (the first
+    `dtype`, the others float32: attention's log-sum-exp), then `scalars`; the outputs."""
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     dev = tvm.cpu()
-    outs = [tvm.runtime.tensor(np.zeros(shape, np.float32), dev) for shape in out_shapes]
+    outs = [tvm.runtime.tensor(np.zeros(shape, dtype if i == 0 else np.float32), dev) for i, shape in enumerate(out_shapes)]
     lib(*[tvm.runtime.tensor(a, dev) for a in arrays], *outs, *scalars)
     return [o.numpy() for o in outs]
 
@@ -169,10 +171,7 @@ def test_int8_matmuls_match_their_emulation(kernel, rows, dtype):
     x = (rng.standard_normal((1, rows, k)) * 10.0 ** rng.uniform(-3, 3, (1, rows, 1))).astype(dtype)
     x[0, 0, 32:64] = 0
     func = int8_quantized_gemv(k, n, dtype) if kernel == "gemv" else int8_quantized_matmul(k, n, dtype)
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
-    out = tvm.runtime.tensor(np.zeros((1, rows, n), dtype))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, q_weight, q_scale)), out)
-    got = out.numpy()[0].astype(np.float64)
+    got = run_kernel(func, [x, q_weight, q_scale], [], [(1, rows, n)], dtype)[0][0].astype(np.float64)
     rounded = int8_activations(torch.from_numpy(x.astype(np.float32))).numpy()[0].astype(np.float64)
     emulated, exact = rounded @ weight.T, x[0].astype(np.float64) @ weight.T
     scale = np.abs(exact).max(axis=1, keepdims=True)  # per row: rows differ by 10^6 in magnitude
