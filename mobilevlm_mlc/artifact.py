@@ -5,6 +5,7 @@ and each device module (OpenCL source, CUDA fatbin and the architectures inside 
 from __future__ import annotations
 
 import json
+import platform
 import struct
 import tarfile
 from dataclasses import dataclass, field
@@ -17,6 +18,45 @@ from .errors import MobileVLMError
 BLOB_SYMBOL = "__tvm_ffi__library_bin"
 ELF_MACHINES = {62: "x86-64", 183: "AArch64"}
 FATBIN_MAGIC = 0xBA55ED50
+
+
+def host_machine() -> str:
+    """This machine's ELF machine name, as `elf_machine` spells it."""
+    arch = platform.machine()
+    return {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "AArch64", "arm64": "AArch64"}.get(arch.lower(), arch)
+
+
+def check_shared_library(path: Path, machine: str | None) -> None:
+    """Refuse, before the dynamic loader maps it, a file that is not a whole 64-bit ELF shared object
+    (for `machine`, when given): a truncated one would load and then die of SIGBUS when touched."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        size = f.seek(0, 2)
+        if head[:4] != b"\x7fELF":
+            if tarfile.is_tarfile(path):
+                raise MobileVLMError(f"{path}: is a system library (.tar) for linking into an app, not a shared library; "
+                                     "compile for a target that writes a .so to run it here")
+            raise MobileVLMError(f"{path}: not a shared library (no ELF header); build it with `mobilevlm-mlc compile`")
+        if len(head) < 64 or head[4] != 2 or head[5] != 1:
+            raise MobileVLMError(f"{path}: not a 64-bit little-endian ELF file")
+        kind, code = struct.unpack_from("<HH", head, 16)
+        found = ELF_MACHINES.get(code, f"machine {code}")
+        if kind != 3:  # ET_DYN
+            raise MobileVLMError(f"{path}: an ELF file but not a shared object (type {kind})")
+        if machine is not None and found != machine:
+            raise MobileVLMError(f"{path}: built for {found}, but this machine is {machine}; "
+                                 "run it on its device (bench --rpc-tracker) or compile for target 'cpu'")
+        phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+        ends = [shoff + shentsize * shnum, phoff + phentsize * phnum]
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum if len(table) == phentsize * phnum else 0):
+            _, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            ends.append(offset + filesz)
+        if max(ends) > size:
+            raise MobileVLMError(f"{path}: truncated ({size} bytes, its ELF headers need {max(ends)}); build it again")
 
 
 def elf_machine(data: bytes) -> str:

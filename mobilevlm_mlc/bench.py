@@ -184,10 +184,9 @@ def bench_engine(engine, image: Path, prompt: str, settings: BenchSettings, prog
 def write_result(result: dict, output: Path | None) -> None:
     if output is None:
         return
-    from .fileio import atomic_file
+    from .fileio import write_json_atomic
 
-    with atomic_file(Path(output)) as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
+    write_json_atomic(Path(output), json.dumps(result, indent=2))
 
 
 def run_bench(dist_dir: Path, lib: Path, image: Path, prompt: str, settings: BenchSettings, device: str = "cpu",

@@ -14,6 +14,7 @@ import numpy as np
 
 from model_defs.config import (
     PROJECTOR_TYPES,
+    ConfigError,
     ImageProcessorConfig,
     MobileVLMConfig,
     TextConfig,
@@ -25,6 +26,10 @@ from .errors import MobileVLMError
 STANDARD_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 STANDARD_VISION_CONFIG = VisionConfig()  # ViT-L/14 at 336 px: the dataclass defaults
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a checkpoint's tensors may be stored as
+# safetensors' dtype names -> torch's
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -83,29 +88,20 @@ def load_config(model_dir: Path) -> MobileVLMConfig:
         rope_theta=_field(cfg, "rope_theta", float, path, 10000.0),
         max_position_embeddings=_field(cfg, "max_position_embeddings", int, path, 2048),
     )
-    if text.hidden_size % heads:
-        raise MobileVLMError(f"{path}: hidden_size {text.hidden_size} is not divisible by num_attention_heads {heads}")
-    if heads % text.num_key_value_heads:
-        raise MobileVLMError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads")
     feature = cfg.get("mm_vision_select_feature", "patch")
     if feature != "patch":
-        raise MobileVLMError(f"{path}: mm_vision_select_feature '{feature}' is not supported (expected 'patch')")
+        raise MobileVLMError(f"{path}: mm_vision_select_feature {feature!r} is not supported (expected 'patch')")
     aspect = cfg.get("image_aspect_ratio", "pad")
     if aspect != "pad":
-        raise MobileVLMError(f"{path}: image_aspect_ratio '{aspect}' is not supported (expected 'pad')")
+        raise MobileVLMError(f"{path}: image_aspect_ratio {aspect!r} is not supported (expected 'pad')")
     tower = _field(cfg, "mm_vision_tower", str, path)
     vision, processor = _vision_config(model_dir, tower, path)
-    select = _field(cfg, "mm_vision_select_layer", int, path, -2)
-    if not -(vision.num_hidden_layers + 1) <= select <= vision.num_hidden_layers or select % (vision.num_hidden_layers + 1) == 0:
-        raise MobileVLMError(f"{path}: mm_vision_select_layer {select} is outside the vision tower's {vision.num_hidden_layers} layers")
-    vision.select_layer = select
+    vision.select_layer = _field(cfg, "mm_vision_select_layer", int, path, -2)
     mm_hidden = _field(cfg, "mm_hidden_size", int, path, vision.hidden_size)
     if mm_hidden != vision.hidden_size:
         raise MobileVLMError(f"{path}: mm_hidden_size {mm_hidden} differs from the vision tower's hidden_size {vision.hidden_size}")
-    if projector == "ldpnetv2" and vision.grid_size % 12:
-        raise MobileVLMError(f"{path}: ldpnetv2 pools to 12x12, but the vision tower's patch grid is {vision.grid_size}x{vision.grid_size}")
     context = text.max_position_embeddings
-    return MobileVLMConfig(
+    config = MobileVLMConfig(
         text=text,
         vision=vision,
         projector_type=projector,
@@ -113,6 +109,24 @@ def load_config(model_dir: Path) -> MobileVLMConfig:
         context_window_size=context,
         prefill_chunk_size=min(context, 2048),
     )
+    validate_config(config, path, hf_names=True)
+    return config
+
+
+def validate_config(config: MobileVLMConfig, where: Path | str, hf_names: bool = False) -> None:
+    """`config.validate()`, its ConfigError reported against the file it came from. `hf_names`: name
+    the decoder's fields as config.json does (`rope_theta`, not `text.rope_theta`)."""
+    try:
+        config.validate()
+    except ConfigError as err:
+        raise config_error(err, where, "" if hf_names else None) from None
+
+
+def config_error(err: ConfigError, where: Path | str, prefix: str | None) -> MobileVLMError:
+    """A ConfigError as one line against its file: `prefix` + the field's name (None: 'text.' is kept;
+    '' : config.json's own names, where the decoder's fields stand at the top)."""
+    field = err.field.removeprefix("text.") if prefix == "" else f"{prefix or ''}{err.field}"
+    return MobileVLMError(f"{where}: field '{field}' {err.problem}")
 
 
 def _vision_folder(model_dir: Path, tower: str) -> Path | None:
@@ -164,6 +178,16 @@ def _vision_config(model_dir: Path, tower: str, config_path: Path) -> tuple[Visi
         if processor.crop_size != vision.image_size:
             raise MobileVLMError(f"{ppath}: crop_size {processor.crop_size} differs from the tower's image_size {vision.image_size}")
     return vision, processor
+
+
+def vision_tower_folders(model_dir: Path) -> list[Path]:
+    """The vision tower's config folder when config.json names one (an input `convert` reads)."""
+    try:
+        tower = read_json(Path(model_dir) / "config.json", "config.json").get("mm_vision_tower")
+    except MobileVLMError:
+        return []
+    folder = _vision_folder(Path(model_dir), tower) if isinstance(tower, str) and "\x00" not in tower else None
+    return [folder] if folder is not None else []
 
 
 def input_files(model_dir: Path, tensors: CheckpointTensors) -> list[Path]:
@@ -235,6 +259,14 @@ class CheckpointTensors:
         if hasattr(handle, "get_slice"):
             return tuple(handle.get_slice(name).get_shape())
         return tuple(handle[name].shape)
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype's name as torch spells it ('bfloat16', 'int64', ...)."""
+        handle = self._handle(self._file_of[name])
+        if hasattr(handle, "get_slice"):
+            stored = handle.get_slice(name).get_dtype()
+            return _SAFETENSORS_DTYPES.get(stored, stored.lower())
+        return str(handle[name].dtype).removeprefix("torch.")
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as float32 numpy (bf16 / fp16 checkpoints are upcast exactly)."""

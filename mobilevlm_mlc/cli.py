@@ -4,28 +4,92 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .demo import DEMO_IMAGE, DEMO_PROMPT
-from .errors import MobileVLMError
+from .errors import MobileVLMError, first_line
+
+# ---- argument types: every value checked as it is parsed, before any work ---------------------------
 
 
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
+        return number
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
+    return parse
+
+
+def _number(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number) or number < low or (low_open and number == low) or number > high:
+            raise argparse.ArgumentTypeError(f"expected a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value}")
+        return number
+
+    return parse
+
+
+_positive = _integer(1)
+_count = _integer(0)
+
+
+def _text(value: str) -> str:
+    """A prompt: the shell hands undecodable bytes over as surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text (byte {value[err.start].encode('utf-8', 'surrogateescape')!r} "
+                                         f"at position {err.start})") from None
+    return value
+
+
+def _path(value: str) -> Path:
+    if "\x00" in value:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
+    _text(value)
+    return Path(value)
+
+
+def _target(value: str) -> str:
+    from targets import TARGETS
+
+    if value not in TARGETS:
+        raise argparse.ArgumentTypeError(f"unknown target {value!r} (expected one of {', '.join(TARGETS)})")
+    return value
+
+
+def _device(value: str) -> str:
+    from .engine import parse_device
+
+    try:
+        parse_device(value)
+    except MobileVLMError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=_number(0, 100), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=_number(0, 1, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=_count, default=0)
+    p.add_argument("--seed", type=_integer(0, 2**64 - 1), default=None)
 
 
 def _generation_config(args: argparse.Namespace):
@@ -96,7 +160,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_check_kernels(args: argparse.Namespace) -> None:
+    from .fileio import check_output_file, write_json_atomic
     from .kernel_check import TOLERANCE, check_kernels
+
+    if args.output_json:
+        check_output_file(args.output_json, "json", [args.dist_dir])
 
     def show(result) -> None:
         error = f"{result.max_rel_error:.1e}" if result.status != "skipped" else "-"
@@ -108,7 +176,7 @@ def cmd_check_kernels(args: argparse.Namespace) -> None:
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "MISMATCH", "skipped")}
     print(f"{counts['ok']} ok, {counts['MISMATCH']} mismatched, {counts['skipped']} skipped")
     if args.output_json:
-        args.output_json.write_text(json.dumps([vars(r) for r in results], indent=2))
+        write_json_atomic(args.output_json, json.dumps([vars(r) for r in results], indent=2), [args.dist_dir])
     if counts["MISMATCH"]:
         raise SystemExit(1)
 
@@ -127,7 +195,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .bench import BenchSettings, run_bench, write_result
+    from .fileio import check_output_file
 
+    if args.output:
+        check_output_file(args.output, "json", [args.dist_dir, args.lib, args.image])
     settings = BenchSettings(args.prompt_lengths, args.decode_tokens, args.repeat, args.threads, args.warmup)
     rpc = None
     if args.rpc_tracker or args.rpc_key:
@@ -157,7 +228,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import chart, load_results, table
+    from .fileio import check_output_file
 
+    if args.output:
+        check_output_file(args.output, "png", args.results)
     results = load_results(args.results)
     print(table(results, args.baseline))
     if args.output:
@@ -167,24 +241,25 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from .engine import Engine
+    from .fileio import check_output_file, write_json_atomic
 
-    engine = Engine(args.dist_dir, args.lib, device=args.device)
+    inputs = [args.dist_dir, args.lib, *([args.image] if args.image else [])]
+    if args.output_json:  # before the answer is generated, so that a bad path loses nothing
+        check_output_file(args.output_json, "json", inputs)
     config = _generation_config(args)
+    engine = Engine(args.dist_dir, args.lib, device=args.device)
     with engine.chat() as session:
         for delta in session.send(args.prompt, args.image, config):
             print(delta, end="", flush=True)
         print()
         result = session.last
     if args.output_json:
-        from .fileio import atomic_file
-
-        with atomic_file(Path(args.output_json)) as tmp:
-            tmp.write_text(json.dumps({
-                "prompt_token_ids": result.prompt_token_ids,
-                "output_token_ids": result.output_token_ids,
-                "first_logits": result.first_logits.astype(float).tolist(),
-                "finish_reason": result.finish_reason,
-            }) + "\n")
+        write_json_atomic(args.output_json, json.dumps({
+            "prompt_token_ids": result.prompt_token_ids,
+            "output_token_ids": result.output_token_ids,
+            "first_logits": result.first_logits.astype(float).tolist(),
+            "finish_reason": result.finish_reason,
+        }) + "\n", inputs)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -206,105 +281,161 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mobilevlm-mlc", description="MobileVLM compiled with Apache TVM")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="mobilevlm-mlc", description="MobileVLM compiled with Apache TVM")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("convert", help="checkpoint folder -> dist folder (weights, mlc-chat-config.json, tokenizer)")
-    p.add_argument("model_dir", type=Path)
+    p.add_argument("model_dir", type=_path)
     p.add_argument("--quantization", required=True)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=_path, required=True)
     p.add_argument("--context-window-size", type=_positive, default=None)
     p.add_argument("--prefill-chunk-size", type=_positive, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compile", help="dist folder -> compiled library for a target")
-    p.add_argument("dist_dir", type=Path)
-    p.add_argument("--target", default="cpu")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("dist_dir", type=_path)
+    p.add_argument("--target", type=_target, default="cpu")
+    p.add_argument("-o", "--output", type=_path, required=True)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("package", help="mlc-package-config.json -> bundle/ and lib/libmodel_android.a for MLC's Android app")
-    p.add_argument("config", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("config", type=_path)
+    p.add_argument("-o", "--output", type=_path, required=True)
     p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("inspect", help="what a compiled library holds: ELF machine, prefix, build info, device code")
-    p.add_argument("library", type=Path)
+    p.add_argument("library", type=_path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("check-kernels", help="run an OpenCL build's kernels on this CPU (PoCL) against the CPU build")
-    p.add_argument("dist_dir", type=Path)
-    p.add_argument("--target", default="android-adreno")
+    p.add_argument("dist_dir", type=_path)
+    p.add_argument("--target", type=_target, default="android-adreno")
     p.add_argument("--entries", default="decode,image_embed", help="entry points whose kernels are checked")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names instead")
-    p.add_argument("--output-json", type=Path, default=None)
+    p.add_argument("--output-json", type=_path, default=None)
     p.set_defaults(func=cmd_check_kernels)
 
     p = sub.add_parser("bench", help="image encode, prefill, decode and time-to-first-token of a compiled library")
-    p.add_argument("dist_dir", type=Path)
-    p.add_argument("--lib", type=Path, required=True)
-    p.add_argument("--image", type=Path, default=DEMO_IMAGE)
-    p.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt of the time-to-first-token run")
+    p.add_argument("dist_dir", type=_path)
+    p.add_argument("--lib", type=_path, required=True)
+    p.add_argument("--image", type=_path, default=DEMO_IMAGE)
+    p.add_argument("--prompt", type=_text, default=DEMO_PROMPT, help="the prompt of the time-to-first-token run")
     p.add_argument("--prompt-lengths", type=_lengths, default=(32, 128, 512), help="text tokens after the image tokens")
     p.add_argument("--decode-tokens", type=_positive, default=128)
     p.add_argument("--repeat", type=_positive, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--warmup", type=_count, default=1, help="untimed runs before the timed ones")
     p.add_argument("--threads", type=_positive, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--label", default=None)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--label", type=_text, default=None)
     p.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker: run on the device under --rpc-key")
     p.add_argument("--rpc-key", default=None)
-    p.add_argument("-o", "--output", type=Path, default=None)
+    p.add_argument("-o", "--output", type=_path, default=None)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="benchmark results side by side: a table with ratios, and a PNG chart")
-    p.add_argument("results", type=Path, nargs="+")
-    p.add_argument("--baseline", type=int, default=0, help="index of the result the ratios are against")
-    p.add_argument("-o", "--output", type=Path, default=None, help="PNG chart")
+    p.add_argument("results", type=_path, nargs="+")
+    p.add_argument("--baseline", type=_count, default=0, help="index of the result the ratios are against")
+    p.add_argument("-o", "--output", type=_path, default=None, help="PNG chart")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("targets", help="list the build targets and whether this TVM can build each")
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("run", help="answer a prompt about an image, streaming")
-    p.add_argument("dist_dir", type=Path)
-    p.add_argument("--lib", type=Path, required=True)
-    p.add_argument("--image", type=Path, default=None)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output-json", type=Path, default=None)
+    p.add_argument("dist_dir", type=_path)
+    p.add_argument("--lib", type=_path, required=True)
+    p.add_argument("--image", type=_path, default=None)
+    p.add_argument("--prompt", type=_text, required=True)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--output-json", type=_path, default=None)
     _add_generation_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("verify", help="compare the compiled model with the PyTorch reference, boundary by boundary")
-    p.add_argument("model_dir", type=Path)
-    p.add_argument("--image", type=Path, default=DEMO_IMAGE)
-    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("model_dir", type=_path)
+    p.add_argument("--image", type=_path, default=DEMO_IMAGE)
+    p.add_argument("--prompt", type=_text, default=DEMO_PROMPT)
     p.add_argument("--tokens", type=_positive, default=16, help="greedy tokens that must agree")
     p.add_argument("--quantization", default="q0f32")
-    p.add_argument("--workdir", type=Path, default=None, help="where to keep the converted weights and library")
+    p.add_argument("--workdir", type=_path, default=None, help="where to keep the converted weights and library")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", help="build a small random-weight MobileVLM, compile it for this CPU and chat with it")
     p.add_argument("--projector", choices=["ldpnet", "ldpnetv2"], default="ldpnet")
-    p.add_argument("--workdir", type=Path, default=Path("dist/demo"))
-    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--workdir", type=_path, default=Path("dist/demo"))
+    p.add_argument("--prompt", type=_text, default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=_positive, default=24)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class Parser(argparse.ArgumentParser):
+    """argparse, with its complaint as the one `error:` line every failure gets (usage stays in --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _print_error(f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(2)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
     try:
-        args.func(args)
-    except MobileVLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        tvm_version = version("apache-tvm")
+    except PackageNotFoundError:
+        tvm_version = "not installed"
+    return f"mobilevlm-mlc {__version__} (apache-tvm {tvm_version})"
+
+
+def _print_error(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever the message held
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every `finally` removes its temporaries."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 a check failed (verify, check-kernels) or an internal error; 2 bad input
+    (one `error:` line); 130 / 143 interrupted / terminated (temporaries removed); 141 stdout closed."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        args = build_parser().parse_args(argv)
+        try:
+            args.func(args)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except MobileVLMError as err:
+            _print_error(str(err))
+            return 2
+        except MemoryError:
+            _print_error(f"out of memory during `{args.command}` (a smaller model, context window or image needs less)")
+            return 2
+        except Exception as err:  # noqa: BLE001 - a bug of ours: still one line, with a way to see more
+            if os.environ.get("MOBILEVLM_MLC_DEBUG"):
+                raise
+            _print_error(f"internal error in `{args.command}`: {first_line(err)} (set MOBILEVLM_MLC_DEBUG=1 for the traceback; please report it)")
+            return 1
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

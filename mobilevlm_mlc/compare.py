@@ -4,6 +4,7 @@ as a terminal table and a PNG chart."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .bench import SCHEMA
@@ -17,11 +18,40 @@ def load_results(paths: list[Path]) -> list[dict]:
             result = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise MobileVLMError(f"{path}: not a readable benchmark result ({err})") from None
+        except UnicodeDecodeError:
+            raise MobileVLMError(f"{path}: not a readable benchmark result (not UTF-8 text)") from None
         if not isinstance(result, dict) or result.get("schema") != SCHEMA:
             found = result.get("schema") if isinstance(result, dict) else type(result).__name__
             raise MobileVLMError(f"{path}: field 'schema' is {found!r}, expected {SCHEMA!r} (written by `mobilevlm-mlc bench`)")
+        _check_result(path, result)
         results.append(result)
     return results
+
+
+def _check_result(path: Path, result: dict) -> None:
+    """The fields `table` and `chart` read: a label, an environment, and each figure as {"median": number}."""
+    def bad(field: str, expected: str) -> MobileVLMError:
+        return MobileVLMError(f"{path}: field '{field}' is missing or not {expected}")
+
+    def figure(field: str, node: object) -> None:
+        median = node.get("median") if isinstance(node, dict) else None
+        if not isinstance(median, (int, float)) or isinstance(median, bool) or not math.isfinite(median):
+            raise bad(f"{field}.median", "a finite number")
+
+    if not isinstance(result.get("label"), str):
+        raise bad("label", "a string")
+    if not isinstance(result.get("environment"), dict):
+        raise bad("environment", "an object")
+    for field in ("decode_tok_s", "image_encode_ms", "ttft_ms"):
+        if field in result:
+            figure(field, result[field])
+    prefill = result.get("prefill_tok_s", {})
+    if not isinstance(prefill, dict):
+        raise bad("prefill_tok_s", "an object of prompt length -> figure")
+    for length, node in prefill.items():
+        if not length.isdigit():
+            raise bad(f"prefill_tok_s.{length}", "keyed by a prompt length")
+        figure(f"prefill_tok_s.{length}", node)
 
 
 def metrics(results: list[dict]) -> list[tuple[str, str, bool]]:
@@ -89,6 +119,6 @@ def chart(results: list[dict], output: Path, baseline: int = 0) -> None:
     fig.tight_layout()
     from .fileio import atomic_file
 
-    with atomic_file(Path(output)) as tmp:
+    with atomic_file(Path(output), "png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

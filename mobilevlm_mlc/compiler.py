@@ -12,12 +12,13 @@ import tvm
 from tvm import relax
 
 from model_defs.mobilevlm import MobileVLMForCausalLM
+from model_defs.quantization import layout_fallbacks
 from targets import KernelCheckError, get_target
 from targets.nvcc import ToolchainError
 
 from .dist import Dist, load_dist
-from .errors import MobileVLMError
-from .fileio import atomic_file
+from .errors import MobileVLMError, first_line
+from .fileio import atomic_file, check_output_file
 from .manifest import dist_identity, record_library
 
 
@@ -86,10 +87,15 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     missing_tool = build_target.missing_toolchain()
     if missing_tool:
         raise MobileVLMError(f"target '{target_name}': {missing_tool}")
+    check_output_file(output, "library")
     identity = dist_identity(dist)  # refuses a dist without a manifest before any work
     started = time.perf_counter()
     target = build_target.tvm_target()
-    build = build_target.build_info(target, dist.config.dtype, dist.quantization.scheme)
+    scheme = dist.quantization.scheme
+    build = build_target.build_info(target, dist.config.dtype, scheme)
+    fallbacks = layout_fallbacks(MobileVLMForCausalLM(dist.config, scheme), scheme) if scheme else {}
+    if fallbacks:  # linears whose shape the scheme's layout cannot tile (stored NK, model-dtype activations)
+        build["layout_fallbacks"] = fallbacks
     mod, named_params = export_model(dist.config, dist.quantization.scheme, target)
     mod = _attach_metadata(mod, metadata(dist, named_params, build) | {"dist": identity})
     prefix = system_lib_prefix(dist) if build_target.system_lib else None
@@ -108,10 +114,13 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
         raise MobileVLMError(f"target '{target_name}': lowering, scheduling and limit checks passed, but {missing}")
     executable = relax.build(lowered, target, relax_pipeline=None, system_lib=build_target.system_lib)
     try:
-        with atomic_file(output) as tmp:
+        with atomic_file(output, "library") as tmp:
             executable.export_library(str(tmp), **build_target.export_options())
     except ToolchainError as err:
         raise MobileVLMError(f"target '{target_name}': {err}") from None
+    except tvm.error.TVMError as err:  # the linker or a code generator failed: name the step, keep it one line
+        raise MobileVLMError(f"{output}: linking the '{target_name}' library failed ({first_line(err)}); "
+                             "check the target's toolchain (`mobilevlm-mlc targets`)") from None
     record_library(dist, output, {"target": target_name, "tvm_target": str(target), "system_lib_prefix": prefix,
                                   "linker": build_target.linker or "host", "build": build})
     finished = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import MobileVLMError
 from .tokenizer import Tokenizer
 
 IMAGE_TOKEN_ID = -200
@@ -39,6 +40,27 @@ V1_TEMPLATE: dict = {
 }
 
 
+def check_conv_template(template: object, where: object) -> None:
+    """Refuse a `conv_template` (from mlc-chat-config.json) that the prompt renderer cannot use."""
+    def bad(field: str, found: object, expected: str) -> MobileVLMError:
+        return MobileVLMError(f"{where}: field 'conv_template.{field}' is {found!r}, expected {expected}")
+
+    if not isinstance(template, dict):
+        raise MobileVLMError(f"{where}: field 'conv_template' is {template!r}, expected an object (MLC's Conversation)")
+    for key in ("system_message", "role_content_sep", "role_empty_sep"):
+        if not isinstance(template.get(key), str):
+            raise bad(key, template.get(key), "a string")
+    roles = template.get("roles")
+    if not isinstance(roles, dict) or not all(isinstance(roles.get(r), str) for r in ("user", "assistant")):
+        raise bad("roles", roles, "an object with string 'user' and 'assistant'")
+    seps = template.get("seps")
+    if not isinstance(seps, list) or len(seps) not in (1, 2) or not all(isinstance(x, str) for x in seps):
+        raise bad("seps", seps, "a list of one or two strings")
+    stops = template.get("stop_token_ids")
+    if not isinstance(stops, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stops):
+        raise bad("stop_token_ids", stops, "a list of token ids")
+
+
 def tokenize_with_images(tokenizer: Tokenizer, text: str, add_bos: bool) -> list[int]:
     """Token ids of `text` with `IMAGE_TOKEN_ID` for each `<image>`; BOS only before the first chunk."""
     ids: list[int] = []
@@ -61,7 +83,7 @@ class Conversation:
         t = self.template
         user, assistant = t["roles"]["user"], t["roles"]["assistant"]
         content = f"{IMAGE_PLACEHOLDER}\n{message}" if with_image else message
-        prefix = t["system_message"] + t["seps"][0] if self.turns == 0 else t["seps"][1]
+        prefix = t["system_message"] + t["seps"][0] if self.turns == 0 else t["seps"][-1]
         self.turns += 1
         return f"{prefix}{user}{t['role_content_sep']}{content}{t['seps'][0]}{assistant}{t['role_empty_sep']}"
 

@@ -21,12 +21,12 @@ from model_defs.mobilevlm import MobileVLMForCausalLM
 from model_defs.quantization import quantized_modules
 from model_defs.weights import ParamSource, checkpoint_sources, is_unused_checkpoint_tensor
 
-from .checkpoint import CheckpointTensors, input_files, load_config
+from .checkpoint import FLOAT_DTYPES, CheckpointTensors, input_files, load_config, validate_config, vision_tower_folders
 from .conversation import V1_TEMPLATE
 from .dist import CHAT_CONFIG, TOKENIZER_FILES, TOKENIZER_MODEL
-from .errors import MobileVLMError
-from .fileio import atomic_dir
-from .manifest import convert_manifest, write_manifest
+from .errors import MobileVLMError, summarize
+from .fileio import atomic_dir, check_output_dir
+from .manifest import convert_manifest, dist_files, write_manifest
 from .quantization import Quantization, get_quantization, quantize_weight
 
 
@@ -56,13 +56,16 @@ def plan_sources(config: MobileVLMConfig, tensors: CheckpointTensors) -> dict[st
     unexpected = sorted(n for n in present - set(needed) if not is_unused_checkpoint_tensor(n, config))
     where = tensors.model_dir
     if missing:
-        raise MobileVLMError(f"{where}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing)}")
+        raise MobileVLMError(f"{where}: the checkpoint lacks {summarize(missing, 'tensor', 'tensors')}")
     if unexpected:
-        raise MobileVLMError(f"{where}: {len(unexpected)} unexpected tensor(s) in the checkpoint: {', '.join(unexpected)}")
+        raise MobileVLMError(f"{where}: the checkpoint holds {summarize(unexpected, 'unexpected tensor', 'unexpected tensors')}")
     for name, shape in needed.items():
         found = tensors.shape(name)
         if found != shape:
             raise MobileVLMError(f"{where}: tensor {name} has shape {list(found)}, expected {list(shape)} from config.json")
+        dtype = tensors.dtype(name)
+        if dtype not in FLOAT_DTYPES:
+            raise MobileVLMError(f"{where}: tensor {name} has dtype {dtype}, expected a floating-point type ({', '.join(FLOAT_DTYPES)})")
     return sources
 
 
@@ -133,15 +136,14 @@ def convert(
     if context_window_size is not None:
         config.context_window_size = context_window_size
     config.prefill_chunk_size = min(prefill_chunk_size or config.prefill_chunk_size, config.context_window_size)
-    if config.prefill_chunk_size < config.num_image_tokens:
-        raise MobileVLMError(f"prefill chunk size {config.prefill_chunk_size} cannot hold the {config.num_image_tokens} image tokens")
+    validate_config(config, "--context-window-size / --prefill-chunk-size")
     if not (model_dir / TOKENIZER_MODEL).is_file():
         raise MobileVLMError(f"{model_dir / TOKENIZER_MODEL}: tokenizer model not found")
+    inputs = [model_dir, *vision_tower_folders(model_dir)]
+    check_output_dir(out_dir, dist_files, inputs)
     tensors = CheckpointTensors(model_dir)
     sources = plan_sources(config, tensors)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CHAT_CONFIG).is_file():
-        raise MobileVLMError(f"{out_dir}: exists and is not a dist folder; refusing to overwrite it")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, dist_files, inputs) as tmp:
         param_count = sum(int(np.prod(s)) for s in model_param_shapes(config).values())
         param_bytes = stored_bytes(config, quant)
         with contextlib.redirect_stdout(io.StringIO()):  # dump_tensor_cache prints a summary line

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model_defs.config import MobileVLMConfig
+from model_defs.config import ConfigError, MobileVLMConfig
 
-from .checkpoint import read_json
+from .checkpoint import config_error, read_json
+from .conversation import check_conv_template
 from .errors import MobileVLMError
 from .quantization import Quantization, get_quantization
 
@@ -33,8 +34,15 @@ def load_dist(path: Path) -> Dist:
     chat = read_json(cfg_path, CHAT_CONFIG)
     if chat.get("model_type") != "mobilevlm":
         raise MobileVLMError(f"{cfg_path}: model_type is {chat.get('model_type')!r}, expected 'mobilevlm'")
+    model_config = chat.get("model_config")
+    if not isinstance(model_config, dict):
+        raise MobileVLMError(f"{cfg_path}: field 'model_config' is {model_config!r}, expected an object")
     try:
-        config = MobileVLMConfig.from_dict(chat["model_config"])
-    except (KeyError, TypeError, ValueError, OverflowError) as err:
-        raise MobileVLMError(f"{cfg_path}: field 'model_config' is malformed ({type(err).__name__}: {err})") from None
-    return Dist(path, chat, config, get_quantization(str(chat.get("quantization"))))
+        config = MobileVLMConfig.from_dict(model_config)
+    except ConfigError as err:
+        raise config_error(err, cfg_path, "model_config.") from None
+    quantization = get_quantization(str(chat.get("quantization")))
+    if config.dtype != quantization.model_dtype:
+        raise MobileVLMError(f"{cfg_path}: model_config.dtype is {config.dtype!r}, but {quantization.name} computes in {quantization.model_dtype}")
+    check_conv_template(chat.get("conv_template"), cfg_path)
+    return Dist(path, chat, config, quantization)

@@ -20,9 +20,10 @@ from PIL import Image
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
+from .artifact import check_shared_library, host_machine
 from .conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
 from .dist import TOKENIZER_MODEL, load_dist
-from .errors import MobileVLMError
+from .errors import MobileVLMError, first_line
 from .manifest import check_library
 from .preprocess import load_image, preprocess
 from .remote import RemoteSession
@@ -31,6 +32,26 @@ from .tensor_cache import load_tensor_cache
 from .tokenizer import StreamDecoder, Tokenizer
 
 PAGE_SIZE = 16
+
+
+DEVICE_KINDS = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
+
+
+def parse_device(name: str) -> tuple[str, int]:
+    """'cpu', 'cuda:1', ... -> (kind, index); anything else is a MobileVLMError."""
+    kind, _, index = name.partition(":")
+    if kind not in DEVICE_KINDS or (index and not index.isdigit()):
+        raise MobileVLMError(f"device {name!r}: expected one of {', '.join(DEVICE_KINDS)}, optionally with ':INDEX'")
+    return kind, int(index or 0)
+
+
+def open_device(name: str, remote: RemoteSession | None = None) -> tvm.runtime.Device:
+    """The device a library runs on, here or on the RPC device; refused when it is not there."""
+    kind, index = parse_device(name)
+    device = remote.device(kind, index) if remote else tvm.device(kind, index)
+    if not remote and not device.exist:
+        raise MobileVLMError(f"device {name!r} is not present on this machine")
+    return device
 
 
 def _pages(tokens: int) -> int:
@@ -70,15 +91,17 @@ class Engine:
         lib_path = Path(lib_path)
         if not lib_path.is_file():
             raise MobileVLMError(f"{lib_path}: compiled library not found (build it with `mobilevlm-mlc compile`)")
+        check_shared_library(lib_path, None if remote else host_machine())
         self.remote = remote
         self._entries: dict[str, object] = {}
-        self.device = remote.device(device) if remote else tvm.device(device)
+        self.device = open_device(device, remote)
         try:
             module = remote.load_library(lib_path) if remote else tvm.runtime.load_module(str(lib_path))
             self.vm = relax.VirtualMachine(module, self.device)
             self.metadata = json.loads(self._entry("_metadata")())
         except Exception as err:  # noqa: BLE001 - any loader failure means an unusable file
-            raise MobileVLMError(f"{lib_path}: not a loadable mobilevlm-mlc library ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+            raise MobileVLMError(f"{lib_path}: not a loadable mobilevlm-mlc library ({first_line(err)}); "
+                                 "compile it again with this mobilevlm-mlc and TVM") from None
         check_library(self.dist, lib_path, self.metadata)
         library_window = int(self.metadata["context_window_size"])
         if context_window_size is not None and not 0 < context_window_size <= library_window:

@@ -27,7 +27,7 @@ from targets import BuildTarget, get_target
 
 from .compiler import export_model
 from .dist import load_dist
-from .errors import MobileVLMError
+from .errors import MobileVLMError, summarize
 
 # KV-cache kernels have target-specific implementations; the CPU build names them with `_cpu`.
 # the CPU build names these differently: its own attention kernels, TOPI's fast softmax
@@ -323,8 +323,13 @@ def check_kernels(
     gpu_target = tvm.target.Target(gpu_target, host=cpu_target)
 
     names = list(only) if only else []
+    unknown = [name for name in names if name not in [gv.name_hint for gv in gpu_mod.get_global_vars()]]
+    if unknown:
+        raise MobileVLMError(f"--kernels: not kernels of the {target_name} build: {summarize(unknown, 'name', 'names')}")
     if not only:
         for entry in entries:
+            if entry not in [gv.name_hint for gv in gpu_mod.get_global_vars()]:
+                raise MobileVLMError(f"--entries: '{entry}' is not an entry point of the model")
             names += kernels_called(gpu_mod, entry)
         if "decode" in entries:
             names += KV_CACHE_DECODE_KERNELS

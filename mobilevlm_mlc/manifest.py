@@ -17,9 +17,10 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import read_json
-from .dist import Dist
+from .dist import CHAT_CONFIG, Dist
 from .errors import MobileVLMError
 from .fileio import atomic_file
+from .tensor_cache import TENSOR_CACHE
 
 MANIFEST = "mobilevlm-manifest.json"
 FORMAT = 1
@@ -56,8 +57,28 @@ def convert_manifest(files: dict[str, Path], quantization: str, model_config: di
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    with atomic_file(Path(folder) / MANIFEST) as tmp:
+    with atomic_file(Path(folder) / MANIFEST, "json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def dist_files(folder: Path) -> set[str] | None:
+    """What `convert` (and `compile`, for libraries it recorded) wrote in a dist folder, or None when
+    the folder is not a dist of ours: the manifest, the chat config and its tokenizer files, the
+    tensor cache and its shards."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        chat = json.loads((folder / CHAT_CONFIG).read_text())
+        cache = json.loads((folder / TENSOR_CACHE).read_text())
+        owned = {MANIFEST, CHAT_CONFIG, TENSOR_CACHE}
+        owned |= {str(shard["dataPath"]) for shard in cache["records"]}
+        owned |= {str(name) for name in chat.get("tokenizer_files", [])}
+        owned |= {str(name) for name in manifest.get("libraries", {})}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if manifest.get("tool", {}).get("name") != "mobilevlm-mlc":
+        return None
+    return owned
 
 
 def read_manifest(dist_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,9 @@ import numpy as np
 from .checkpoint import read_json
 from .dist import CHAT_CONFIG, load_dist
 from .errors import MobileVLMError
+from .fileio import TEMP_PREFIX, atomic_dir, check_output_dir
 
+LIBRARY = "libmodel_android.a"
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SYMBOL_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a model_lib names C symbols, never a path
 
@@ -81,7 +83,7 @@ def _read_config(path: Path) -> list[PackagedModel]:
         if model_lib not in libs:
             raise MobileVLMError(f"{where}: model_lib '{model_lib}' has no entry in model_lib_path_for_prepare_libs")
         library = _resolve(base, str(libs[model_lib]), f"{path}: model_lib_path_for_prepare_libs['{model_lib}']")
-        if not library.is_file() or library.suffix != ".tar":
+        if not library.is_file() or library.suffix != ".tar" or not tarfile.is_tarfile(library):
             raise MobileVLMError(f"{where}: library '{libs[model_lib]}' for '{model_lib}' is not a .tar system library ({library})")
         vram = entry.get("estimated_vram_bytes")
         result.append(PackagedModel(
@@ -101,16 +103,23 @@ def _resolve(base: Path, value: str, what: str) -> Path:
 def _merge_objects(models: list[PackagedModel], lib_dir: Path, scratch: Path) -> Path:
     objects: list[Path] = []
     for model in models:
-        with tarfile.open(model.library) as tar:
-            for member in tar.getmembers():
-                if not member.isfile() or not member.name.endswith(".o"):
-                    continue
-                target = scratch / f"{len(objects)}_{Path(member.name).name}"  # lib0.o repeats across models
-                target.write_bytes(tar.extractfile(member).read())
-                objects.append(target)
-    archive = lib_dir / "libmodel_android.a"
-    subprocess.run(["ar", "rcs", str(archive), *map(str, objects)], check=True, capture_output=True)
-    symbols = subprocess.run(["nm", "--defined-only", str(archive)], check=True, capture_output=True, text=True).stdout
+        try:
+            with tarfile.open(model.library) as tar:
+                for member in tar.getmembers():
+                    if not member.isfile() or not member.name.endswith(".o"):
+                        continue
+                    target = scratch / f"{len(objects)}_{Path(member.name).name}"  # lib0.o repeats across models
+                    target.write_bytes(tar.extractfile(member).read())
+                    objects.append(target)
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise MobileVLMError(f"{model.library}: not a readable system library ({err})") from None
+    archive = lib_dir / LIBRARY
+    try:
+        subprocess.run(["ar", "rcs", str(archive), *map(str, objects)], check=True, capture_output=True)
+        symbols = subprocess.run(["nm", "--defined-only", str(archive)], check=True, capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as err:
+        message = (err.stderr if isinstance(err.stderr, str) else err.stderr.decode(errors="replace")).strip()
+        raise MobileVLMError(f"`{err.cmd[0]}` failed on the libraries' objects ({message.splitlines()[0] if message else err.returncode})") from None
     for model in models:
         if f" {model.model_lib}___tvm_ffi__library_bin" not in symbols:
             raise MobileVLMError(
@@ -120,13 +129,38 @@ def _merge_objects(models: list[PackagedModel], lib_dir: Path, scratch: Path) ->
     return archive
 
 
+def _bundle_files(folder: Path) -> set[str] | None:
+    """What `package` wrote in OUT/bundle: the app config and each bundled model's dist, else None."""
+    try:
+        entries = json.loads((folder / "mlc-app-config.json").read_text())["model_list"]
+        bundled = [str(e["model_path"]) for e in entries if "model_path" in e]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    owned = {"mlc-app-config.json"}
+    for name in bundled:
+        if SAFE_ID.fullmatch(name) and (folder / name).is_dir():
+            owned |= {p.relative_to(folder).as_posix() for p in (folder / name).rglob("*") if not p.is_dir()}
+    return owned
+
+
+def _lib_files(folder: Path) -> set[str] | None:
+    return {LIBRARY} if (folder / LIBRARY).is_file() else None
+
+
 def package(config_path: Path, output: Path) -> Path:
     config_path, output = Path(config_path), Path(output).absolute()  # `ar` and `nm` never see a path starting with '-'
     models = _read_config(config_path)
     if shutil.which("ar") is None or shutil.which("nm") is None:
         raise MobileVLMError("packaging needs binutils' `ar` and `nm` on PATH")
-    output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".package.", dir=output) as tmp:
+    inputs = [config_path, *(m.dist for m in models), *(m.library for m in models)]
+    parts = {"bundle": _bundle_files, "lib": _lib_files}
+    for part, owned in parts.items():
+        check_output_dir(output / part, owned, inputs, what=f"package's {part}/ folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MobileVLMError(f"{output}: cannot create the output folder ({err.strerror})") from None
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=output) as tmp:
         staging = Path(tmp)
         (staging / "bundle").mkdir()
         (staging / "lib").mkdir()
@@ -142,10 +176,8 @@ def package(config_path: Path, output: Path) -> Path:
                 entry["model_url"] = str(model.dist)
             app_models.append(entry)
         (staging / "bundle" / "mlc-app-config.json").write_text(json.dumps({"model_list": app_models}, indent=2) + "\n")
-        for part in ("bundle", "lib"):
-            old = output / f".{part}.old-{os.getpid()}"
-            if (output / part).exists():
-                os.replace(output / part, old)
-            os.replace(staging / part, output / part)
-            shutil.rmtree(old, ignore_errors=True)
+        for part, owned in parts.items():
+            with atomic_dir(output / part, owned, inputs) as target:
+                target.rmdir()
+                os.replace(staging / part, target)
     return output

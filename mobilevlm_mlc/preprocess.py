@@ -13,9 +13,25 @@ from model_defs.config import ImageProcessorConfig
 
 from .errors import MobileVLMError
 
+# Pad-to-square makes a side x side canvas of the longer side: that, not width x height, is what an
+# image costs. Bounded by PIL's own decompression-bomb limit (about 9459 x 9459).
+MAX_CANVAS_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def check_image_size(size: tuple[int, int], where: object) -> None:
+    """Refuse, before anything is decoded or allocated, an image whose padded square would be too large."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise MobileVLMError(f"{where}: image is {width}x{height}, expected at least 1x1 pixels")
+    side = max(width, height)
+    if side * side > MAX_CANVAS_PIXELS:
+        raise MobileVLMError(f"{where}: image is {width}x{height}; padded to a square it would be {side}x{side} = "
+                             f"{side * side} pixels, more than the {MAX_CANVAS_PIXELS} allowed (scale it down first)")
+
 
 def load_image(path: Path) -> Image.Image:
-    """Open any PIL-readable image fully (so truncation shows here) and convert it to RGB."""
+    """Open any PIL-readable image fully (so truncation shows here) and convert it to RGB; its size is
+    checked from the header, before decoding."""
     path = Path(path)
     if not path.is_file():
         raise MobileVLMError(f"{path}: image not found")
@@ -23,6 +39,7 @@ def load_image(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its limit
             with Image.open(path) as img:
+                check_image_size(img.size, path)
                 img.load()
                 return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -42,6 +59,7 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
 
 
 def preprocess(image: Image.Image, config: ImageProcessorConfig, dtype: str = "float32") -> np.ndarray:
+    check_image_size(image.size, "image")
     image = image.convert("RGB")
     background = tuple(int(x * 255) for x in config.image_mean)
     image = expand_to_square(image, background)

@@ -44,7 +44,8 @@ def get_quantization(name: str) -> Quantization:
 
 
 def quantize_weight(weight: np.ndarray, scheme: GroupQuantScheme, layout: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """W[out, in] (float) -> (q_weight uint32, q_scale) in `layout` (default: the scheme's).
+    """W[out, in] (float) -> (q_weight uint32, q_scale) in `layout` (default: the scheme's); `in` padded
+    with zeros to whole groups.
 
     scale = max|w| over a group of 32 inputs / 7, rounded to the scale dtype; q = clip(round(w / scale
     + 7), 0, 14) with that rounded scale, so that (q - 7) * scale is as close to w as the storage allows.
@@ -52,11 +53,14 @@ def quantize_weight(weight: np.ndarray, scheme: GroupQuantScheme, layout: str | 
     """
     layout = layout or scheme.layout
     out_features, in_features = weight.shape
-    packed = np.empty((out_features, in_features // scheme.per_word), np.uint32)
-    scale = np.empty((out_features, in_features // scheme.group_size), scheme.model_dtype)
+    padded = scheme.groups(in_features) * scheme.group_size  # the last group zero-padded (MLC's rule)
+    packed = np.empty((out_features, padded // scheme.per_word), np.uint32)
+    scale = np.empty((out_features, padded // scheme.group_size), scheme.model_dtype)
     for start in range(0, out_features, _ROWS_PER_STEP):  # bounded temporaries for 32000-row tables
-        rows = slice(start, start + _ROWS_PER_STEP)
-        packed[rows], scale[rows] = _quantize_rows(weight[rows], scheme)
+        rows = weight[start : start + _ROWS_PER_STEP]
+        if padded != in_features:
+            rows = np.pad(rows, ((0, 0), (0, padded - in_features)))
+        packed[start : start + _ROWS_PER_STEP], scale[start : start + _ROWS_PER_STEP] = _quantize_rows(rows, scheme)
     if layout == "KN":
         return np.ascontiguousarray(packed.T), np.ascontiguousarray(scale.T)
     if layout == "NK64":
@@ -84,8 +88,9 @@ def _quantize_rows(weight: np.ndarray, scheme: GroupQuantScheme) -> tuple[np.nda
     return np.bitwise_or.reduce(q << shifts, axis=-1), scale
 
 
-def dequantize_weight(q_weight: np.ndarray, q_scale: np.ndarray, scheme: GroupQuantScheme, layout: str | None = None) -> np.ndarray:
-    """The inverse view: W[out, in] in float32 from packed storage."""
+def dequantize_weight(q_weight: np.ndarray, q_scale: np.ndarray, scheme: GroupQuantScheme, layout: str | None = None,
+                      in_features: int | None = None) -> np.ndarray:
+    """The inverse view: W[out, in] in float32 from packed storage (`in_features` cuts the padding off)."""
     layout = layout or scheme.layout
     if layout == "KN":
         q_weight, q_scale = q_weight.T, q_scale.T
@@ -94,4 +99,4 @@ def dequantize_weight(q_weight: np.ndarray, q_scale: np.ndarray, scheme: GroupQu
     shifts = np.arange(scheme.per_word, dtype=np.uint32) * scheme.bits
     q = (q_weight[..., None] >> shifts) & ((1 << scheme.bits) - 1)
     q = q.reshape(q_weight.shape[0], -1).astype(np.float32) - scheme.max_int
-    return q * np.repeat(q_scale.astype(np.float32), scheme.group_size, axis=1)
+    return (q * np.repeat(q_scale.astype(np.float32), scheme.group_size, axis=1))[:, :in_features]

@@ -26,7 +26,6 @@ from .quantization import dequantize_weight, quantize_weight
 
 IMAGE_TOKEN_INDEX = -200
 _DECODER_QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight|model\.embed_tokens\.weight|lm_head\.weight")
-_QUANTIZED_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|lm_head")
 VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 
@@ -227,6 +226,21 @@ def reference_pixels(image: Image.Image, config: ImageProcessorConfig) -> torch.
     return processor.preprocess(square, return_tensors="pt")["pixel_values"]
 
 
+def int8_checkpoint_modules(config: MobileVLMConfig, scheme: GroupQuantScheme) -> set[str]:
+    """Checkpoint names of the linears whose compiled matmul keeps NK64, the layout the int8 kernels
+    take (a shape NK64 cannot tile falls back to NK: model-dtype activations), as the model says."""
+    from model_defs.mobilevlm import MobileVLMForCausalLM
+    from model_defs.quantization import quantized_modules
+    from model_defs.weights import checkpoint_sources
+
+    from .convert import model_param_shapes
+
+    sources = checkpoint_sources(config, model_param_shapes(config))
+    modules = quantized_modules(MobileVLMForCausalLM(config, scheme))
+    return {hf.removesuffix(".weight") for base, kept in modules.items() if kept.layout == "NK64"
+            for hf in sources[f"{base}.weight"].names}
+
+
 class ReferenceMobileVLM:
     """MobileVLM in PyTorch eager, loaded from an official checkpoint folder."""
 
@@ -258,10 +272,11 @@ class ReferenceMobileVLM:
         for name, param in self.llm.named_parameters():
             if _DECODER_QUANTIZED.fullmatch(name):
                 packed = quantize_weight(param.float().numpy(), scheme, "NK")
-                param.copy_(torch.from_numpy(dequantize_weight(*packed, scheme, "NK")))
+                param.copy_(torch.from_numpy(dequantize_weight(*packed, scheme, "NK", param.shape[1])))
         if int8:
+            rounded = int8_checkpoint_modules(self.config, scheme)
             for name, module in self.llm.named_modules():
-                if _QUANTIZED_LINEAR.fullmatch(name):
+                if name in rounded:
                     module.register_forward_pre_hook(lambda _module, args: (int8_activations(args[0]),))
 
     @staticmethod

@@ -9,7 +9,7 @@ from pathlib import Path
 import tvm
 from tvm import rpc
 
-from .errors import MobileVLMError
+from .errors import MobileVLMError, first_line
 
 
 class RemoteSession:
@@ -21,8 +21,8 @@ class RemoteSession:
         self.session.upload(str(path), path.name)
         return self.session.load_module(path.name)
 
-    def device(self, name: str) -> tvm.runtime.Device:
-        local = tvm.device(name)
+    def device(self, kind: str, index: int = 0) -> tvm.runtime.Device:
+        local = tvm.device(kind, index)
         return self.session.device(local.dlpack_device_type(), local.index)
 
     def function(self, name: str):
@@ -47,5 +47,5 @@ def connect(tracker: str, key: str, timeout_s: int = 60) -> RemoteSession:
         client = rpc.connect_tracker(host, int(port))
         session = client.request(key, priority=1, session_timeout=0, max_retry=max(1, timeout_s // 5))
     except (RuntimeError, OSError, TimeoutError) as err:
-        raise MobileVLMError(f"no device under key {key!r} from the RPC tracker at {tracker} ({str(err).splitlines()[0]})") from None
+        raise MobileVLMError(f"no device under key {key!r} from the RPC tracker at {tracker} ({first_line(err)})") from None
     return RemoteSession(session, tracker, key)

@@ -33,6 +33,9 @@ class Shape:
 SHAPES = {
     # Small enough to convert, compile and run in seconds on 2 cores; real 336 px / 576-patch geometry.
     "tiny": Shape(256, 704, 4, 4, 128, 512, 4, 4),
+    # An intermediate size that neither the group (32) nor NK64's row tile (64) divides: the MLP's
+    # linears get a zero-padded last group and fall back to NK; attention and lm_head keep NK64.
+    "tiny-odd": Shape(320, 344, 2, 4, 128, 512, 4, 4),
     # MobileVLM-1.7B / V2-1.7B: MobileLLaMA-1.4B and CLIP ViT-L/14-336.
     "1.7b": Shape(2048, 5632, 24, 16, 1024, 4096, 24, 16),
     # MobileVLM-3B / V2-3B: MobileLLaMA-2.7B.
@@ -52,7 +55,7 @@ def tokenizer_model_path() -> Path:
 
 def _config_json(shape: Shape, projector: str, vision_tower: str) -> dict:
     return {
-        "_name_or_path": f"mobilevlm-mlc/random-{projector}",
+        "_name_or_path": f"{NAME_PREFIX}{projector}",
         "architectures": ["MobileLlamaForCausalLM"],
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -176,6 +179,23 @@ def random_state_dict(config_json: dict, vision_json: dict, seed: int) -> dict[s
     return state
 
 
+NAME_PREFIX = "mobilevlm-mlc/random-"  # config.json's `_name_or_path` of every checkpoint made here
+
+
+def checkpoint_files(folder: Path) -> set[str] | None:
+    """What `make_checkpoint` wrote in `folder` (recognized by its config's name), or None."""
+    try:
+        name = json.loads((Path(folder) / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name.startswith(NAME_PREFIX):
+        return None
+    patterns = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                f"{VISION_FOLDER}/config.json", f"{VISION_FOLDER}/preprocessor_config.json",
+                "pytorch_model*.bin", "model*.safetensors", "*.index.json")
+    return {p.relative_to(folder).as_posix() for pattern in patterns for p in Path(folder).glob(pattern) if p.is_file()}
+
+
 def make_checkpoint(
     out_dir: Path,
     projector: str = "ldpnet",
@@ -186,12 +206,12 @@ def make_checkpoint(
 ) -> Path:
     """Write a random-weight checkpoint folder; `weights_format` is 'bin' or 'safetensors'."""
     shape = SHAPES[size]
-    standard = size != "tiny"
+    standard = not size.startswith("tiny")
     vision_tower = "openai/clip-vit-large-patch14-336" if standard else VISION_FOLDER
     config = _config_json(shape, projector, vision_tower)
     vision = _vision_config_json(shape)
     state = random_state_dict(config, vision, seed)
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), checkpoint_files) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not standard:
             (tmp / VISION_FOLDER).mkdir()

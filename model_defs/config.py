@@ -7,10 +7,56 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 PROJECTOR_TYPES = ("ldpnet", "ldpnetv2")
+MODEL_DTYPES = ("float32", "float16")
+# Upper bounds far above any LLaMA / CLIP model (LLaMA-70B: hidden 8192, 80 layers), low enough that a
+# typo cannot ask for terabytes: every size is checked against them where a config enters.
+MAX_HIDDEN = 1 << 16
+MAX_LAYERS = 1024
+MAX_VOCAB = 1 << 21
+MAX_POSITIONS = 1 << 20
+MAX_IMAGE_SIZE = 4096
+
+
+class ConfigError(ValueError):
+    """A field of the wrong type or out of range: `field` (dotted, e.g. 'text.rope_theta') and what is wrong."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+    def within(self, part: str) -> ConfigError:
+        return ConfigError(f"{part}.{self.field}", self.problem)
+
+
+def _check_types(obj: Any) -> None:
+    """Every field holds the type its annotation names (JSON gives bools for ints, strings for sizes)."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind.startswith("tuple"):
+            ok = isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f.name, f"is {value!r}, expected {kind}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    below = value <= low if open_low else value < low
+    if not math.isfinite(value) or below or value > high:
+        bracket = "(" if open_low else "["
+        show = lambda v: str(v) if isinstance(v, int) else f"{v:g}"  # noqa: E731
+        raise ConfigError(name, f"is {value!r}, expected a number in {bracket}{show(low)}, {show(high)}]")
 
 
 @dataclass
@@ -30,6 +76,24 @@ class TextConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        _check_types(self)
+        _in_range("hidden_size", self.hidden_size, 1, MAX_HIDDEN)
+        _in_range("intermediate_size", self.intermediate_size, 1, 4 * MAX_HIDDEN)
+        _in_range("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        _in_range("num_attention_heads", self.num_attention_heads, 1, self.hidden_size)
+        _in_range("num_key_value_heads", self.num_key_value_heads, 1, self.num_attention_heads)
+        _in_range("vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        _in_range("rms_norm_eps", self.rms_norm_eps, 0, 1, open_low=True)
+        _in_range("rope_theta", self.rope_theta, 0, 1e12, open_low=True)
+        _in_range("max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads", f"{self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError("hidden_size", f"{self.hidden_size} / num_attention_heads {self.num_attention_heads} is an odd head dimension; RoPE rotates pairs")
 
 
 @dataclass
@@ -61,6 +125,27 @@ class VisionConfig:
         total = self.num_hidden_layers + 1
         return self.select_layer % total
 
+    def validate(self) -> None:
+        _check_types(self)
+        _in_range("hidden_size", self.hidden_size, 1, MAX_HIDDEN)
+        _in_range("intermediate_size", self.intermediate_size, 1, 4 * MAX_HIDDEN)
+        _in_range("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        _in_range("num_attention_heads", self.num_attention_heads, 1, self.hidden_size)
+        _in_range("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        _in_range("patch_size", self.patch_size, 1, self.image_size)
+        _in_range("layer_norm_eps", self.layer_norm_eps, 0, 1, open_low=True)
+        if self.num_channels != 3:
+            raise ConfigError("num_channels", f"is {self.num_channels}, expected 3")
+        if self.hidden_act != "quick_gelu":
+            raise ConfigError("hidden_act", f"is {self.hidden_act!r}, expected 'quick_gelu'")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError("image_size", f"{self.image_size} is not divisible by patch_size {self.patch_size}")
+        total = self.num_hidden_layers + 1
+        if not -total <= self.select_layer <= self.num_hidden_layers or self.select_layer % total == 0:
+            raise ConfigError("select_layer", f"{self.select_layer} is outside the vision tower's {self.num_hidden_layers} layers")
+
 
 @dataclass
 class ImageProcessorConfig:
@@ -71,6 +156,18 @@ class ImageProcessorConfig:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     image_aspect_ratio: str = "pad"
+
+    def validate(self) -> None:
+        _check_types(self)
+        _in_range("resize_shortest_edge", self.resize_shortest_edge, 1, MAX_IMAGE_SIZE)
+        _in_range("crop_size", self.crop_size, 1, self.resize_shortest_edge)
+        for name, values, low in (("image_mean", self.image_mean, 0), ("image_std", self.image_std, 1e-6)):
+            if len(values) != 3:
+                raise ConfigError(name, f"is {list(values)!r}, expected 3 numbers (one per RGB channel)")
+            for value in values:
+                _in_range(name, value, low, 1)
+        if self.image_aspect_ratio != "pad":
+            raise ConfigError("image_aspect_ratio", f"is {self.image_aspect_ratio!r}, expected 'pad'")
 
 
 @dataclass
@@ -93,21 +190,57 @@ class MobileVLMConfig:
             return ((grid + 1) // 2) ** 2
         return 12 * 12
 
+    def validate(self) -> None:
+        """Raise ConfigError (its message names the field) unless every size is sane and consistent."""
+        for prefix, part in (("text", self.text), ("vision", self.vision), ("image_processor", self.image_processor)):
+            try:
+                part.validate()
+            except ConfigError as err:
+                raise err.within(prefix) from None
+        _check_types(self)
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ConfigError("projector_type", f"is {self.projector_type!r}, expected one of {', '.join(PROJECTOR_TYPES)}")
+        if self.dtype not in MODEL_DTYPES:
+            raise ConfigError("dtype", f"is {self.dtype!r}, expected one of {', '.join(MODEL_DTYPES)}")
+        if self.projector_type == "ldpnetv2" and self.vision.grid_size % 12:
+            raise ConfigError("projector_type", f"ldpnetv2 pools to 12x12, but the vision tower's patch grid is "
+                                                f"{self.vision.grid_size}x{self.vision.grid_size}")
+        _in_range("context_window_size", self.context_window_size, 1, MAX_POSITIONS)
+        _in_range("prefill_chunk_size", self.prefill_chunk_size, 1, self.context_window_size)
+        if self.prefill_chunk_size < self.num_image_tokens:
+            raise ConfigError("prefill_chunk_size", f"{self.prefill_chunk_size} cannot hold one image's {self.num_image_tokens} tokens")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MobileVLMConfig:
-        processor = dict(data.get("image_processor", {}))
-        for key in ("image_mean", "image_std"):
-            if key in processor:
-                processor[key] = tuple(processor[key])
-        return cls(
-            text=TextConfig(**data["text"]),
-            vision=VisionConfig(**data["vision"]),
+        """The config `to_dict` wrote, validated; ConfigError names the first bad field."""
+
+        def part(name: str, kind: type, default: dict | None = None) -> Any:
+            fields = data.get(name, default)
+            if not isinstance(fields, dict):
+                raise ConfigError(name, f"is {fields!r}, expected an object")
+            known = {f.name: f for f in dataclasses.fields(kind)}
+            unknown = sorted(set(fields) - set(known))
+            if unknown:
+                raise ConfigError(f"{name}.{unknown[0]}", "is not a field of this config")
+            missing = [n for n, f in known.items() if n not in fields and f.default is dataclasses.MISSING]
+            if missing:
+                raise ConfigError(f"{name}.{missing[0]}", "is missing")
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+        for key in ("projector_type", "context_window_size", "prefill_chunk_size", "dtype"):
+            if key not in data:
+                raise ConfigError(key, "is missing")
+        config = cls(
+            text=part("text", TextConfig),
+            vision=part("vision", VisionConfig),
             projector_type=data["projector_type"],
-            image_processor=ImageProcessorConfig(**processor),
+            image_processor=part("image_processor", ImageProcessorConfig, {}),
             context_window_size=data["context_window_size"],
             prefill_chunk_size=data["prefill_chunk_size"],
             dtype=data["dtype"],
         )
+        config.validate()
+        return config

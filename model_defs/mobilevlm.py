@@ -34,7 +34,7 @@ class MobileVLMForCausalLM(nn.Module):
         if quantization is not None:  # the decoder only: its linears, embedding and lm_head
             quantize_linears(self.model, quantization, "model.")
             self.model.embed_tokens = QuantizedEmbedding(text.vocab_size, text.hidden_size, quantization)
-            self.lm_head = QuantizedLinear(text.hidden_size, text.vocab_size, quantization, "lm_head")
+            self.lm_head = QuantizedLinear(text.hidden_size, text.vocab_size, quantization)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         logits = self.lm_head(hidden)

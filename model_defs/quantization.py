@@ -1,7 +1,8 @@
 """MLC's 4-bit group quantization (q4f16_1, q4f32_1, q4f16_0) as Relax `nn` modules.
 
 Symmetric int4, 8 values per uint32 (value i of a word at bits [4i, 4i+4)), groups of 32 along the
-input (K) axis, one scale per group: w = (q - 7) * scale. Layout `NK` stores `q_weight[out, in/8]`,
+input (K) axis, one scale per group: w = (q - 7) * scale. An input size that is not a multiple of 32
+gets a zero-padded last group (as MLC's); a linear whose shape NK64 cannot tile is stored NK. Layout `NK` stores `q_weight[out, in/8]`,
 `q_scale[out, in/32]`; `KN` (the `_0` schemes, for Adreno/Metal GEMV) stores them transposed:
 `q_weight[in/8, out]`, `q_scale[in/32, out]`; `NK64` (the `_3` schemes, for CPUs) interleaves 64
 consecutive output rows word by word: `q_weight[out/64, in/8, 64]`, `q_scale[out/64, in/32, 64]`, so
@@ -13,6 +14,7 @@ into the consumer by the target's schedule: full-precision weights are never mat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,15 +49,28 @@ class GroupQuantScheme:
         would round-trip through fp32 on every operation (x86 has none) and the product is fp32 anyway."""
         return "float32" if self.layout == "NK64" else self.model_dtype
 
-    def check_divisible(self, k: int, what: str, n: int | None = None) -> None:
-        if k % self.group_size:
-            raise ValueError(f"{what}: input size {k} is not a multiple of the group size {self.group_size}")
-        if self.layout == "NK64" and n is not None and n % ROW_TILE:
-            raise ValueError(f"{what}: output size {n} is not a multiple of the {self.name} row tile {ROW_TILE}")
+    def groups(self, k: int) -> int:
+        """Groups along an input of size k: as MLC does, the last one is zero-padded when k is not a
+        multiple of the group size (its scale comes from the real values; padded q's dequantize to 0)."""
+        return -(-k // self.group_size)
+
+    def for_shape(self, n: int, k: int) -> GroupQuantScheme:
+        """The scheme a W[n, k] is stored with: NK64 needs whole 64-row tiles and whole groups (its CPU
+        kernels step through both); any other shape falls back to NK, same numbers, another layout."""
+        if self.layout == "NK64" and (n % ROW_TILE or k % self.group_size):
+            return dataclasses.replace(self, layout="NK")
+        return self
+
+    def fallback_reason(self, n: int, k: int) -> str:
+        """Why `for_shape` falls back, in words (the build record's)."""
+        if n % ROW_TILE:
+            return f"{n} output rows are not a multiple of {ROW_TILE}"
+        return f"{k} inputs are not a multiple of the group size {self.group_size}"
 
     def weight_shapes(self, n: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Stored shapes of (q_weight, q_scale) for a weight W[n, k]."""
-        words, groups = k // self.per_word, k // self.group_size
+        """Stored shapes of (q_weight, q_scale) for a weight W[n, k] (k padded to whole groups)."""
+        groups = self.groups(k)
+        words = groups * self.group_size // self.per_word
         if self.layout == "KN":
             return (words, n), (groups, n)
         if self.layout == "NK64":
@@ -92,8 +107,8 @@ def _dequantize_unshifted(word: tirx.PrimExpr, shift: tirx.PrimExpr, mask: tirx.
 class QuantizedLinear(nn.Module):
     """y = x @ dequantize(q_weight, q_scale)^T, accumulated in float32, no bias."""
 
-    def __init__(self, in_features: int, out_features: int, scheme: GroupQuantScheme, name: str = "linear"):
-        scheme.check_divisible(in_features, name, out_features)
+    def __init__(self, in_features: int, out_features: int, scheme: GroupQuantScheme):
+        scheme = scheme.for_shape(out_features, in_features)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         weight_shape, scale_shape = scheme.weight_shapes(out_features, in_features)
         self.q_weight = nn.Parameter(weight_shape, "uint32")
@@ -125,11 +140,11 @@ class QuantizedEmbedding(nn.Module):
     """Rows of a group-quantized table, dequantized inside the gather. Always NK (row-major per token)."""
 
     def __init__(self, num: int, dim: int, scheme: GroupQuantScheme):
-        scheme.check_divisible(dim, "embedding")
         self.num, self.dim = num, dim
-        self.scheme = GroupQuantScheme(scheme.name, scheme.model_dtype, "NK", scheme.group_size, scheme.bits)
-        self.q_weight = nn.Parameter((num, dim // scheme.per_word), "uint32")
-        self.q_scale = nn.Parameter((num, dim // scheme.group_size), scheme.model_dtype)
+        self.scheme = dataclasses.replace(scheme, layout="NK")
+        weight_shape, scale_shape = self.scheme.weight_shapes(num, dim)
+        self.q_weight = nn.Parameter(weight_shape, "uint32")
+        self.q_scale = nn.Parameter(scale_shape, scheme.model_dtype)
 
     def to(self, dtype: str | None = None) -> None:
         del dtype
@@ -166,7 +181,7 @@ def quantize_linears(module: nn.Module, scheme: GroupQuantScheme, prefix: str = 
         if isinstance(child, nn.Linear):
             if child.bias is not None:
                 raise ValueError(f"{name}: quantized linears have no bias")
-            quantized = QuantizedLinear(int(child.in_features), int(child.out_features), scheme, name)
+            quantized = QuantizedLinear(int(child.in_features), int(child.out_features), scheme)
             if isinstance(parent, nn.ModuleList):
                 parent.modules[int(attr)] = quantized
             else:
@@ -176,3 +191,13 @@ def quantize_linears(module: nn.Module, scheme: GroupQuantScheme, prefix: str = 
 def quantized_modules(module: nn.Module, prefix: str = "") -> dict[str, GroupQuantScheme]:
     """Name prefix -> scheme of every quantized module below `module` (what convert must pack, and how)."""
     return {name: child.scheme for name, _, _, child in _children(module, prefix) if isinstance(child, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def layout_fallbacks(module: nn.Module, scheme: GroupQuantScheme) -> dict[str, str]:
+    """Linears (layer numbers as '*') that could not take `scheme`'s layout: pattern -> layout and why."""
+    found = {}
+    for name, _, _, child in _children(module):
+        if isinstance(child, QuantizedLinear) and child.scheme.layout != scheme.layout:
+            pattern = ".".join("*" if part.isdigit() else part for part in name.split("."))
+            found[pattern] = f"{child.scheme.layout}: {scheme.fallback_reason(child.out_features, child.in_features)}"
+    return found

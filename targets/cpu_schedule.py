@@ -207,9 +207,12 @@ class Matmul(_CpuRule):
         sch.pad_einsum(main.block_rv, padding)
         unpad = [b for b in sch.get_consumers(main.block_rv) if sch.get(b).name_hint not in before]
         roles = _operand_roles(sch, main.block_rv)  # padding may drop unit iterators
-        weight = dequantize[0] if dequantize else _weight_copy(sch, main.block_rv)
+        # the weight's tile: the dequantize, or the copy padding made of it (dequantize inlined into it)
+        weight = _weight_copy(sch, main.block_rv)
         if roles is None or weight is None:
             return False
+        if dequantize and sch.get(weight).name_hint != sch.get(dequantize[0]).name_hint:
+            sch.compute_inline(dequantize[0])
         loops = sch.get_loops(main.block_rv)
         batch = [l for l, r in zip(loops, roles) if r == "batch"]
         rows = [l for l, r in zip(loops, roles) if r == "row"]

@@ -15,6 +15,7 @@ import pytest
 from mobilevlm_mlc.conversation import V1_TEMPLATE
 from mobilevlm_mlc.convert import model_param_shapes
 from mobilevlm_mlc.dist import load_dist
+from mobilevlm_mlc.fileio import TEMP_PREFIX
 
 
 def test_tensor_cache_schema(ldpnet_built):
@@ -156,5 +157,5 @@ def test_interrupted_convert_leaves_nothing_loadable(ldpnet_built, tmp_path):
     proc.kill()
     proc.wait(timeout=30)
     assert not (tmp_path / "out").exists()
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
     assert leftovers and any(leftovers[0].glob("params_shard_*.bin"))  # partial work sits under a temp name only

@@ -96,27 +96,42 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def rpc_tracker():
-    """A TVM RPC tracker and one CPU server registered under key 'test-cpu', both on 127.0.0.1."""
+def rpc_tracker(tmp_path_factory):
+    """A TVM RPC tracker and one CPU server registered under key 'test-cpu', both on 127.0.0.1. Fails at
+    once, with the processes' own stderr, when either exits or the server never registers."""
+    logs = tmp_path_factory.mktemp("rpc")
     tracker_port, server_port = _free_port(), _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port),
-                               "--port-end", str(tracker_port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    time.sleep(2)
-    procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{tracker_port}",
-                                   "--key", "test-cpu", "--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    address = f"127.0.0.1:{tracker_port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        query = subprocess.run([sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port)],
-                               capture_output=True, text=True)
-        if "test-cpu" in query.stdout:
-            break
-        time.sleep(1)
-    yield address
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=30)
+    commands = {
+        "tracker": ["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
+        "server": ["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{tracker_port}", "--key", "test-cpu", "--host", "127.0.0.1",
+                   "--port", str(server_port), "--port-end", str(server_port + 1)],
+    }
+    procs = {}
+    for name, command in commands.items():
+        with open(logs / f"{name}.log", "wb") as log:
+            procs[name] = subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT)
+
+    def failure(why: str) -> str:
+        return why + "".join(f"\n--- {n} (exit {p.poll()}) ---\n{(logs / f'{n}.log').read_text()[-3000:]}" for n, p in procs.items())
+
+    try:
+        deadline = time.time() + 60
+        while True:
+            exited = [n for n, p in procs.items() if p.poll() is not None]
+            if exited:
+                pytest.fail(failure(f"the RPC {' and '.join(exited)} exited"))
+            query = subprocess.run([sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port)],
+                                   capture_output=True, text=True)
+            if "test-cpu" in query.stdout:
+                break
+            if time.time() > deadline:
+                pytest.fail(failure(f"no server registered with the tracker in 60 s; query said: {query.stdout[-500:]}{query.stderr[-500:]}"))
+            time.sleep(1)
+        yield f"127.0.0.1:{tracker_port}"
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def test_remote_engine_matches_local(ldpnet_built, ldpnet_engine, rpc_tracker):

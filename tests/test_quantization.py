@@ -16,6 +16,7 @@ from mobilevlm_mlc.engine import Engine
 from mobilevlm_mlc.quantization import QUANTIZATIONS, dequantize_weight, quantize_weight
 from mobilevlm_mlc.reference import ReferenceMobileVLM
 from mobilevlm_mlc.sampling import GenerationConfig
+from mobilevlm_mlc.synthetic import make_checkpoint
 from mobilevlm_mlc.verify import RELATIVE_TOLERANCE
 
 from .conftest import DEMO_IMAGE, checkpoint_for
@@ -24,13 +25,15 @@ Q4 = ["q4f16_1", "q4f32_1", "q4f16_0", "q4f32_3", "q4f16_3"]
 
 
 def mlc_reference_pack(w: np.ndarray, scale_dtype: str, layout: str) -> tuple[np.ndarray, np.ndarray]:
-    """MLC's scheme written out element by element (slow, obvious)."""
+    """MLC's scheme written out element by element (slow, obvious): ceil(k / 32) groups, the inputs
+    past k read as zeros."""
     n, k = w.shape
-    q_weight = np.zeros((n, k // 8), np.uint32)
-    q_scale = np.zeros((n, k // 32), scale_dtype)
+    groups = -(-k // 32)
+    q_weight = np.zeros((n, groups * 4), np.uint32)
+    q_scale = np.zeros((n, groups), scale_dtype)
     for row in range(n):
-        for group in range(k // 32):
-            values = [float(v) for v in w[row, group * 32 : (group + 1) * 32].astype(np.float32)]
+        for group in range(groups):
+            values = [float(w[row, c]) if c < k else 0.0 for c in range(group * 32, (group + 1) * 32)]
             scale = np.array(max(abs(v) for v in values) / 7, np.float32).astype(scale_dtype)
             q_scale[row, group] = scale
             for j, v in enumerate(values):
@@ -80,6 +83,72 @@ def test_packing_is_bit_exact(name):
     assert np.array_equal(dequantize_weight(q_weight, q_scale, scheme), expected.astype(np.float32))
     assert np.all(dequantize_weight(q_weight, q_scale, scheme)[3, 32:64] == 0)
     assert np.abs(dequantize_weight(q_weight, q_scale, scheme) - w).max() <= 40 / 7 / 2 * 1.01
+
+
+@pytest.mark.parametrize("name", ["q4f16_1", "q4f32_1", "q4f16_0"])
+def test_any_input_size_packs_with_a_padded_last_group(name):
+    """K = 77 (not a multiple of 32): three groups, the last zero-padded as MLC's; bit-exact, and the
+    padded nibbles are the zero code 7, so they add nothing to any dot product."""
+    scheme = QUANTIZATIONS[name].scheme
+    w = np.random.default_rng(1).standard_normal((70, 77)).astype(np.float32)
+    q_weight, q_scale = quantize_weight(w, scheme)
+    ref_weight, ref_scale = mlc_reference_pack(w, scheme.model_dtype, scheme.layout)
+    assert q_weight.shape == {"NK": (70, 12), "KN": (12, 70)}[scheme.layout] and scheme.weight_shapes(70, 77)[0] == q_weight.shape
+    assert np.array_equal(q_weight, ref_weight) and np.array_equal(q_scale, ref_scale)
+    nk_weight, nk_scale = as_nk(q_weight, q_scale, scheme.layout)
+    assert all((int(nk_weight[r, 77 // 8]) >> (4 * c)) & 15 == 7 for r in range(70) for c in range(77 % 8, 8))
+    restored = dequantize_weight(q_weight, q_scale, scheme, in_features=77)
+    half_step = np.repeat(nk_scale.astype(np.float32), 32, axis=1)[:, :77] / 2
+    assert restored.shape == (70, 77) and np.all(np.abs(restored - w) <= half_step * 1.001)
+
+
+def test_nk64_falls_back_where_it_cannot_tile():
+    scheme = QUANTIZATIONS["q4f16_3"].scheme
+    assert scheme.for_shape(128, 64) is scheme
+    assert scheme.for_shape(688, 320).layout == "NK" and scheme.for_shape(320, 344).layout == "NK"
+    assert scheme.for_shape(688, 320).weight_shapes(688, 320) == ((688, 40), (688, 10))
+
+
+@pytest.fixture(scope="module")
+def odd_builds(workspace):
+    """The `tiny-odd` model (intermediate size 344): q4f16_1 and q4f32_3 builds for this CPU."""
+    ckpt = make_checkpoint(workspace / "ckpt-odd", "ldpnet", size="tiny-odd", seed=2)
+    builds = {}
+    for name in ("q4f16_1", "q4f32_3"):
+        dist = convert(ckpt, workspace / f"odd-{name}", name, progress=False)
+        compile_model(dist, "cpu", workspace / f"odd-{name}.so")
+        builds[name] = Engine(dist, workspace / f"odd-{name}.so")
+    return ckpt, builds
+
+
+@pytest.mark.parametrize("name", ["q4f16_1", "q4f32_3"])
+def test_odd_layer_sizes_quantize_and_match_the_reference(odd_builds, name):
+    """A layer size no group divides converts, compiles and matches PyTorch on the same fake-quantized
+    weights; NK64's MLP linears fall back to NK, recorded in the build, and keep fp activations."""
+    ckpt, builds = odd_builds
+    engine = builds[name]
+    params = {p["name"]: p["shape"] for p in engine.metadata["params"]}
+    assert params["model.layers.0.mlp.down_proj.q_weight"] == [320, 44]  # 344 inputs: 11 groups, the last padded
+    assert params["model.layers.0.mlp.down_proj.q_scale"] == [320, 11]
+    if name == "q4f32_3":
+        assert params["model.layers.0.self_attn.qkv_proj.q_weight"] == [15, 40, 64]  # 960 rows tile: NK64 kept
+        assert params["model.layers.0.mlp.gate_up_proj.q_weight"] == [688, 40]
+        assert engine.metadata["build"]["layout_fallbacks"] == {
+            "model.layers.*.mlp.gate_up_proj": "NK: 688 output rows are not a multiple of 64",
+            "model.layers.*.mlp.down_proj": "NK: 344 inputs are not a multiple of the group size 32",
+        }
+    else:
+        assert "layout_fallbacks" not in engine.metadata["build"]
+    reference = ReferenceMobileVLM(ckpt)
+    reference.fake_quantize(QUANTIZATIONS[name].scheme, engine.int8_activations)
+    image = Image.open(DEMO_IMAGE)
+    with engine.chat() as session:
+        list(session.send("What is in the image?", image, GenerationConfig(max_new_tokens=8)))
+        turn = session.last
+    tokens, logits = reference.greedy(reference.input_embeds(turn.prompt_token_ids, reference.image_embeds(reference.pixels(image))), 8)
+    activations = "int8" if engine.int8_activations else QUANTIZATIONS[name].model_dtype
+    assert np.abs(turn.first_logits - logits).max() < RELATIVE_TOLERANCE[activations] * np.abs(logits).max()
+    assert turn.output_token_ids[0] == tokens[0]
 
 
 def test_stored_parameters_follow_mlc_names(workspace):
