@@ -120,12 +120,16 @@ def rpc_tracker(tmp_path_factory):
             exited = [n for n, p in procs.items() if p.poll() is not None]
             if exited:
                 pytest.fail(failure(f"the RPC {' and '.join(exited)} exited"))
-            query = subprocess.run([sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port)],
-                                   capture_output=True, text=True)
-            if "test-cpu" in query.stdout:
+            try:
+                query = subprocess.run([sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1", "--port",
+                                        str(tracker_port)], capture_output=True, text=True, timeout=15)
+                said = query.stdout[-500:] + query.stderr[-500:]
+            except subprocess.TimeoutExpired:
+                said = "(the query timed out)"
+            if "test-cpu" in said:
                 break
             if time.time() > deadline:
-                pytest.fail(failure(f"no server registered with the tracker in 60 s; query said: {query.stdout[-500:]}{query.stderr[-500:]}"))
+                pytest.fail(failure(f"no server registered with the tracker in 60 s; query said: {said}"))
             time.sleep(1)
         yield f"127.0.0.1:{tracker_port}"
     finally:

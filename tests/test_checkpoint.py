@@ -108,12 +108,12 @@ def _rewrite_bin(folder: Path, edit) -> None:
 
 def test_missing_unexpected_and_misshapen_tensors(ckpt, tmp_path):
     _rewrite_bin(ckpt, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(MobileVLMError, match="1 tensor\\(s\\) missing from the checkpoint: model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(MobileVLMError, match="the checkpoint lacks 1 tensor: model.layers.1.mlp.up_proj.weight"):
         convert(ckpt, tmp_path / "out", "q0f32", progress=False)
     assert not (tmp_path / "out").exists()
 
     _rewrite_bin(ckpt, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(704, 256), "model.extra.weight": torch.zeros(3)}))
-    with pytest.raises(MobileVLMError, match="unexpected tensor\\(s\\) in the checkpoint: model.extra.weight"):
+    with pytest.raises(MobileVLMError, match="the checkpoint holds 1 unexpected tensor: model.extra.weight"):
         convert(ckpt, tmp_path / "out", "q0f32", progress=False)
 
     def misshape(s):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -74,7 +75,9 @@ def test_run_errors(ldpnet_built, tmp_path):
     assert "compiled library not found" in _error(cli("run", dist, "--lib", tmp_path / "no.so", "--prompt", "hi"))
     junk = tmp_path / "junk.so"
     junk.write_bytes(b"\x7fELF garbage")
-    assert "not a loadable mobilevlm-mlc library" in _error(cli("run", dist, "--lib", junk, "--prompt", "hi"))
+    assert "junk.so: not a 64-bit little-endian ELF file" in _error(cli("run", dist, "--lib", junk, "--prompt", "hi"))
+    other = Path(np.linalg._umath_linalg.__file__)  # a whole ELF shared object, but not a TVM library
+    assert "not a loadable mobilevlm-mlc library" in _error(cli("run", dist, "--lib", other, "--prompt", "hi"))
     text = tmp_path / "photo.jpg"
     text.write_text("not a picture")
     assert "photo.jpg: not a readable image" in _error(cli("run", dist, "--lib", lib, "--image", text, "--prompt", "hi"))
@@ -90,7 +93,8 @@ def test_convert_and_compile_errors(ldpnet_built, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "precious.txt").write_text("keep me")
-    assert "is not a dist folder" in _error(cli("convert", ckpt, "--quantization", "q0f32", "-o", busy))
+    assert "busy: exists and was not written by mobilevlm-mlc; refusing to replace it" in _error(
+        cli("convert", ckpt, "--quantization", "q0f32", "-o", busy))
     assert (busy / "precious.txt").read_text() == "keep me"
     assert "unknown target 'toaster'" in _error(cli("compile", ldpnet_built.dist, "--target", "toaster", "-o", tmp_path / "x.so"))
     assert "mlc-chat-config.json not found" in _error(cli("compile", tmp_path, "--target", "cpu", "-o", tmp_path / "x.so"))
