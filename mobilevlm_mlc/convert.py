@@ -28,6 +28,7 @@ from .errors import MobileVLMError, summarize
 from .fileio import atomic_dir, check_output_dir
 from .manifest import convert_manifest, dist_files, write_manifest
 from .quantization import Quantization, get_quantization, quantize_weight
+from .tokenizer import Tokenizer
 
 
 def model_param_shapes(config: MobileVLMConfig) -> dict[str, tuple[int, ...]]:
@@ -137,8 +138,10 @@ def convert(
         config.context_window_size = context_window_size
     config.prefill_chunk_size = min(prefill_chunk_size or config.prefill_chunk_size, config.context_window_size)
     validate_config(config, "--context-window-size / --prefill-chunk-size")
-    if not (model_dir / TOKENIZER_MODEL).is_file():
-        raise MobileVLMError(f"{model_dir / TOKENIZER_MODEL}: tokenizer model not found")
+    tokenizer = Tokenizer(model_dir / TOKENIZER_MODEL)  # a corrupt one is refused here, not at the first run
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise MobileVLMError(f"{model_dir / TOKENIZER_MODEL}: {tokenizer.vocab_size} tokens, more than the model's "
+                             f"vocab_size {config.text.vocab_size} in config.json")
     inputs = [model_dir, *vision_tower_folders(model_dir)]
     check_output_dir(out_dir, dist_files, inputs)
     tensors = CheckpointTensors(model_dir)

@@ -20,7 +20,7 @@ from PIL import Image
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
-from .artifact import check_shared_library, host_machine
+from .artifact import check_shared_library, host_machine, inspect_library
 from .conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
 from .dist import TOKENIZER_MODEL, load_dist
 from .errors import MobileVLMError, first_line
@@ -92,6 +92,12 @@ class Engine:
         if not lib_path.is_file():
             raise MobileVLMError(f"{lib_path}: compiled library not found (build it with `mobilevlm-mlc compile`)")
         check_shared_library(lib_path, None if remote else host_machine())
+        device_code = {module.kind for module in inspect_library(lib_path).device_modules}
+        kind = parse_device(device)[0]
+        if device_code and kind not in device_code or not device_code and kind != "cpu":
+            holds = f"{', '.join(sorted(device_code))} device code" if device_code else "CPU code only"
+            raise MobileVLMError(f"{lib_path}: holds {holds}, but the device is {device!r}; run it with the matching "
+                                 "--device (on a machine that has it), or compile for that device's target")
         self.remote = remote
         self._entries: dict[str, object] = {}
         self.device = open_device(device, remote)

@@ -51,11 +51,12 @@ class Sampler:
         c = self.config
         if c.temperature == 0:
             return int(np.argmax(logits))
-        scores = logits.astype(np.float64) / c.temperature
+        with np.errstate(over="ignore"):  # a tiny temperature sends the others to -inf: probability 0
+            scores = (logits.astype(np.float64) - float(logits.max())) / c.temperature
         order = np.argsort(-scores, kind="stable")
         if c.top_k:
             order = order[: c.top_k]
-        probs = np.exp(scores[order] - scores[order[0]])
+        probs = np.exp(scores[order])
         probs /= probs.sum()
         if c.top_p < 1:
             keep = int(np.searchsorted(np.cumsum(probs), c.top_p)) + 1

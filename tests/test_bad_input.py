@@ -24,23 +24,7 @@ from mobilevlm_mlc.fileio import TEMP_PREFIX
 from mobilevlm_mlc.manifest import MANIFEST
 
 from .conftest import checkpoint_for
-from .test_cli import _error, cli
-
-
-def error_of(capfd, *args) -> str:
-    """Run the CLI's `main` in this process (as the console script does) and return its one error line:
-    exit 2, exactly one stderr line, starting with `error: `. In-process, so that dozens of cases do
-    not each pay an import of TVM and torch; `test_errors_reach_a_terminal_as_one_line` runs a few in
-    processes of their own."""
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:  # argparse's own exit, after our one-line message
-        code = exit_.code
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), " ".join(map(str, args)) + f" -> {code}: {err}"
-    return lines[0]
+from .test_cli import _error, cli, error_of
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -242,11 +226,16 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
     (tmp / "result.json").write_text(json.dumps({"schema": "mobilevlm-mlc-bench/1", "label": "x"}))
     (tmp / "package.json").write_text(json.dumps({"device": "android", "model_list": [
         {"model": str(dist), "model_id": "m", "model_lib": "mobilevlm_m"}], "model_lib_path_for_prepare_libs": {"mobilevlm_m": "tar.tar"}}))
+    bad_tokenizer = tmp / "bad-tokenizer"
+    bad_tokenizer.mkdir()
+    for item in ckpt.iterdir():
+        (bad_tokenizer / item.name).symlink_to(item) if item.name != "tokenizer.model" else (bad_tokenizer / item.name).write_bytes(b"junk")
     run = ["run", dist, "--lib", lib, "--prompt", "hi"]
     long_name = "n" * 251 + ".json"  # 256 bytes: one more than a name may have
     return [
         (["convert", ckpt, "--quantization", "q9", "-o", tmp / "o"], "unknown quantization 'q9'"),
         (["convert", tmp / "nothing", "--quantization", "q0f32", "-o", tmp / "o"], "model folder not found"),
+        (["convert", bad_tokenizer, "--quantization", "q0f32", "-o", tmp / "o"], "tokenizer.model: not a SentencePiece model"),
         (["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "file" / "o"], "is a file, not a folder"),
         (["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "file"], "exists and is not a folder"),
         (["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "o", "--prefill-chunk-size", "0"], "argument --prefill-chunk-size"),
@@ -264,7 +253,7 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
         ([*run, "--top-k", "-3"], "argument --top-k"),
         ([*run, "--max-new-tokens", "many"], "argument --max-new-tokens: expected an integer, got 'many'"),
         ([*run, "--device", "bogus"], "argument --device: device 'bogus': expected one of cpu"),
-        ([*run, "--device", "cuda"], "device 'cuda' is not present on this machine"),
+        ([*run, "--device", "cuda"], "holds CPU code only, but the device is 'cuda'"),
         ([*run[:5], os.fsdecode(b"caf\xe9"), ], "argument --prompt: not valid UTF-8 text"),
         ([*run, "--output-json", tmp], "is a folder; expected a file path"),
         ([*run, "--output-json", tmp / "file" / "a.json"], "is a file, not a folder"),
@@ -299,7 +288,7 @@ def test_every_bad_input_gives_one_error_line_and_changes_nothing(ldpnet_built, 
 
 def test_errors_reach_a_terminal_as_one_line(ldpnet_built, tmp_path):
     """The same through the installed entry point, in a process of its own, for a few of them."""
-    for args, fragment in _bad_inputs(ldpnet_built, tmp_path)[10:12]:
+    for args, fragment in _bad_inputs(ldpnet_built, tmp_path)[11:12]:
         assert fragment in _error(cli(*args))
 
 

@@ -63,29 +63,44 @@ def test_verify_passes_on_default_model(workspace, capsys):
 
 
 def _error(proc: subprocess.CompletedProcess) -> str:
+    """The one error line of a CLI process: exit 2, exactly one `error:` line on stderr, no traceback."""
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     return lines[0]
 
 
-def test_run_errors(ldpnet_built, tmp_path):
+def error_of(capfd, *args) -> str:
+    """The same from the CLI's `main` run in this process, as the console script calls it, so that
+    dozens of cases do not each pay an import of TVM and torch."""
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:  # argparse's own exit, after our one-line message
+        code = exit_.code
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), " ".join(map(str, args)) + f" -> {code}: {err}"
+    return lines[0]
+
+
+def test_run_errors(ldpnet_built, tmp_path, capfd):
     dist, lib = ldpnet_built.dist, ldpnet_built.lib
     assert "dist folder not found" in _error(cli("run", tmp_path / "nodist", "--lib", lib, "--prompt", "hi"))
-    assert "compiled library not found" in _error(cli("run", dist, "--lib", tmp_path / "no.so", "--prompt", "hi"))
+    assert "compiled library not found" in error_of(capfd, "run", dist, "--lib", tmp_path / "no.so", "--prompt", "hi")
     junk = tmp_path / "junk.so"
     junk.write_bytes(b"\x7fELF garbage")
-    assert "junk.so: not a 64-bit little-endian ELF file" in _error(cli("run", dist, "--lib", junk, "--prompt", "hi"))
+    assert "junk.so: not a 64-bit little-endian ELF file" in error_of(capfd, "run", dist, "--lib", junk, "--prompt", "hi")
     other = Path(np.linalg._umath_linalg.__file__)  # a whole ELF shared object, but not a TVM library
-    assert "not a loadable mobilevlm-mlc library" in _error(cli("run", dist, "--lib", other, "--prompt", "hi"))
+    assert "not a library built by mobilevlm-mlc compile" in error_of(capfd, "run", dist, "--lib", other, "--prompt", "hi")
     text = tmp_path / "photo.jpg"
     text.write_text("not a picture")
-    assert "photo.jpg: not a readable image" in _error(cli("run", dist, "--lib", lib, "--image", text, "--prompt", "hi"))
+    assert "photo.jpg: not a readable image" in error_of(capfd, "run", dist, "--lib", lib, "--image", text, "--prompt", "hi")
     long_prompt = "word " * 2100
-    assert "does not fit the context window" in _error(cli("run", dist, "--lib", lib, "--prompt", long_prompt))
+    assert "does not fit the context window" in error_of(capfd, "run", dist, "--lib", lib, "--prompt", long_prompt)
 
 
-def test_convert_and_compile_errors(ldpnet_built, tmp_path):
+def test_convert_and_compile_errors(ldpnet_built, tmp_path, capfd):
     ckpt = ldpnet_built.checkpoint
     out = tmp_path / "out"
     assert "unknown quantization 'q3f16'" in _error(cli("convert", ckpt, "--quantization", "q3f16", "-o", out))
@@ -93,10 +108,10 @@ def test_convert_and_compile_errors(ldpnet_built, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "precious.txt").write_text("keep me")
-    assert "busy: exists and was not written by mobilevlm-mlc; refusing to replace it" in _error(
-        cli("convert", ckpt, "--quantization", "q0f32", "-o", busy))
+    assert "busy: exists and was not written by mobilevlm-mlc; refusing to replace it" in error_of(
+        capfd, "convert", ckpt, "--quantization", "q0f32", "-o", busy)
     assert (busy / "precious.txt").read_text() == "keep me"
-    assert "unknown target 'toaster'" in _error(cli("compile", ldpnet_built.dist, "--target", "toaster", "-o", tmp_path / "x.so"))
-    assert "mlc-chat-config.json not found" in _error(cli("compile", tmp_path, "--target", "cpu", "-o", tmp_path / "x.so"))
+    assert "unknown target 'toaster'" in error_of(capfd, "compile", ldpnet_built.dist, "--target", "toaster", "-o", tmp_path / "x.so")
+    assert "mlc-chat-config.json not found" in error_of(capfd, "compile", tmp_path, "--target", "cpu", "-o", tmp_path / "x.so")
     assert not (tmp_path / "x.so").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers

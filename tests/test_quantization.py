@@ -111,17 +111,19 @@ def test_nk64_falls_back_where_it_cannot_tile():
 
 @pytest.fixture(scope="module")
 def odd_builds(workspace):
-    """The `tiny-odd` model (intermediate size 344): q4f16_1 and q4f32_3 builds for this CPU."""
+    """The `tiny-odd` model (intermediate size 344), q4f32_3 for this CPU: its attention and lm_head keep
+    NK64 (int8 activations on VNNI), its MLP falls back to NK with a padded last group — both kernel
+    paths on one model (the NK and KN packings of odd sizes are checked bit for bit above)."""
     ckpt = make_checkpoint(workspace / "ckpt-odd", "ldpnet", size="tiny-odd", seed=2)
     builds = {}
-    for name in ("q4f16_1", "q4f32_3"):
+    for name in ("q4f32_3",):
         dist = convert(ckpt, workspace / f"odd-{name}", name, progress=False)
         compile_model(dist, "cpu", workspace / f"odd-{name}.so")
         builds[name] = Engine(dist, workspace / f"odd-{name}.so")
     return ckpt, builds
 
 
-@pytest.mark.parametrize("name", ["q4f16_1", "q4f32_3"])
+@pytest.mark.parametrize("name", ["q4f32_3"])
 def test_odd_layer_sizes_quantize_and_match_the_reference(odd_builds, name):
     """A layer size no group divides converts, compiles and matches PyTorch on the same fake-quantized
     weights; NK64's MLP linears fall back to NK, recorded in the build, and keep fp activations."""

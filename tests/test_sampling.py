@@ -36,3 +36,21 @@ def test_top_k_and_top_p_restrict_support():
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(MobileVLMError):
         GenerationConfig(**kwargs)
+
+
+def test_a_tiny_temperature_is_greedy():
+    assert Sampler(GenerationConfig(temperature=1e-300, seed=0))(LOGITS) == int(np.argmax(LOGITS))
+
+
+def test_non_finite_logits_are_an_error():
+    bad = LOGITS.copy()
+    bad[2] = np.nan
+    with pytest.raises(MobileVLMError, match=r"the model produced 1 non-finite logits \(NaN or Inf\)"):
+        Sampler(GenerationConfig())(bad)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")), ("top_p", float("nan")),
+                                         ("seed", -1), ("seed", 2**64), ("top_k", 1.5), ("max_new_tokens", True)])
+def test_generation_config_refuses_bad_values(field, value):
+    with pytest.raises(MobileVLMError, match=f"{field} is "):
+        GenerationConfig(**{field: value})
