@@ -28,7 +28,7 @@ from mobilevlm_mlc.tensor_cache import load_tensor_cache
 from .conftest import checkpoint_for
 from .test_package import write_config
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=8),
                    st.lists(st.integers(-5, 5), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
 DELETE = object()
@@ -177,7 +177,7 @@ def test_package_config(android_models, tmp_path_factory):
     paths = list(_leaf_paths(base))
     strings = st.sampled_from(["", "..", "../escape", "/abs/path", "a/b", "HF://x/y", "mobilevlm_x", "android", "iphone"])
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(st.lists(st.tuples(st.sampled_from(paths), st.one_of(VALUES, strings, st.just(DELETE))), min_size=1, max_size=3))
     def check(edits):
         folder = tmp_path_factory.mktemp("pkg")
