@@ -18,6 +18,19 @@ from mobilevlm_mlc.synthetic import make_checkpoint
 PROJECTORS = ["ldpnet", "ldpnetv2"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis keeps a cache folder; put it in a temporary folder removed at exit, not in the tree."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    home = tempfile.mkdtemp(prefix="mobilevlm-hypothesis-")
+    atexit.register(shutil.rmtree, home, True)
+    set_hypothesis_home_dir(home)
+
+
 @dataclass
 class Built:
     checkpoint: Path
