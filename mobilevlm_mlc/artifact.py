@@ -40,8 +40,7 @@ def check_shared_library(path: Path, machine: str | None) -> None:
             raise MobileVLMError(f"{path}: not a shared library (no ELF header); build it with `mobilevlm-mlc compile`")
         if len(head) < 64 or head[4] != 2 or head[5] != 1:
             raise MobileVLMError(f"{path}: not a 64-bit little-endian ELF file")
-        kind, code = struct.unpack_from("<HH", head, 16)
-        found = ELF_MACHINES.get(code, f"machine {code}")
+        found, kind = elf_machine(head), struct.unpack_from("<H", head, 16)[0]
         if kind != 3:  # ET_DYN
             raise MobileVLMError(f"{path}: an ELF file but not a shared object (type {kind})")
         if machine is not None and found != machine:

@@ -119,14 +119,13 @@ def validate_config(config: MobileVLMConfig, where: Path | str, hf_names: bool =
     try:
         config.validate()
     except ConfigError as err:
-        raise config_error(err, where, "" if hf_names else None) from None
+        field = err.field.removeprefix("text.") if hf_names else err.field
+        raise config_error(ConfigError(field, err.problem), where) from None
 
 
-def config_error(err: ConfigError, where: Path | str, prefix: str | None) -> MobileVLMError:
-    """A ConfigError as one line against its file: `prefix` + the field's name (None: 'text.' is kept;
-    '' : config.json's own names, where the decoder's fields stand at the top)."""
-    field = err.field.removeprefix("text.") if prefix == "" else f"{prefix or ''}{err.field}"
-    return MobileVLMError(f"{where}: field '{field}' {err.problem}")
+def config_error(err: ConfigError, where: Path | str, prefix: str = "") -> MobileVLMError:
+    """A ConfigError as one line against its file; `prefix` is where the config sits in that file."""
+    return MobileVLMError(f"{where}: field '{prefix}{err.field}' {err.problem}")
 
 
 def _vision_folder(model_dir: Path, tower: str) -> Path | None:

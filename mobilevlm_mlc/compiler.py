@@ -54,10 +54,9 @@ def _attach_metadata(mod: tvm.IRModule, meta: dict) -> tvm.IRModule:
     return mod
 
 
-def export_model(config, scheme, target: tvm.target.Target) -> tuple[tvm.IRModule, list]:
+def export_model(model: MobileVLMForCausalLM, target: tvm.target.Target) -> tuple[tvm.IRModule, list]:
     """The model as a Relax IRModule with MLC's entry points, exported under `target`."""
-    model = MobileVLMForCausalLM(config, scheme)
-    model.to(config.dtype)
+    model.to(model.config.dtype)
     with target:
         return model.export_tvm(spec=model.get_default_spec())
 
@@ -93,10 +92,11 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     target = build_target.tvm_target()
     scheme = dist.quantization.scheme
     build = build_target.build_info(target, dist.config.dtype, scheme)
-    fallbacks = layout_fallbacks(MobileVLMForCausalLM(dist.config, scheme), scheme) if scheme else {}
+    model = MobileVLMForCausalLM(dist.config, scheme)
+    fallbacks = layout_fallbacks(model, scheme) if scheme else {}
     if fallbacks:  # linears whose shape the scheme's layout cannot tile (stored NK, model-dtype activations)
         build["layout_fallbacks"] = fallbacks
-    mod, named_params = export_model(dist.config, dist.quantization.scheme, target)
+    mod, named_params = export_model(model, target)
     mod = _attach_metadata(mod, metadata(dist, named_params, build) | {"dist": identity})
     prefix = system_lib_prefix(dist) if build_target.system_lib else None
     if prefix:

@@ -25,7 +25,7 @@ from .checkpoint import FLOAT_DTYPES, CheckpointTensors, input_files, load_confi
 from .conversation import V1_TEMPLATE
 from .dist import CHAT_CONFIG, TOKENIZER_FILES, TOKENIZER_MODEL
 from .errors import MobileVLMError, summarize
-from .fileio import atomic_dir, check_output_dir
+from .fileio import atomic_dir
 from .manifest import convert_manifest, dist_files, write_manifest
 from .quantization import Quantization, get_quantization, quantize_weight
 from .tokenizer import Tokenizer
@@ -142,11 +142,9 @@ def convert(
     if tokenizer.vocab_size > config.text.vocab_size:
         raise MobileVLMError(f"{model_dir / TOKENIZER_MODEL}: {tokenizer.vocab_size} tokens, more than the model's "
                              f"vocab_size {config.text.vocab_size} in config.json")
-    inputs = [model_dir, *vision_tower_folders(model_dir)]
-    check_output_dir(out_dir, dist_files, inputs)
     tensors = CheckpointTensors(model_dir)
     sources = plan_sources(config, tensors)
-    with atomic_dir(out_dir, dist_files, inputs) as tmp:
+    with atomic_dir(out_dir, dist_files, [model_dir, *vision_tower_folders(model_dir)]) as tmp:  # refuses the output before writing
         param_count = sum(int(np.prod(s)) for s in model_param_shapes(config).values())
         param_bytes = stored_bytes(config, quant)
         with contextlib.redirect_stdout(io.StringIO()):  # dump_tensor_cache prints a summary line

@@ -24,11 +24,11 @@ from .errors import MobileVLMError, summarize
 TEMP_PREFIX = ".mobilevlm-"  # every temporary this tool leaves beside an output starts so
 # What an existing folder holds that this tool wrote (relative POSIX paths), or None when it is not ours.
 OwnedFiles = Callable[[Path], "set[str] | None"]
-# Magic bytes of the file kinds this tool writes: an existing output file is replaced only if it is one.
-FILE_KINDS: dict[str, tuple[bytes, ...]] = {
-    "library": (b"\x7fELF", b"ustar"),  # .so, or a system-lib .tar (ustar magic at offset 257)
-    "json": (b"{", b"["),
-    "png": (b"\x89PNG\r\n\x1a\n",),
+# (offset, magic bytes) of the file kinds this tool writes: an existing output file is replaced only if it is one.
+FILE_KINDS: dict[str, tuple[tuple[int, bytes], ...]] = {
+    "library": ((0, b"\x7fELF"), (257, b"ustar")),  # a .so, or a system-lib .tar
+    "json": ((0, b"{"), (0, b"[")),
+    "png": ((0, b"\x89PNG\r\n\x1a\n"),),
 }
 
 
@@ -80,13 +80,13 @@ def foreign_entries(folder: Path, owned: set[str]) -> list[str]:
     return sorted(found)
 
 
-def check_output_dir(target: Path, owned: OwnedFiles, inputs: Iterable[Path] = (), what: str = "output folder") -> None:
+def check_output_dir(target: Path, owned: OwnedFiles, inputs: Iterable[Path] = ()) -> None:
     """Refuse `target` unless it is absent, empty, or holds only what this tool wrote there (`owned`)."""
     target = Path(target)
     _check_writable_location(target)
     clash = _overlaps(target, inputs)
     if clash is not None:
-        raise MobileVLMError(f"{target}: the {what} overlaps the input {clash}; choose a folder outside it")
+        raise MobileVLMError(f"{target}: the output folder overlaps the input {clash}; choose a folder outside it")
     if not target.exists() and not target.is_symlink():
         return
     if target.is_symlink() or not target.is_dir():
@@ -121,8 +121,7 @@ def check_output_file(target: Path, kind: str, inputs: Iterable[Path] = ()) -> N
         raise MobileVLMError(f"{target}: exists and is not a regular file; refusing to replace it")
     with open(target, "rb") as f:
         head = f.read(264)
-    magics = FILE_KINDS[kind]
-    if head and not any(head.startswith(m) or head[257:262] == m for m in magics):
+    if head and not any(head[offset : offset + len(magic)] == magic for offset, magic in FILE_KINDS[kind]):
         raise MobileVLMError(f"{target}: exists and is not a {kind} file; refusing to replace it")
 
 

@@ -23,6 +23,7 @@ import tvm
 from tvm import tirx
 from tvm.tirx.build import codegen_build, split_host_device_mods
 
+from model_defs.mobilevlm import MobileVLMForCausalLM
 from targets import BuildTarget, get_target
 
 from .compiler import export_model
@@ -52,7 +53,7 @@ class KernelResult:
 def scheduled_kernels(config, scheme, build_target: BuildTarget) -> tuple[tvm.target.Target, tvm.IRModule]:
     """The model exported for `build_target` and run through its Relax pipeline (kernels scheduled)."""
     target = build_target.tvm_target()
-    mod, _ = export_model(config, scheme, target)
+    mod, _ = export_model(MobileVLMForCausalLM(config, scheme), target)
     with target:
         return target, build_target.relax_pipeline(target)(mod)
 
@@ -323,12 +324,13 @@ def check_kernels(
     gpu_target = tvm.target.Target(gpu_target, host=cpu_target)
 
     names = list(only) if only else []
-    unknown = [name for name in names if name not in [gv.name_hint for gv in gpu_mod.get_global_vars()]]
+    functions = {gv.name_hint for gv in gpu_mod.get_global_vars()}
+    unknown = [name for name in names if name not in functions]
     if unknown:
         raise MobileVLMError(f"--kernels: not kernels of the {target_name} build: {summarize(unknown, 'name', 'names')}")
     if not only:
         for entry in entries:
-            if entry not in [gv.name_hint for gv in gpu_mod.get_global_vars()]:
+            if entry not in functions:
                 raise MobileVLMError(f"--entries: '{entry}' is not an entry point of the model")
             names += kernels_called(gpu_mod, entry)
         if "decode" in entries:

@@ -9,7 +9,6 @@ Relative paths are read from the config file's folder. Nothing in `OUT` changes 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import numpy as np
 from .checkpoint import read_json
 from .dist import CHAT_CONFIG, load_dist
 from .errors import MobileVLMError
-from .fileio import TEMP_PREFIX, atomic_dir, check_output_dir
+from .fileio import TEMP_PREFIX, atomic_dir
 
 LIBRARY = "libmodel_android.a"
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -153,31 +152,20 @@ def package(config_path: Path, output: Path) -> Path:
     if shutil.which("ar") is None or shutil.which("nm") is None:
         raise MobileVLMError("packaging needs binutils' `ar` and `nm` on PATH")
     inputs = [config_path, *(m.dist for m in models), *(m.library for m in models)]
-    parts = {"bundle": _bundle_files, "lib": _lib_files}
-    for part, owned in parts.items():
-        check_output_dir(output / part, owned, inputs, what=f"package's {part}/ folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MobileVLMError(f"{output}: cannot create the output folder ({err.strerror})") from None
-    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=output) as tmp:
-        staging = Path(tmp)
-        (staging / "bundle").mkdir()
-        (staging / "lib").mkdir()
-        (staging / "objects").mkdir()
-        _merge_objects(models, staging / "lib", staging / "objects")
+    # each part is checked (ours or absent, no overlap with an input) before anything is written, and
+    # swapped in whole at the end
+    with (atomic_dir(output / "bundle", _bundle_files, inputs) as bundle,
+          atomic_dir(output / "lib", _lib_files, inputs) as lib,
+          tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=output) as objects):
+        _merge_objects(models, lib, Path(objects))
         app_models = []
         for model in models:
             entry = {"model_id": model.model_id, "model_lib": model.model_lib, "estimated_vram_bytes": model.estimated_vram_bytes}
             if model.bundle_weight:
-                shutil.copytree(model.dist, staging / "bundle" / model.model_id)
+                shutil.copytree(model.dist, bundle / model.model_id)
                 entry["model_path"] = model.model_id
             else:
                 entry["model_url"] = str(model.dist)
             app_models.append(entry)
-        (staging / "bundle" / "mlc-app-config.json").write_text(json.dumps({"model_list": app_models}, indent=2) + "\n")
-        for part, owned in parts.items():
-            with atomic_dir(output / part, owned, inputs) as target:
-                target.rmdir()
-                os.replace(staging / part, target)
+        (bundle / "mlc-app-config.json").write_text(json.dumps({"model_list": app_models}, indent=2) + "\n")
     return output

@@ -59,6 +59,17 @@ def _in_range(name: str, value: float, low: float, high: float, *, open_low: boo
         raise ConfigError(name, f"is {value!r}, expected a number in {bracket}{show(low)}, {show(high)}]")
 
 
+def _check_transformer(config: TextConfig | VisionConfig) -> None:
+    """What the decoder and the vision tower share: field types, the four sizes in range, whole heads."""
+    _check_types(config)
+    _in_range("hidden_size", config.hidden_size, 1, MAX_HIDDEN)
+    _in_range("intermediate_size", config.intermediate_size, 1, 4 * MAX_HIDDEN)
+    _in_range("num_hidden_layers", config.num_hidden_layers, 1, MAX_LAYERS)
+    _in_range("num_attention_heads", config.num_attention_heads, 1, config.hidden_size)
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError("hidden_size", f"{config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}")
+
+
 @dataclass
 class TextConfig:
     """MobileLLaMA / Vicuna decoder (HF `LlamaConfig` keys)."""
@@ -78,18 +89,12 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        _check_types(self)
-        _in_range("hidden_size", self.hidden_size, 1, MAX_HIDDEN)
-        _in_range("intermediate_size", self.intermediate_size, 1, 4 * MAX_HIDDEN)
-        _in_range("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
-        _in_range("num_attention_heads", self.num_attention_heads, 1, self.hidden_size)
+        _check_transformer(self)
         _in_range("num_key_value_heads", self.num_key_value_heads, 1, self.num_attention_heads)
         _in_range("vocab_size", self.vocab_size, 1, MAX_VOCAB)
         _in_range("rms_norm_eps", self.rms_norm_eps, 0, 1, open_low=True)
         _in_range("rope_theta", self.rope_theta, 0, 1e12, open_low=True)
         _in_range("max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads", f"{self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
@@ -126,11 +131,7 @@ class VisionConfig:
         return self.select_layer % total
 
     def validate(self) -> None:
-        _check_types(self)
-        _in_range("hidden_size", self.hidden_size, 1, MAX_HIDDEN)
-        _in_range("intermediate_size", self.intermediate_size, 1, 4 * MAX_HIDDEN)
-        _in_range("num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
-        _in_range("num_attention_heads", self.num_attention_heads, 1, self.hidden_size)
+        _check_transformer(self)
         _in_range("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
         _in_range("patch_size", self.patch_size, 1, self.image_size)
         _in_range("layer_norm_eps", self.layer_norm_eps, 0, 1, open_low=True)
@@ -138,8 +139,6 @@ class VisionConfig:
             raise ConfigError("num_channels", f"is {self.num_channels}, expected 3")
         if self.hidden_act != "quick_gelu":
             raise ConfigError("hidden_act", f"is {self.hidden_act!r}, expected 'quick_gelu'")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.image_size % self.patch_size:
             raise ConfigError("image_size", f"{self.image_size} is not divisible by patch_size {self.patch_size}")
         total = self.num_hidden_layers + 1
