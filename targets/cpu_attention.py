@@ -13,6 +13,7 @@ query rows in the lanes; exponentials are a polynomial (libm's `exp2f` does not 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -53,6 +54,7 @@ _TREE = (
 )
 
 
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
     """`batch_decode_paged_kv_cpu` without sliding window; rope must already be applied (the model
     uses `RopeMode.NORMAL`: q and k are rotated before the append, `rotary_mode` is 0). A task is one
@@ -249,6 +251,7 @@ def _prefill_blocks(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: 
     return blocks
 
 
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16) -> tirx.PrimFunc:
     """`batch_prefill_paged_kv_cpu` (no sliding window, keys already rotated) over the cached pages.
     TVM's visits `max_num_pages * page_size` rows per query, on one thread."""
@@ -305,6 +308,7 @@ def prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype
     return batch_prefill_paged_kv
 
 
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
     """`batch_prefill_ragged_kv` (keys already rotated) over the chunk's own keys and values. TVM's
     runs the whole batch on one thread."""
@@ -355,6 +359,7 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     return batch_prefill_ragged_kv
 
 
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int, dtype: str) -> tirx.PrimFunc:
     """The KV cache's `fused_rope` (split q/k/v, rotate q and k; TVM's `llama_rope_with_position_map`
     without scaling), same signature and arithmetic, with each token's cosines and sines computed once
@@ -417,12 +422,18 @@ def faster_rope(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if theta is None or set(outputs) != {"q", "k", "v"}:
         return None
     q, k = outputs["q"], outputs["k"]
-    heads, kv_heads, dim, dtype = int(q.shape[1]), int(k.shape[1]), int(q.shape[2]), q.dtype
+    heads, kv_heads, dim, dtype = int(q.shape[1]), int(k.shape[1]), int(q.shape[2]), str(q.dtype)
     try:
-        tvm.ir.assert_structural_equal(func, llama_rope_with_position_map(float(theta.group(1)), 1.0, dim, heads, kv_heads, dtype, {}, dim))
+        tvm.ir.assert_structural_equal(func, _tvm_rope(float(theta.group(1)), dim, heads, kv_heads, str(dtype)))
     except ValueError:
         return None
     return rope(float(theta.group(1)), dim, heads, kv_heads, dtype)
+
+
+@functools.cache
+def _tvm_rope(theta: float, dim: int, heads: int, kv_heads: int, dtype: str) -> tirx.PrimFunc:
+    """TVM's own unscaled RoPE kernel for these sizes, the one `faster_rope` replaces."""
+    return llama_rope_with_position_map(theta, 1.0, dim, heads, kv_heads, dtype, {}, dim)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
@@ -439,7 +450,7 @@ def replace_attention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm
                 mod[gv] = faster
             continue
         q, source = func.params[0], func.params[2 if symbol != DECODE_ATTENTION else 1]
-        heads, dim, dtype = int(q.shape[1]), int(q.shape[2]), q.dtype
+        heads, dim, dtype = int(q.shape[1]), int(q.shape[2]), str(q.dtype)
         if symbol == DECODE_ATTENTION:
             if int(source.shape[3]) == KEYS and dim % KEYS == 0:  # a page per step (the engine's page size); else TVM's stays
                 mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype)

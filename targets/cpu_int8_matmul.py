@@ -21,6 +21,7 @@ integer dot products per group in registers, folded into fp32 accumulators after
 
 from __future__ import annotations
 
+import functools
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -79,6 +80,7 @@ def _quantize_rows(k: int, dtype: str):
     return quantize
 
 
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def int8_quantized_matmul(k: int, n: int, dtype: str = "float32", rows: int = 6, column_vectors: int = 2) -> tirx.PrimFunc:
     """y[1, m, n] = x[1, m, k] @ W^T for any m (prefill), W in the NK64 layout (q4f32_3, or q4f16_3 with
     `dtype` float16: activations and scales in that dtype, read into fp32), on int8 activations."""
@@ -141,6 +143,7 @@ def int8_quantized_matmul(k: int, n: int, dtype: str = "float32", rows: int = 6,
     return quantized_matmul_int8
 
 
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def int8_quantized_gemv(k: int, n: int, dtype: str = "float32") -> tirx.PrimFunc:
     """y[1, 1, n] = x[1, 1, k] @ W^T (decode, the last token's logits), W in the NK64 layout, on int8
     activations. Decode is memory-bound, but at 30-40 GB/s two cores of fp32 unpacking (AND, convert,
@@ -215,7 +218,7 @@ def _nk64_matmul(func: tirx.PrimFunc) -> tuple[int, int, str, bool] | None:
     k, n = int(x.shape[2]), int(y.shape[2])
     if int(weight.shape[1]) * 8 != k or int(scale.shape[1]) * 32 != k or int(weight.shape[0]) * ROW_TILE != n:
         return None
-    return k, n, x.dtype, isinstance(rows, tirx.IntImm)
+    return k, n, str(x.dtype), isinstance(rows, tirx.IntImm)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ReplaceQuantizedMatmuls")

@@ -37,10 +37,22 @@ def inconsistent_thread_extents(func: tirx.PrimFunc, script: str | None = None) 
     return None
 
 
+class SimtMatmul(dl.gpu.Matmul):
+    """dlight's Matmul rule without its CUDA tensor-core branch, which segfaults on the vision tower's fp16
+    static-shape matmuls in TVM 0.27 (sm >= 70). The rule takes that branch from the target's `arch`
+    alone, so it is shown a pre-Volta arch and schedules the SIMT way; this also keeps it from importing
+    TVM's tensor-core intrinsics, a minute of TVMScript parsing per process."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
+        if target.kind.name == "cuda":
+            target = tvm.target.Target({**target.export(), "arch": "sm_60"})
+        return super().apply(func, target, tunable)
+
+
 def _schedule(target: tvm.target.Target) -> tvm.transform.Pass:
     """MLC's dlight rules; a kernel a rule schedules inconsistently is rescheduled without that rule
     (GEMV and Reduction both mis-bind LDP's gate epilogue; GeneralReduction schedules it right)."""
-    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    rules = [SimtMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     retries = [[rules[0], *rules[2:]], [rules[0], *rules[3:]]]
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleGPUKernels")
@@ -83,16 +95,6 @@ def _verify_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
     return verify
 
 
-@tvm.transform.module_pass(opt_level=0, name="NoTensorCoreMatmul")
-def no_tensor_core_matmul(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Mark every kernel `dlight.do_not_tensorize`: dlight's CUDA tensor-core Matmul rule (sm >= 70)
-    segfaults on the vision tower's fp16 static-shape matmuls in TVM 0.27; its SIMT schedule is used."""
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc):
-            mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
-    return mod
-
-
 def gpu_pipeline(target: tvm.target.Target, max_unroll_step: int | None = None) -> tvm.transform.Pass:
     """MLC's GPU lowering; `max_unroll_step` caps unrolling for device compilers that choke on it."""
     return tvm.transform.Sequential(
@@ -104,7 +106,6 @@ def gpu_pipeline(target: tvm.target.Target, max_unroll_step: int | None = None) 
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-            *([no_tensor_core_matmul] if target.kind.name == "cuda" else []),
             _schedule(target),
             *([cap_unroll(max_unroll_step)] if max_unroll_step else []),
             _verify_kernels(target),

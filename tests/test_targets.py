@@ -44,12 +44,13 @@ def dists(workspace):
     return {q: convert(ckpt, workspace / f"mobilevlm-tiny-{q}", q, progress=False) for q in ("q4f16_0", "q4f16_1", "q4f16_3")}
 
 
-@pytest.mark.parametrize("target,quantization", [("android-adreno", "q4f16_0"), ("android-cpu", "q4f16_3")])
-def test_android_static_library(dists, tmp_path, target, quantization):
-    out = tmp_path / f"{target}.tar"
-    report = compile_model(dists[quantization], target, out)
-    prefix = report["system_lib_prefix"]
-    assert prefix == f"mobilevlm_tiny_{quantization}_" and len(prefix) >= 8
+@pytest.mark.parametrize("name,target,prefix", [
+    ("mobilevlm-ldpnet-q4f16_0", "android-adreno", "mobilevlm_ldpnet_q4f16_0_"),
+    ("mobilevlm-ldpnetv2-q4f16_3", "android-cpu", "mobilevlm_ldpnetv2_q4f16_3_"),
+])
+def test_android_static_library(android_models, tmp_path, name, target, prefix):
+    _, out, model_lib = android_models[name]  # the two libraries the packaging tests bundle, built for `target`
+    assert model_lib + "_" == prefix  # the dist folder's name as a C identifier
     objects = members(out)
     assert sorted(objects) == sorted(["lib0.o", f"{prefix}devc.o"])
     for data in objects.values():
@@ -59,8 +60,8 @@ def test_android_static_library(dists, tmp_path, target, quantization):
     symbols = subprocess.run(["nm", str(devc)], capture_output=True, text=True, check=True).stdout
     assert f" R {prefix}__tvm_ffi__library_bin" in symbols
     blob = objects[f"{prefix}devc.o"]
-    for name in ENTRY_POINTS:  # the VM bytecode names every exported function
-        assert name in blob, name
+    for entry in ENTRY_POINTS:  # the VM bytecode names every exported function
+        assert entry in blob, entry
     if target == "android-adreno":  # OpenCL C source for every kernel, the decode path's among them
         for kernel in ("batch_decode_paged_kv_kernel", "fused_rope_kernel", "rms_norm_kernel", "quantized_matmul_kernel",
                        "quantized_embedding_kernel", "take_last_kernel", "conv2d_kernel", "layer_norm_kernel"):
