@@ -1,8 +1,9 @@
 # `make demo`: install what is missing, then run the main job on the built-in default.
-# `make test`: install what is missing (with test extras), then run the whole test suite.
+# `make test`: install what is missing (with test extras), then lint and run the whole test suite.
+# `make test-fast`: the tests that compile nothing (under a minute), for development.
 PYTHON ?= python3
 
-.PHONY: install install-test system-deps demo test
+.PHONY: install install-test system-deps demo lint test test-fast
 
 # Debian packages the tests use: the AArch64 cross linker (orin-cuda) and PoCL (check-kernels).
 SYSTEM_DEPS = g++-aarch64-linux-gnu pocl-opencl-icd
@@ -20,5 +21,12 @@ system-deps:
 demo: install
 	mobilevlm-mlc demo
 
-test: install-test
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install-test lint
 	$(PYTHON) -m pytest -q tests
+
+test-fast: install-test lint
+	$(PYTHON) -m pytest -q -m "not slow" tests

@@ -14,12 +14,12 @@ import argparse
 import time
 from pathlib import Path
 
+from mobilevlm_mlc.check.synthetic import make_checkpoint
 from mobilevlm_mlc.compiler import compile_model
-from mobilevlm_mlc.manifest import MANIFEST
-from mobilevlm_mlc.convert import convert
+from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.synthetic import make_checkpoint
-from targets import get_target
+from mobilevlm_mlc.formats.manifest import MANIFEST
+from mobilevlm_mlc.targets import get_target
 
 
 def main() -> None:
@@ -42,7 +42,9 @@ def main() -> None:
                 convert(ckpt, dist, quantization, progress=False)
             converted = time.perf_counter()
             try:
-                report = compile_model(dist, name, args.workdir / f"{size}-{quantization}-{name}{target.library_suffix}")
+                report = compile_model(
+                    dist, name, args.workdir / f"{size}-{quantization}-{name}{target.library_suffix}"
+                )
                 took = f"compile {report['export_s'] + report['build_s']:6.1f} s (export {report['export_s']:.1f}, build {report['build_s']:.1f})"
             except MobileVLMError as err:
                 took = f"stopped after {time.perf_counter() - converted:6.1f} s: {str(err)[:90]}"

@@ -44,4 +44,6 @@ def run_measured(cmd: list[str]) -> Measured:
     sampler.start()
     output = proc.communicate()[0]
     sampler.join()
-    return Measured(time.perf_counter() - started, peaks["VmHWM"] / 2**20, peaks["RssAnon"] / 2**20, proc.returncode, output)
+    return Measured(
+        time.perf_counter() - started, peaks["VmHWM"] / 2**20, peaks["RssAnon"] / 2**20, proc.returncode, output
+    )

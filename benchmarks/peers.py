@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mobilevlm_mlc.bench import SCHEMA, BenchSettings, check_fits, environment, peak_rss_mib, summary, timed
+from mobilevlm_mlc.bench.benchmark import SCHEMA, BenchSettings, check_fits, environment, peak_rss_mib, summary, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FTYPES = {"Q4_0": 2, "Q4_K_S": 14}  # llama.h LLAMA_FTYPE_MOSTLY_*
 
 
 # ---------------------------------------------------------------- memory bandwidth
+
 
 def stream_read_gb_s(threads: int, gib: float = 1.0, repeat: int = 5) -> float:
     """Best read bandwidth over `repeat` passes: `threads` threads each summing their slice of a
@@ -53,8 +54,12 @@ def decoder_bytes_per_token(dist: Path | None = None, gguf: Path | None = None) 
     """Bytes of weights one decode step reads: every decoder weight but the embedding table."""
     if dist is not None:
         cache = json.loads((dist / "tensor-cache.json").read_text())
-        return sum(r["nbytes"] for shard in cache["records"] for r in shard["records"]
-                   if r["name"].startswith(("model.layers.", "model.norm", "lm_head")))
+        return sum(
+            r["nbytes"]
+            for shard in cache["records"]
+            for r in shard["records"]
+            if r["name"].startswith(("model.layers.", "model.norm", "lm_head"))
+        )
     if gguf is not None:
         from gguf import GGUFReader
 
@@ -65,11 +70,12 @@ def decoder_bytes_per_token(dist: Path | None = None, gguf: Path | None = None) 
 
 # ---------------------------------------------------------------- PyTorch eager
 
+
 def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, settings: BenchSettings) -> dict:
     import torch
     from PIL import Image
 
-    from mobilevlm_mlc.reference import ReferenceMobileVLM
+    from mobilevlm_mlc.check.reference import ReferenceMobileVLM
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -90,7 +96,9 @@ def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, s
             embeds = torch.cat([image_embeds, embed(torch.tensor(rng.integers(3, vocab, length)))])[None]
             runs = timed(lambda e=embeds: ref.llm(inputs_embeds=e, use_cache=True), settings.repeat, settings.warmup)
             prefill[str(length)] = summary([embeds.shape[1] / s for s in runs])
-        context = torch.cat([image_embeds, embed(torch.tensor(rng.integers(3, vocab, min(settings.prompt_lengths))))])[None]
+        context = torch.cat([image_embeds, embed(torch.tensor(rng.integers(3, vocab, min(settings.prompt_lengths))))])[
+            None
+        ]
         decode = []
         for _ in range(settings.warmup + settings.repeat):
             out = ref.llm(inputs_embeds=context, use_cache=True)
@@ -108,14 +116,20 @@ def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, s
 
         ttft = timed(first_token, settings.repeat, settings.warmup)
     return {
-        "label": f"pytorch eager {dtype_name}", "engine": "pytorch", "quantization": dtype_name,
-        "image_encode_ms": summary([s * 1000 for s in encode]), "prefill_tok_s": prefill,
-        "decode_tok_s": summary(decode[settings.warmup:]), "ttft_ms": summary([s * 1000 for s in ttft]),
-        "settings": settings.to_dict(image_tokens), "torch": torch.__version__,
+        "label": f"pytorch eager {dtype_name}",
+        "engine": "pytorch",
+        "quantization": dtype_name,
+        "image_encode_ms": summary([s * 1000 for s in encode]),
+        "prefill_tok_s": prefill,
+        "decode_tok_s": summary(decode[settings.warmup :]),
+        "ttft_ms": summary([s * 1000 for s in ttft]),
+        "settings": settings.to_dict(image_tokens),
+        "torch": torch.__version__,
     }
 
 
 # ---------------------------------------------------------------- llama.cpp
+
 
 def _permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
     """HF's rotate-half q/k rows -> GGML's interleaved pairs (as llama.cpp's own converter does)."""
@@ -127,7 +141,7 @@ def write_gguf_f16(checkpoint: Path, out: Path) -> Path:
     import gguf
     import sentencepiece
 
-    from mobilevlm_mlc.checkpoint import CheckpointTensors, load_config
+    from mobilevlm_mlc.convert.checkpoint import CheckpointTensors, load_config
 
     config = load_config(checkpoint).text
     tensors = CheckpointTensors(checkpoint)
@@ -146,9 +160,17 @@ def write_gguf_f16(checkpoint: Path, out: Path) -> Path:
     sp = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
     kinds = []
     for i in range(sp.get_piece_size()):
-        kinds.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-                     else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
-                     else gguf.TokenType.NORMAL)
+        kinds.append(
+            gguf.TokenType.UNKNOWN
+            if sp.is_unknown(i)
+            else gguf.TokenType.CONTROL
+            if sp.is_control(i)
+            else gguf.TokenType.BYTE
+            if sp.is_byte(i)
+            else gguf.TokenType.UNUSED
+            if sp.is_unused(i)
+            else gguf.TokenType.NORMAL
+        )
     writer.add_tokenizer_model("llama")
     writer.add_token_list([sp.id_to_piece(i).encode() for i in range(sp.get_piece_size())])
     writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
@@ -165,13 +187,21 @@ def write_gguf_f16(checkpoint: Path, out: Path) -> Path:
     writer.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
     writer.add_tensor("output_norm.weight", f32("model.norm.weight"))
     writer.add_tensor("output.weight", f16("lm_head.weight"))
-    names = {"attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    names = {
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     for i in range(config.num_hidden_layers):
         hf = f"model.layers.{i}."
         writer.add_tensor(f"blk.{i}.attn_norm.weight", f32(hf + "input_layernorm.weight"))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", f32(hf + "post_attention_layernorm.weight"))
-        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute_rope(f16(hf + "self_attn.q_proj.weight"), config.num_attention_heads))
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight", _permute_rope(f16(hf + "self_attn.q_proj.weight"), config.num_attention_heads)
+        )
         k = f16(hf + "self_attn.k_proj.weight")
         writer.add_tensor(f"blk.{i}.attn_k.weight", _permute_rope(k, config.num_key_value_heads))
         for ours, theirs in names.items():
@@ -223,13 +253,18 @@ def bench_llama_cpp(gguf_path: Path, label: str, image_tokens: int, settings: Be
             llm.eval([3 + step])
         decode.append(settings.decode_tokens / (time.perf_counter() - started))
     return {
-        "label": label, "engine": "llama.cpp", "quantization": label.split()[-1],
-        "prefill_tok_s": prefill, "decode_tok_s": summary(decode[settings.warmup:]),
-        "settings": settings.to_dict(image_tokens), "llama_cpp_python": __import__("llama_cpp").__version__,
+        "label": label,
+        "engine": "llama.cpp",
+        "quantization": label.split()[-1],
+        "prefill_tok_s": prefill,
+        "decode_tok_s": summary(decode[settings.warmup :]),
+        "settings": settings.to_dict(image_tokens),
+        "llama_cpp_python": __import__("llama_cpp").__version__,
     }
 
 
 # ---------------------------------------------------------------- orchestration
+
 
 def run_one(args: argparse.Namespace) -> None:
     """Child process: one engine, one result file (its own peak memory)."""
@@ -237,7 +272,7 @@ def run_one(args: argparse.Namespace) -> None:
     if args.one.startswith("pytorch-"):
         result = bench_pytorch(args.checkpoint, args.one.split("-", 1)[1], args.image, args.prompt, settings)
     else:
-        from mobilevlm_mlc.checkpoint import load_config
+        from mobilevlm_mlc.convert.checkpoint import load_config
 
         image_tokens = load_config(args.checkpoint).num_image_tokens
         result = bench_llama_cpp(args.gguf, f"llama.cpp {args.one.split('-', 1)[1]}", image_tokens, settings)
@@ -270,18 +305,28 @@ def main() -> None:
         run_one(args)
         return
 
+    from mobilevlm_mlc.check.synthetic import make_checkpoint
     from mobilevlm_mlc.compiler import compile_model
-    from mobilevlm_mlc.manifest import MANIFEST
-    from mobilevlm_mlc.convert import convert
-    from mobilevlm_mlc.synthetic import make_checkpoint
+    from mobilevlm_mlc.convert.converter import convert
+    from mobilevlm_mlc.formats.manifest import MANIFEST
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint or args.workdir / f"ckpt-{args.size}"
     if not (checkpoint / "config.json").exists():
         make_checkpoint(checkpoint, "ldpnet", size=args.size)
-    common = ["--prompt-lengths", ",".join(map(str, args.prompt_lengths)), "--decode-tokens", str(args.decode_tokens),
-              "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    common = [
+        "--prompt-lengths",
+        ",".join(map(str, args.prompt_lengths)),
+        "--decode-tokens",
+        str(args.decode_tokens),
+        "--repeat",
+        str(args.repeat),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+    ]
     results, bytes_per_token = [], {}
     for quantization in filter(None, args.quantizations.split(",")):
         dist = args.workdir / f"{args.size}-{quantization}"
@@ -291,8 +336,23 @@ def main() -> None:
         compile_model(dist, "cpu", lib)
         out = args.out / f"mobilevlm-mlc-{quantization}.json"
         print(f"== mobilevlm-mlc {quantization}", flush=True)
-        subprocess.run([sys.executable, "-m", "mobilevlm_mlc.cli", "bench", str(dist), "--lib", str(lib),
-                        "--image", str(args.image), *common, "-o", str(out)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mobilevlm_mlc.cli",
+                "bench",
+                str(dist),
+                "--lib",
+                str(lib),
+                "--image",
+                str(args.image),
+                *common,
+                "-o",
+                str(out),
+            ],
+            check=True,
+        )
         results.append(out)
         bytes_per_token[out] = decoder_bytes_per_token(dist=dist)
     f16 = args.workdir / f"{args.size}-F16.gguf"
@@ -309,8 +369,25 @@ def main() -> None:
             extra = ["--gguf", str(gguf_path)]
             bytes_per_token[out] = decoder_bytes_per_token(gguf=gguf_path)
         print(f"== {peer}", flush=True)
-        subprocess.run([sys.executable, __file__, "--one", peer, "--checkpoint", str(checkpoint), "--result", str(out),
-                        "--image", str(args.image), "--prompt", args.prompt, *common, *extra], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                peer,
+                "--checkpoint",
+                str(checkpoint),
+                "--result",
+                str(out),
+                "--image",
+                str(args.image),
+                "--prompt",
+                args.prompt,
+                *common,
+                *extra,
+            ],
+            check=True,
+        )
         results.append(out)
 
     bandwidth = stream_read_gb_s(args.threads)
@@ -320,13 +397,22 @@ def main() -> None:
         per_token = bytes_per_token.get(path)
         if per_token:
             limit = bandwidth * 1e9 / per_token
-            result["bandwidth"] = {"read_gb_s": bandwidth, "bytes_per_token": per_token, "decode_limit_tok_s": limit,
-                                   "fraction_of_limit": result["decode_tok_s"]["median"] / limit}
+            result["bandwidth"] = {
+                "read_gb_s": bandwidth,
+                "bytes_per_token": per_token,
+                "decode_limit_tok_s": limit,
+                "fraction_of_limit": result["decode_tok_s"]["median"] / limit,
+            }
             path.write_text(json.dumps(result, indent=2))
-            print(f"  {result['label']:<28} decode {result['decode_tok_s']['median']:7.2f} tok/s = "
-                  f"{100 * result['bandwidth']['fraction_of_limit']:5.1f}% of the {limit:.1f} tok/s limit ({per_token / 2**20:.0f} MiB/token)")
+            print(
+                f"  {result['label']:<28} decode {result['decode_tok_s']['median']:7.2f} tok/s = "
+                f"{100 * result['bandwidth']['fraction_of_limit']:5.1f}% of the {limit:.1f} tok/s limit ({per_token / 2**20:.0f} MiB/token)"
+            )
     print()
-    subprocess.run([sys.executable, "-m", "mobilevlm_mlc.cli", "compare", *map(str, results), "-o", str(args.out / "chart.png")], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "mobilevlm_mlc.cli", "compare", *map(str, results), "-o", str(args.out / "chart.png")],
+        check=True,
+    )
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm.runtime import ShapeTuple
 
-from mobilevlm_mlc.bench import set_threads
-from mobilevlm_mlc.engine import Engine
+from mobilevlm_mlc.bench.benchmark import set_threads
+from mobilevlm_mlc.runtime.engine import Engine
 
 
 class KernelTimer:
@@ -52,8 +51,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=16, help="tokens in the cache before a decode step")
     parser.add_argument("--tokens", type=int, default=272, help="prefill length (144 image tokens + text)")
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="TVM's pool threads (its own default can be fewer than the cores: 1 on some VMs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="TVM's pool threads (its own default can be fewer than the cores: 1 on some VMs)",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
 
@@ -64,7 +67,6 @@ def main() -> None:
     def embeds(n: int) -> np.ndarray:
         return (rng.standard_normal((n, hidden)) * 0.02).astype(dtype)
 
-    kv = tvm.get_global_func
     timer = KernelTimer()
 
     def run_once() -> float:
@@ -78,11 +80,11 @@ def main() -> None:
         if args.entry == "decode" and args.context:
             engine.prefill(seq, embeds(args.context))
         x = tvm.runtime.tensor(embeds(1 if args.entry == "decode" else args.tokens)[None], engine.device)
-        kv("vm.builtin.kv_state_begin_forward")(engine.kv_cache, ShapeTuple([seq]), ShapeTuple([x.shape[1]]))
+        engine.kv.begin_forward(seq, x.shape[1])
         started, timer.active = time.perf_counter(), True
-        engine.vm[args.entry](x, engine.kv_cache, engine.params)
+        engine.vm[args.entry](x, engine.kv.handle, engine.params)
         took, timer.active = time.perf_counter() - started, False
-        kv("vm.builtin.kv_state_end_forward")(engine.kv_cache)
+        engine.kv.end_forward()
         engine.remove_sequence(seq)
         return took
 
@@ -92,7 +94,9 @@ def main() -> None:
     timer.calls.clear()
     wall = run_once()
     rows = sorted(timer.seconds.items(), key=lambda item: -item[1])
-    print(f"{args.entry}: {wall * 1e3:.1f} ms wall, {sum(timer.seconds.values()) * 1e3:.1f} ms in {sum(timer.calls.values())} calls")
+    print(
+        f"{args.entry}: {wall * 1e3:.1f} ms wall, {sum(timer.seconds.values()) * 1e3:.1f} ms in {sum(timer.calls.values())} calls"
+    )
     for name, seconds in rows[: args.top]:
         print(f"{seconds * 1e3:10.2f} ms {timer.calls[name]:5d}x  {name}")
 

@@ -16,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import run_measured  # noqa: E402
+from memory import run_measured
 
 PROMPT = "A chat between a curious user and an artificial intelligence assistant. USER: Describe a red house under a yellow sun. ASSISTANT:"
 
@@ -32,10 +31,10 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
 
-    from mobilevlm_mlc.engine import Engine
-    from mobilevlm_mlc.reference import ReferenceMobileVLM
-    from mobilevlm_mlc.synthetic import make_checkpoint
-    from mobilevlm_mlc.verify import accuracy
+    from mobilevlm_mlc.check.reference import ReferenceMobileVLM
+    from mobilevlm_mlc.check.synthetic import make_checkpoint
+    from mobilevlm_mlc.check.verify import accuracy
+    from mobilevlm_mlc.runtime.engine import Engine
 
     ckpt = args.workdir / f"ckpt-{args.size}"
     if not (ckpt / "config.json").exists():
@@ -47,7 +46,10 @@ def main() -> None:
     forced, _ = reference.greedy(ref_input, args.tokens, eos_id=None)
     fp32_logits = reference.teacher_forced_logits(ref_input, forced)
     del reference
-    print(f"checkpoint {ckpt} ({checkpoint_bytes / 2**30:.2f} GiB bf16); {len(ids)} prompt tokens, {len(forced)} teacher-forced", flush=True)
+    print(
+        f"checkpoint {ckpt} ({checkpoint_bytes / 2**30:.2f} GiB bf16); {len(ids)} prompt tokens, {len(forced)} teacher-forced",
+        flush=True,
+    )
 
     results = {}
     for name in args.quantizations.split(","):
@@ -57,23 +59,36 @@ def main() -> None:
         comp = run_measured(["mobilevlm-mlc", "compile", str(dist), "--target", "cpu", "-o", str(lib)])
         assert comp.returncode == 0, comp.output
         weights = sum(p.stat().st_size for p in dist.glob("params_shard_*.bin"))
-        run = run_measured(["mobilevlm-mlc", "run", str(dist), "--lib", str(lib), "--prompt", "Hello", "--max-new-tokens", "2"])
+        run = run_measured(
+            ["mobilevlm-mlc", "run", str(dist), "--lib", str(lib), "--prompt", "Hello", "--max-new-tokens", "2"]
+        )
         assert run.returncode == 0, run.output
         started = time.perf_counter()
         engine = Engine(dist, lib)
         acc = accuracy(engine.teacher_forced_logits(ids, [], forced), fp32_logits, forced)
         del engine
         results[name] = {
-            "convert_s": conv.seconds, "convert_peak_rss_gib": conv.peak_rss_gib, "convert_peak_anon_gib": conv.peak_anon_gib,
-            "compile_s": comp.seconds, "library_mib": lib.stat().st_size / 2**20, "weights_gib": weights / 2**30,
-            "run_peak_rss_gib": run.peak_rss_gib, "accuracy_s": time.perf_counter() - started, **vars(acc),
+            "convert_s": conv.seconds,
+            "convert_peak_rss_gib": conv.peak_rss_gib,
+            "convert_peak_anon_gib": conv.peak_anon_gib,
+            "compile_s": comp.seconds,
+            "library_mib": lib.stat().st_size / 2**20,
+            "weights_gib": weights / 2**30,
+            "run_peak_rss_gib": run.peak_rss_gib,
+            "accuracy_s": time.perf_counter() - started,
+            **vars(acc),
         }
         r = results[name]
-        print(f"{name:8} convert {r['convert_s']:6.1f} s (peak RSS {r['convert_peak_rss_gib']:.2f} GiB, anon {r['convert_peak_anon_gib']:.2f}) | "
-              f"compile {r['compile_s']:5.1f} s | weights {r['weights_gib']:.3f} GiB, run peak RSS {r['run_peak_rss_gib']:.2f} GiB | "
-              f"vs fp32: cos {acc.cosine_mean:.5f} (min {acc.cosine_min:.5f}), max err {acc.max_abs:.3f}, top-1 {acc.top1_agreement:.1%}", flush=True)
+        print(
+            f"{name:8} convert {r['convert_s']:6.1f} s (peak RSS {r['convert_peak_rss_gib']:.2f} GiB, anon {r['convert_peak_anon_gib']:.2f}) | "
+            f"compile {r['compile_s']:5.1f} s | weights {r['weights_gib']:.3f} GiB, run peak RSS {r['run_peak_rss_gib']:.2f} GiB | "
+            f"vs fp32: cos {acc.cosine_mean:.5f} (min {acc.cosine_min:.5f}), max err {acc.max_abs:.3f}, top-1 {acc.top1_agreement:.1%}",
+            flush=True,
+        )
     if args.output:
-        args.output.write_text(json.dumps({"size": args.size, "tokens": len(forced), "results": results}, indent=2) + "\n")
+        args.output.write_text(
+            json.dumps({"size": args.size, "tokens": len(forced), "results": results}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -4,107 +4,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from . import arguments as argtypes
 from .demo import DEMO_IMAGE, DEMO_PROMPT
 from .errors import MobileVLMError, first_line
 
-# ---- argument types: every value checked as it is parsed, before any work ---------------------------
-
-
-def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-        if number < low or (high is not None and number > high):
-            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
-        return number
-
-    return parse
-
-
-def _number(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-        if not math.isfinite(number) or number < low or (low_open and number == low) or number > high:
-            raise argparse.ArgumentTypeError(f"expected a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value}")
-        return number
-
-    return parse
-
-
-_positive = _integer(1)
-_count = _integer(0)
-
-
-def _text(value: str) -> str:
-    """A prompt: the shell hands undecodable bytes over as surrogates, which no tokenizer takes."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid UTF-8 text (byte {value[err.start].encode('utf-8', 'surrogateescape')!r} "
-                                         f"at position {err.start})") from None
-    return value
-
-
-def _path(value: str) -> Path:
-    if "\x00" in value:
-        raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
-    _text(value)
-    return Path(value)
-
-
-def _target(value: str) -> str:
-    from targets import TARGETS
-
-    if value not in TARGETS:
-        raise argparse.ArgumentTypeError(f"unknown target {value!r} (expected one of {', '.join(TARGETS)})")
-    return value
-
-
-def _device(value: str) -> str:
-    from .engine import parse_device
-
-    try:
-        parse_device(value)
-    except MobileVLMError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return value
-
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=_positive, default=64)
-    p.add_argument("--temperature", type=_number(0, 100), default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=_number(0, 1, low_open=True), default=1.0)
-    p.add_argument("--top-k", type=_count, default=0)
-    p.add_argument("--seed", type=_integer(0, 2**64 - 1), default=None)
+    p.add_argument("--max-new-tokens", type=argtypes.positive, default=64)
+    p.add_argument("--temperature", type=argtypes.number(0, 100), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=argtypes.number(0, 1, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=argtypes.count, default=0)
+    p.add_argument("--seed", type=argtypes.integer(0, 2**64 - 1), default=None)
 
 
 def _generation_config(args: argparse.Namespace):
-    from .sampling import GenerationConfig
+    from mobilevlm_mlc.runtime.sampling import GenerationConfig
 
     return GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .convert import convert
+    from mobilevlm_mlc.convert.converter import convert
 
     started = time.perf_counter()
     out = convert(
-        args.model_dir, args.output, args.quantization,
-        context_window_size=args.context_window_size, prefill_chunk_size=args.prefill_chunk_size,
+        args.model_dir,
+        args.output,
+        args.quantization,
+        context_window_size=args.context_window_size,
+        prefill_chunk_size=args.prefill_chunk_size,
         progress=not args.quiet,
     )
     print(f"converted {args.model_dir} -> {out} ({args.quantization}) in {time.perf_counter() - started:.1f} s")
@@ -112,18 +46,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> None:
     from .compiler import compile_model
+    from .targets import get_target
 
     report = compile_model(args.dist_dir, args.target, args.output)
     print(
         f"compiled {args.dist_dir} for {report['target']} -> {report['output']} "
         f"(export {report['export_s']:.1f} s, build {report['build_s']:.1f} s)"
     )
-    build = report["build"]
-    if "cuda_toolkit" in build:
-        print(f"device code: {build['device_code']} for {', '.join(build['cuda_archs'])} + {build['ptx']} PTX, "
-              f"CUDA {build['cuda_toolkit']} (needs a driver that supports it)")
-    if report["system_lib_prefix"]:
-        print(f"system library: model_lib '{report['system_lib_prefix'].rstrip('_')}' (symbol prefix {report['system_lib_prefix']})")
+    for line in get_target(report["target"]).describe_build(report):
+        print(line)
 
 
 def cmd_package(args: argparse.Namespace) -> None:
@@ -134,17 +65,19 @@ def cmd_package(args: argparse.Namespace) -> None:
 
 
 def cmd_targets(args: argparse.Namespace) -> None:
-    from targets import TARGETS
+    from .targets import TARGETS
 
     del args
     for target in TARGETS.values():
         missing = target.missing_codegen() or target.missing_toolchain()
         status = "buildable" if missing is None else f"not buildable here: {missing}"
-        print(f"{target.name:<16}{target.library_suffix:<6}default {target.default_quantization:<9}{target.description}\n{'':<16}{status}")
+        print(
+            f"{target.name:<16}{target.library_suffix:<6}default {target.default_quantization:<9}{target.description}\n{'':<16}{status}"
+        )
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .artifact import inspect_library
+    from mobilevlm_mlc.formats.library import inspect_library
 
     report = inspect_library(args.library)
     if args.json:
@@ -160,8 +93,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_check_kernels(args: argparse.Namespace) -> None:
+    from mobilevlm_mlc.check.kernel_check import TOLERANCE, check_kernels
+
     from .fileio import check_output_file, write_json_atomic
-    from .kernel_check import TOLERANCE, check_kernels
 
     if args.output_json:
         check_output_file(args.output_json, "json", [args.dist_dir])
@@ -171,7 +105,9 @@ def cmd_check_kernels(args: argparse.Namespace) -> None:
         print(f"{result.name:<64} {result.status:<9} {error:>8} {result.seconds:5.1f} s  {result.detail}", flush=True)
 
     only = args.kernels.split(",") if args.kernels else None
-    print(f"{'kernel':<64} {'status':<9} {'rel err':>8}  (OpenCL on PoCL vs the CPU build, fp32 variant; tolerance {TOLERANCE:.0e})")
+    print(
+        f"{'kernel':<64} {'status':<9} {'rel err':>8}  (OpenCL on PoCL vs the CPU build, fp32 variant; tolerance {TOLERANCE:.0e})"
+    )
     results = check_kernels(args.dist_dir, args.target, entries=args.entries.split(","), only=only, progress=show)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "MISMATCH", "skipped")}
     print(f"{counts['ok']} ok, {counts['MISMATCH']} mismatched, {counts['skipped']} skipped")
@@ -181,20 +117,11 @@ def cmd_check_kernels(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def _lengths(value: str) -> tuple[int, ...]:
-    try:
-        lengths = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {value!r}") from None
-    if not lengths or min(lengths) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive token counts, got {value!r}")
-    return lengths
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .bench import BenchSettings, run_bench, write_result
+    from mobilevlm_mlc.bench.benchmark import BenchSettings, run_bench, write_result
+
     from .fileio import check_output_file
 
     if args.output:
@@ -207,11 +134,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
         rpc = (args.rpc_tracker, args.rpc_key)
     steps = 2 + len(settings.prompt_lengths) + 1
     with tqdm(total=steps, desc="bench", unit="step", leave=False) as bar:
+
         def progress(step: str) -> None:
             bar.set_postfix_str(step)
             bar.update(1)
 
-        result = run_bench(args.dist_dir, args.lib, args.image, args.prompt, settings, args.device, rpc, args.label, progress)
+        result = run_bench(
+            args.dist_dir, args.lib, args.image, args.prompt, settings, args.device, rpc, args.label, progress
+        )
     write_result(result, args.output)
     fmt = lambda s: f"{s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})"  # noqa: E731
     print(f"{result['label']}  [{result['environment']['cpu']}, threads {settings.threads or 'default'}]")
@@ -227,7 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import chart, load_results, table
+    from mobilevlm_mlc.bench.compare import chart, load_results, table
+
     from .fileio import check_output_file
 
     if args.output:
@@ -240,7 +171,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .engine import Engine
+    from mobilevlm_mlc.runtime.engine import Engine
+
     from .fileio import check_output_file, write_json_atomic
 
     inputs = [args.dist_dir, args.lib, *([args.image] if args.image else [])]
@@ -254,20 +186,31 @@ def cmd_run(args: argparse.Namespace) -> None:
         print()
         result = session.last
     if args.output_json:
-        write_json_atomic(args.output_json, json.dumps({
-            "prompt_token_ids": result.prompt_token_ids,
-            "output_token_ids": result.output_token_ids,
-            "first_logits": result.first_logits.astype(float).tolist(),
-            "finish_reason": result.finish_reason,
-        }) + "\n", inputs)
+        write_json_atomic(
+            args.output_json,
+            json.dumps(
+                {
+                    "prompt_token_ids": result.prompt_token_ids,
+                    "output_token_ids": result.output_token_ids,
+                    "first_logits": result.first_logits.astype(float).tolist(),
+                    "finish_reason": result.finish_reason,
+                }
+            )
+            + "\n",
+            inputs,
+        )
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from .verify import verify
+    from mobilevlm_mlc.check.verify import verify
 
     report = verify(
-        args.model_dir, image=args.image, prompt=args.prompt, tokens=args.tokens,
-        workdir=args.workdir, quantization=args.quantization,
+        args.model_dir,
+        image=args.image,
+        prompt=args.prompt,
+        tokens=args.tokens,
+        workdir=args.workdir,
+        quantization=args.quantization,
     )
     print(report.table())
     if not report.ok:
@@ -281,119 +224,117 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="mobilevlm-mlc", description="MobileVLM compiled with Apache TVM")
+    parser = argtypes.Parser(prog="mobilevlm-mlc", description="MobileVLM compiled with Apache TVM")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=argtypes.Parser)
 
     p = sub.add_parser("convert", help="checkpoint folder -> dist folder (weights, mlc-chat-config.json, tokenizer)")
-    p.add_argument("model_dir", type=_path)
+    p.add_argument("model_dir", type=argtypes.path)
     p.add_argument("--quantization", required=True)
-    p.add_argument("-o", "--output", type=_path, required=True)
-    p.add_argument("--context-window-size", type=_positive, default=None)
-    p.add_argument("--prefill-chunk-size", type=_positive, default=None)
+    p.add_argument("-o", "--output", type=argtypes.path, required=True)
+    p.add_argument("--context-window-size", type=argtypes.positive, default=None)
+    p.add_argument("--prefill-chunk-size", type=argtypes.positive, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compile", help="dist folder -> compiled library for a target")
-    p.add_argument("dist_dir", type=_path)
-    p.add_argument("--target", type=_target, default="cpu")
-    p.add_argument("-o", "--output", type=_path, required=True)
+    p.add_argument("dist_dir", type=argtypes.path)
+    p.add_argument("--target", type=argtypes.target, default="cpu")
+    p.add_argument("-o", "--output", type=argtypes.path, required=True)
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("package", help="mlc-package-config.json -> bundle/ and lib/libmodel_android.a for MLC's Android app")
-    p.add_argument("config", type=_path)
-    p.add_argument("-o", "--output", type=_path, required=True)
+    p = sub.add_parser(
+        "package", help="mlc-package-config.json -> bundle/ and lib/libmodel_android.a for MLC's Android app"
+    )
+    p.add_argument("config", type=argtypes.path)
+    p.add_argument("-o", "--output", type=argtypes.path, required=True)
     p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("inspect", help="what a compiled library holds: ELF machine, prefix, build info, device code")
-    p.add_argument("library", type=_path)
+    p.add_argument("library", type=argtypes.path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("check-kernels", help="run an OpenCL build's kernels on this CPU (PoCL) against the CPU build")
-    p.add_argument("dist_dir", type=_path)
-    p.add_argument("--target", type=_target, default="android-adreno")
+    p.add_argument("dist_dir", type=argtypes.path)
+    p.add_argument("--target", type=argtypes.target, default="android-adreno")
     p.add_argument("--entries", default="decode,image_embed", help="entry points whose kernels are checked")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names instead")
-    p.add_argument("--output-json", type=_path, default=None)
+    p.add_argument("--output-json", type=argtypes.path, default=None)
     p.set_defaults(func=cmd_check_kernels)
 
     p = sub.add_parser("bench", help="image encode, prefill, decode and time-to-first-token of a compiled library")
-    p.add_argument("dist_dir", type=_path)
-    p.add_argument("--lib", type=_path, required=True)
-    p.add_argument("--image", type=_path, default=DEMO_IMAGE)
-    p.add_argument("--prompt", type=_text, default=DEMO_PROMPT, help="the prompt of the time-to-first-token run")
-    p.add_argument("--prompt-lengths", type=_lengths, default=(32, 128, 512), help="text tokens after the image tokens")
-    p.add_argument("--decode-tokens", type=_positive, default=128)
-    p.add_argument("--repeat", type=_positive, default=3)
-    p.add_argument("--warmup", type=_count, default=1, help="untimed runs before the timed ones")
-    p.add_argument("--threads", type=_positive, default=None)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--label", type=_text, default=None)
-    p.add_argument("--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker: run on the device under --rpc-key")
+    p.add_argument("dist_dir", type=argtypes.path)
+    p.add_argument("--lib", type=argtypes.path, required=True)
+    p.add_argument("--image", type=argtypes.path, default=DEMO_IMAGE)
+    p.add_argument(
+        "--prompt", type=argtypes.text, default=DEMO_PROMPT, help="the prompt of the time-to-first-token run"
+    )
+    p.add_argument(
+        "--prompt-lengths", type=argtypes.lengths, default=(32, 128, 512), help="text tokens after the image tokens"
+    )
+    p.add_argument("--decode-tokens", type=argtypes.positive, default=128)
+    p.add_argument("--repeat", type=argtypes.positive, default=3)
+    p.add_argument("--warmup", type=argtypes.count, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--threads", type=argtypes.positive, default=None)
+    p.add_argument("--device", type=argtypes.device, default="cpu")
+    p.add_argument("--label", type=argtypes.text, default=None)
+    p.add_argument(
+        "--rpc-tracker", default=None, help="HOST:PORT of a TVM RPC tracker: run on the device under --rpc-key"
+    )
     p.add_argument("--rpc-key", default=None)
-    p.add_argument("-o", "--output", type=_path, default=None)
+    p.add_argument("-o", "--output", type=argtypes.path, default=None)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="benchmark results side by side: a table with ratios, and a PNG chart")
-    p.add_argument("results", type=_path, nargs="+")
-    p.add_argument("--baseline", type=_count, default=0, help="index of the result the ratios are against")
-    p.add_argument("-o", "--output", type=_path, default=None, help="PNG chart")
+    p.add_argument("results", type=argtypes.path, nargs="+")
+    p.add_argument("--baseline", type=argtypes.count, default=0, help="index of the result the ratios are against")
+    p.add_argument("-o", "--output", type=argtypes.path, default=None, help="PNG chart")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("targets", help="list the build targets and whether this TVM can build each")
     p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("run", help="answer a prompt about an image, streaming")
-    p.add_argument("dist_dir", type=_path)
-    p.add_argument("--lib", type=_path, required=True)
-    p.add_argument("--image", type=_path, default=None)
-    p.add_argument("--prompt", type=_text, required=True)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--output-json", type=_path, default=None)
+    p.add_argument("dist_dir", type=argtypes.path)
+    p.add_argument("--lib", type=argtypes.path, required=True)
+    p.add_argument("--image", type=argtypes.path, default=None)
+    p.add_argument("--prompt", type=argtypes.text, required=True)
+    p.add_argument("--device", type=argtypes.device, default="cpu")
+    p.add_argument("--output-json", type=argtypes.path, default=None)
     _add_generation_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("verify", help="compare the compiled model with the PyTorch reference, boundary by boundary")
-    p.add_argument("model_dir", type=_path)
-    p.add_argument("--image", type=_path, default=DEMO_IMAGE)
-    p.add_argument("--prompt", type=_text, default=DEMO_PROMPT)
-    p.add_argument("--tokens", type=_positive, default=16, help="greedy tokens that must agree")
+    p.add_argument("model_dir", type=argtypes.path)
+    p.add_argument("--image", type=argtypes.path, default=DEMO_IMAGE)
+    p.add_argument("--prompt", type=argtypes.text, default=DEMO_PROMPT)
+    p.add_argument("--tokens", type=argtypes.positive, default=16, help="greedy tokens that must agree")
     p.add_argument("--quantization", default="q0f32")
-    p.add_argument("--workdir", type=_path, default=None, help="where to keep the converted weights and library")
+    p.add_argument(
+        "--workdir", type=argtypes.path, default=None, help="where to keep the converted weights and library"
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("demo", help="build a small random-weight MobileVLM, compile it for this CPU and chat with it")
     p.add_argument("--projector", choices=["ldpnet", "ldpnetv2"], default="ldpnet")
-    p.add_argument("--workdir", type=_path, default=Path("dist/demo"))
-    p.add_argument("--prompt", type=_text, default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=_positive, default=24)
+    p.add_argument("--workdir", type=argtypes.path, default=Path("dist/demo"))
+    p.add_argument("--prompt", type=argtypes.text, default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=argtypes.positive, default=24)
     p.set_defaults(func=cmd_demo)
     return parser
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its complaint as the one `error:` line every failure gets (usage stays in --help)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        _print_error(f"{message} (see `{self.prog} --help`)")
-        raise SystemExit(2)
 
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from mobilevlm_mlc import __version__
 
     try:
         tvm_version = version("apache-tvm")
     except PackageNotFoundError:
         tvm_version = "not installed"
     return f"mobilevlm-mlc {__version__} (apache-tvm {tvm_version})"
-
-
-def _print_error(message: str) -> None:
-    print("error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever the message held
 
 
 class Terminated(BaseException):
@@ -416,15 +357,19 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:
             raise
         except MobileVLMError as err:
-            _print_error(str(err))
+            argtypes.print_error(str(err))
             return 2
         except MemoryError:
-            _print_error(f"out of memory during `{args.command}` (a smaller model, context window or image needs less)")
+            argtypes.print_error(
+                f"out of memory during `{args.command}` (a smaller model, context window or image needs less)"
+            )
             return 2
-        except Exception as err:  # noqa: BLE001 - a bug of ours: still one line, with a way to see more
+        except Exception as err:
             if os.environ.get("MOBILEVLM_MLC_DEBUG"):
                 raise
-            _print_error(f"internal error in `{args.command}`: {first_line(err)} (set MOBILEVLM_MLC_DEBUG=1 for the traceback; please report it)")
+            argtypes.print_error(
+                f"internal error in `{args.command}`: {first_line(err)} (set MOBILEVLM_MLC_DEBUG=1 for the traceback; please report it)"
+            )
             return 1
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other Unix tools do
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -11,15 +11,15 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from model_defs.mobilevlm import MobileVLMForCausalLM
-from model_defs.quantization import layout_fallbacks
-from targets import KernelCheckError, get_target
-from targets.nvcc import ToolchainError
+from mobilevlm_mlc.formats.dist import Dist, load_dist
+from mobilevlm_mlc.formats.manifest import dist_identity, record_library
+from mobilevlm_mlc.model_defs.mobilevlm import MobileVLMForCausalLM
+from mobilevlm_mlc.model_defs.quantization import layout_fallbacks
+from mobilevlm_mlc.targets.toolchain.nvcc import ToolchainError
 
-from .dist import Dist, load_dist
 from .errors import MobileVLMError, first_line
 from .fileio import atomic_file, check_output_file
-from .manifest import dist_identity, record_library
+from .targets import KernelCheckError, get_target
 
 
 def metadata(dist: Dist, named_params: list, build: dict) -> dict:
@@ -38,9 +38,7 @@ def metadata(dist: Dist, named_params: list, build: dict) -> dict:
         "vocab_size": config.text.vocab_size,
         "image_size": config.vision.image_size,
         "num_image_tokens": config.num_image_tokens,
-        "params": [
-            {"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for name, p in named_params
-        ],
+        "params": [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for name, p in named_params],
         "memory_usage": {},
         "build": build,
     }
@@ -119,10 +117,21 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     except ToolchainError as err:
         raise MobileVLMError(f"target '{target_name}': {err}") from None
     except tvm.error.TVMError as err:  # the linker or a code generator failed: name the step, keep it one line
-        raise MobileVLMError(f"{output}: linking the '{target_name}' library failed ({first_line(err)}); "
-                             "check the target's toolchain (`mobilevlm-mlc targets`)") from None
-    record_library(dist, output, {"target": target_name, "tvm_target": str(target), "system_lib_prefix": prefix,
-                                  "linker": build_target.linker or "host", "build": build})
+        raise MobileVLMError(
+            f"{output}: linking the '{target_name}' library failed ({first_line(err)}); "
+            "check the target's toolchain (`mobilevlm-mlc targets`)"
+        ) from None
+    record_library(
+        dist,
+        output,
+        {
+            "target": target_name,
+            "tvm_target": str(target),
+            "system_lib_prefix": prefix,
+            "linker": build_target.linker or "host",
+            "build": build,
+        },
+    )
     finished = time.perf_counter()
     return {
         "target": target_name,

@@ -15,19 +15,30 @@ DEMO_PROMPT = "What is in the image?"
 
 
 def demo(workdir: Path, projector: str, prompt: str, max_new_tokens: int) -> None:
+    from mobilevlm_mlc.check.synthetic import make_checkpoint
+    from mobilevlm_mlc.convert.converter import convert
+    from mobilevlm_mlc.formats.manifest import MANIFEST, library_is_recorded
+    from mobilevlm_mlc.runtime.engine import Engine
+    from mobilevlm_mlc.runtime.sampling import GenerationConfig
+
     from .compiler import compile_model
-    from .convert import convert
-    from .engine import Engine
-    from .manifest import MANIFEST, library_is_recorded
-    from .sampling import GenerationConfig
-    from .synthetic import make_checkpoint
 
     checkpoint = workdir / f"checkpoint-{projector}"
     dist = workdir / f"{projector}-q0f32"
     lib = workdir / f"{projector}-q0f32-cpu.so"
     steps = [  # (what, what it makes, whether that is there and current, how)
-        ("random-weight checkpoint", checkpoint, lambda: (checkpoint / "config.json").exists(), lambda: make_checkpoint(checkpoint, projector)),
-        ("convert (q0f32)", dist, lambda: (dist / MANIFEST).exists(), lambda: convert(checkpoint, dist, "q0f32", progress=False)),
+        (
+            "random-weight checkpoint",
+            checkpoint,
+            lambda: (checkpoint / "config.json").exists(),
+            lambda: make_checkpoint(checkpoint, projector),
+        ),
+        (
+            "convert (q0f32)",
+            dist,
+            lambda: (dist / MANIFEST).exists(),
+            lambda: convert(checkpoint, dist, "q0f32", progress=False),
+        ),
         ("compile for cpu", lib, lambda: library_is_recorded(dist, lib), lambda: compile_model(dist, "cpu", lib)),
     ]
     for label, output, done, run in steps:
@@ -45,5 +56,7 @@ def demo(workdir: Path, projector: str, prompt: str, max_new_tokens: int) -> Non
             print(delta, end="", flush=True)
         turn = session.last
     elapsed = time.perf_counter() - started
-    print(f"\n[demo] {len(turn.prompt_token_ids)} prompt ids (+{engine.dist.config.num_image_tokens} image tokens), "
-          f"{len(turn.output_token_ids)} generated in {elapsed:.2f} s (random weights: the text is noise)")
+    print(
+        f"\n[demo] {len(turn.prompt_token_ids)} prompt ids (+{engine.dist.config.num_image_tokens} image tokens), "
+        f"{len(turn.output_token_ids)} generated in {elapsed:.2f} s (random weights: the text is noise)"
+    )

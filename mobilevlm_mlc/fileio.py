@@ -1,4 +1,4 @@
-"""Outputs that never destroy what this tool did not write, and appear whole or not at all.
+"""Reading this tool's JSON inputs, and outputs that never destroy what this tool did not write, and appear whole or not at all.
 
 Every output goes through here: `check_output_dir` / `check_output_file` refuse, before any work, a
 path that cannot be written (under a file, a directory where a file goes, a name too long, no write
@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import MobileVLMError, summarize
 
@@ -30,6 +32,19 @@ FILE_KINDS: dict[str, tuple[tuple[int, bytes], ...]] = {
     "json": ((0, b"{"), (0, b"[")),
     "png": ((0, b"\x89PNG\r\n\x1a\n"),),
 }
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Parse a JSON object file, or raise a MobileVLMError naming the file."""
+    if not path.is_file():
+        raise MobileVLMError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MobileVLMError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise MobileVLMError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _oserror(path: Path, err: OSError, doing: str) -> MobileVLMError:
@@ -50,7 +65,9 @@ def _check_writable_location(path: Path) -> None:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
     for part in path.relative_to(parent).parts:
         if len(os.fsencode(part)) > name_max:
-            raise MobileVLMError(f"{path}: the name '{part[:40]}…' is {len(os.fsencode(part))} bytes, longer than the {name_max} this file system allows")
+            raise MobileVLMError(
+                f"{path}: the name '{part[:40]}…' is {len(os.fsencode(part))} bytes, longer than the {name_max} this file system allows"
+            )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MobileVLMError(f"{path}: {parent} is not writable")
 
@@ -95,12 +112,16 @@ def check_output_dir(target: Path, owned: OwnedFiles, inputs: Iterable[Path] = (
         return
     mine = owned(target)
     if mine is None:
-        raise MobileVLMError(f"{target}: exists and was not written by mobilevlm-mlc; refusing to replace it "
-                             "(choose another output folder, or empty this one)")
+        raise MobileVLMError(
+            f"{target}: exists and was not written by mobilevlm-mlc; refusing to replace it "
+            "(choose another output folder, or empty this one)"
+        )
     foreign = foreign_entries(target, mine)
     if foreign:
-        raise MobileVLMError(f"{target}: holds what mobilevlm-mlc did not write ({summarize(foreign, 'entry', 'entries')}); "
-                             "refusing to replace it (move them out, or choose another output folder)")
+        raise MobileVLMError(
+            f"{target}: holds what mobilevlm-mlc did not write ({summarize(foreign, 'entry', 'entries')}); "
+            "refusing to replace it (move them out, or choose another output folder)"
+        )
 
 
 def check_output_file(target: Path, kind: str, inputs: Iterable[Path] = ()) -> None:

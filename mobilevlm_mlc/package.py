@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import read_json
-from .dist import CHAT_CONFIG, load_dist
+from mobilevlm_mlc.fileio import read_json
+from mobilevlm_mlc.formats.dist import CHAT_CONFIG, load_dist
+
 from .errors import MobileVLMError
 from .fileio import TEMP_PREFIX, atomic_dir
 
@@ -53,7 +54,9 @@ def _read_config(path: Path) -> list[PackagedModel]:
     config = read_json(path, "package config")
     base = path.parent
     if config.get("device") != "android":
-        raise MobileVLMError(f"{path}: field 'device' is {config.get('device')!r}, expected 'android' (iphone packaging is not supported)")
+        raise MobileVLMError(
+            f"{path}: field 'device' is {config.get('device')!r}, expected 'android' (iphone packaging is not supported)"
+        )
     models, libs = config.get("model_list"), config.get("model_lib_path_for_prepare_libs", {})
     if not isinstance(models, list) or not models:
         raise MobileVLMError(f"{path}: field 'model_list' must be a non-empty list")
@@ -70,12 +73,18 @@ def _read_config(path: Path) -> list[PackagedModel]:
             if not isinstance(value, str) or not value:
                 raise MobileVLMError(f"{where}: field '{key}' is missing or not a string")
         if not SAFE_ID.fullmatch(model_id) or model_id in seen:
-            raise MobileVLMError(f"{where}: model_id '{model_id}' must be a unique plain name (it becomes a folder under bundle/)")
+            raise MobileVLMError(
+                f"{where}: model_id '{model_id}' must be a unique plain name (it becomes a folder under bundle/)"
+            )
         seen.add(model_id)
         if not SYMBOL_PREFIX.fullmatch(model_lib):
-            raise MobileVLMError(f"{where}: model_lib '{model_lib}' must be a C identifier (the library's symbol prefix)")
+            raise MobileVLMError(
+                f"{where}: model_lib '{model_lib}' must be a C identifier (the library's symbol prefix)"
+            )
         if model.startswith("HF://"):
-            raise MobileVLMError(f"{where}: model '{model}' is on a model hub; give the path of a converted dist folder")
+            raise MobileVLMError(
+                f"{where}: model '{model}' is on a model hub; give the path of a converted dist folder"
+            )
         dist = _resolve(base, model, f"{where}: model")
         if not (dist / CHAT_CONFIG).is_file():
             raise MobileVLMError(f"{where}: model '{model}' is not a dist folder ({dist / CHAT_CONFIG} not found)")
@@ -83,12 +92,20 @@ def _read_config(path: Path) -> list[PackagedModel]:
             raise MobileVLMError(f"{where}: model_lib '{model_lib}' has no entry in model_lib_path_for_prepare_libs")
         library = _resolve(base, str(libs[model_lib]), f"{path}: model_lib_path_for_prepare_libs['{model_lib}']")
         if not library.is_file() or library.suffix != ".tar" or not tarfile.is_tarfile(library):
-            raise MobileVLMError(f"{where}: library '{libs[model_lib]}' for '{model_lib}' is not a .tar system library ({library})")
+            raise MobileVLMError(
+                f"{where}: library '{libs[model_lib]}' for '{model_lib}' is not a .tar system library ({library})"
+            )
         vram = entry.get("estimated_vram_bytes")
-        result.append(PackagedModel(
-            model_id, model_lib, dist, library, bool(entry.get("bundle_weight", False)),
-            int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(dist),
-        ))
+        result.append(
+            PackagedModel(
+                model_id,
+                model_lib,
+                dist,
+                library,
+                bool(entry.get("bundle_weight", False)),
+                int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(dist),
+            )
+        )
     return result
 
 
@@ -115,10 +132,14 @@ def _merge_objects(models: list[PackagedModel], lib_dir: Path, scratch: Path) ->
     archive = lib_dir / LIBRARY
     try:
         subprocess.run(["ar", "rcs", str(archive), *map(str, objects)], check=True, capture_output=True)
-        symbols = subprocess.run(["nm", "--defined-only", str(archive)], check=True, capture_output=True, text=True).stdout
+        symbols = subprocess.run(
+            ["nm", "--defined-only", str(archive)], check=True, capture_output=True, text=True
+        ).stdout
     except subprocess.CalledProcessError as err:
         message = (err.stderr if isinstance(err.stderr, str) else err.stderr.decode(errors="replace")).strip()
-        raise MobileVLMError(f"`{err.cmd[0]}` failed on the libraries' objects ({message.splitlines()[0] if message else err.returncode})") from None
+        raise MobileVLMError(
+            f"`{err.cmd[0]}` failed on the libraries' objects ({message.splitlines()[0] if message else err.returncode})"
+        ) from None
     for model in models:
         if f" {model.model_lib}___tvm_ffi__library_bin" not in symbols:
             raise MobileVLMError(
@@ -154,13 +175,19 @@ def package(config_path: Path, output: Path) -> Path:
     inputs = [config_path, *(m.dist for m in models), *(m.library for m in models)]
     # each part is checked (ours or absent, no overlap with an input) before anything is written, and
     # swapped in whole at the end
-    with (atomic_dir(output / "bundle", _bundle_files, inputs) as bundle,
-          atomic_dir(output / "lib", _lib_files, inputs) as lib,
-          tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=output) as objects):
+    with (
+        atomic_dir(output / "bundle", _bundle_files, inputs) as bundle,
+        atomic_dir(output / "lib", _lib_files, inputs) as lib,
+        tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=output) as objects,
+    ):
         _merge_objects(models, lib, Path(objects))
         app_models = []
         for model in models:
-            entry = {"model_id": model.model_id, "model_lib": model.model_lib, "estimated_vram_bytes": model.estimated_vram_bytes}
+            entry = {
+                "model_id": model.model_id,
+                "model_lib": model.model_lib,
+                "estimated_vram_bytes": model.estimated_vram_bytes,
+            }
             if model.bundle_weight:
                 shutil.copytree(model.dist, bundle / model.model_id)
                 entry["model_path"] = model.model_id

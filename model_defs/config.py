@@ -1,6 +1,6 @@
 """Architecture configuration of MobileVLM, independent of where it was read from.
 
-`mobilevlm_mlc.checkpoint` builds it from an HF checkpoint; `mlc-chat-config.json` stores it as
+`mobilevlm_mlc.convert.checkpoint` builds it from an HF checkpoint; `mlc-chat-config.json` stores it as
 `model_config` (``to_dict``) and `compile` reads it back (``from_dict``).
 """
 
@@ -20,6 +20,9 @@ MAX_LAYERS = 1024
 MAX_VOCAB = 1 << 21
 MAX_POSITIONS = 1 << 20
 MAX_IMAGE_SIZE = 4096
+# Tokens per page of the paged KV cache: the engine creates its cache with it, and the CPU decode-attention
+# kernel (`targets/cpu_kernels/attention.py`) steps one page at a time (another size falls back to TVM's).
+KV_PAGE_SIZE = 16
 
 
 class ConfigError(ValueError):
@@ -44,7 +47,9 @@ def _check_types(obj: Any) -> None:
         elif kind == "str":
             ok = isinstance(value, str)
         elif kind.startswith("tuple"):
-            ok = isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ok = isinstance(value, (tuple, list)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            )
         else:
             continue
         if not ok:
@@ -67,7 +72,9 @@ def _check_transformer(config: TextConfig | VisionConfig) -> None:
     _in_range("num_hidden_layers", config.num_hidden_layers, 1, MAX_LAYERS)
     _in_range("num_attention_heads", config.num_attention_heads, 1, config.hidden_size)
     if config.hidden_size % config.num_attention_heads:
-        raise ConfigError("hidden_size", f"{config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}")
+        raise ConfigError(
+            "hidden_size", f"{config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
+        )
 
 
 @dataclass
@@ -96,9 +103,15 @@ class TextConfig:
         _in_range("rope_theta", self.rope_theta, 0, 1e12, open_low=True)
         _in_range("max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError("num_attention_heads", f"{self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+            raise ConfigError(
+                "num_attention_heads",
+                f"{self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}",
+            )
         if self.head_dim % 2:
-            raise ConfigError("hidden_size", f"{self.hidden_size} / num_attention_heads {self.num_attention_heads} is an odd head dimension; RoPE rotates pairs")
+            raise ConfigError(
+                "hidden_size",
+                f"{self.hidden_size} / num_attention_heads {self.num_attention_heads} is an odd head dimension; RoPE rotates pairs",
+            )
 
 
 @dataclass
@@ -143,7 +156,9 @@ class VisionConfig:
             raise ConfigError("image_size", f"{self.image_size} is not divisible by patch_size {self.patch_size}")
         total = self.num_hidden_layers + 1
         if not -total <= self.select_layer <= self.num_hidden_layers or self.select_layer % total == 0:
-            raise ConfigError("select_layer", f"{self.select_layer} is outside the vision tower's {self.num_hidden_layers} layers")
+            raise ConfigError(
+                "select_layer", f"{self.select_layer} is outside the vision tower's {self.num_hidden_layers} layers"
+            )
 
 
 @dataclass
@@ -198,16 +213,24 @@ class MobileVLMConfig:
                 raise err.within(prefix) from None
         _check_types(self)
         if self.projector_type not in PROJECTOR_TYPES:
-            raise ConfigError("projector_type", f"is {self.projector_type!r}, expected one of {', '.join(PROJECTOR_TYPES)}")
+            raise ConfigError(
+                "projector_type", f"is {self.projector_type!r}, expected one of {', '.join(PROJECTOR_TYPES)}"
+            )
         if self.dtype not in MODEL_DTYPES:
             raise ConfigError("dtype", f"is {self.dtype!r}, expected one of {', '.join(MODEL_DTYPES)}")
         if self.projector_type == "ldpnetv2" and self.vision.grid_size % 12:
-            raise ConfigError("projector_type", f"ldpnetv2 pools to 12x12, but the vision tower's patch grid is "
-                                                f"{self.vision.grid_size}x{self.vision.grid_size}")
+            raise ConfigError(
+                "projector_type",
+                f"ldpnetv2 pools to 12x12, but the vision tower's patch grid is "
+                f"{self.vision.grid_size}x{self.vision.grid_size}",
+            )
         _in_range("context_window_size", self.context_window_size, 1, MAX_POSITIONS)
         _in_range("prefill_chunk_size", self.prefill_chunk_size, 1, self.context_window_size)
         if self.prefill_chunk_size < self.num_image_tokens:
-            raise ConfigError("prefill_chunk_size", f"{self.prefill_chunk_size} cannot hold one image's {self.num_image_tokens} tokens")
+            raise ConfigError(
+                "prefill_chunk_size",
+                f"{self.prefill_chunk_size} cannot hold one image's {self.num_image_tokens} tokens",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ into the consumer by the target's schedule: full-precision weights are never mat
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,16 +23,29 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
+from mobilevlm_mlc.errors import MobileVLMError
+
 DEQUANTIZE_BLOCK = "dequantize"  # name of the TE stage that schedules inline
 QUANTIZED_MATMUL = "quantized_matmul"  # op name: fused functions that contain one keep it in their name
 ROW_TILE = 64  # rows interleaved by the NK64 layout: four 512-bit fp32 vectors, one decode task
+
+
+class Layout(str, enum.Enum):
+    """How a quantized weight W[n, k] is stored (the values are the names in build records and tests)."""
+
+    NK = "NK"  # q_weight[n, k/8], q_scale[n, k/32]: MLC's `_1` schemes
+    KN = "KN"  # transposed, q_weight[k/8, n]: the `_0` schemes, for Adreno / Metal GEMV
+    NK64 = "NK64"  # 64 rows interleaved word by word, q_weight[n/64, k/8, 64]: the `_3` schemes, for CPUs
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class GroupQuantScheme:
     name: str
     model_dtype: str  # activations and scales
-    layout: str = "NK"  # or "KN"
+    layout: Layout = Layout.NK
     group_size: int = 32
     bits: int = 4
 
@@ -47,7 +61,7 @@ class GroupQuantScheme:
     def dequantize_dtype(self) -> str:
         """dtype of the dequantized weight: the model dtype, except on CPUs (NK64), where fp16 arithmetic
         would round-trip through fp32 on every operation (x86 has none) and the product is fp32 anyway."""
-        return "float32" if self.layout == "NK64" else self.model_dtype
+        return "float32" if self.layout is Layout.NK64 else self.model_dtype
 
     def groups(self, k: int) -> int:
         """Groups along an input of size k: as MLC does, the last one is zero-padded when k is not a
@@ -57,8 +71,8 @@ class GroupQuantScheme:
     def for_shape(self, n: int, k: int) -> GroupQuantScheme:
         """The scheme a W[n, k] is stored with: NK64 needs whole 64-row tiles and whole groups (its CPU
         kernels step through both); any other shape falls back to NK, same numbers, another layout."""
-        if self.layout == "NK64" and (n % ROW_TILE or k % self.group_size):
-            return dataclasses.replace(self, layout="NK")
+        if self.layout is Layout.NK64 and (n % ROW_TILE or k % self.group_size):
+            return dataclasses.replace(self, layout=Layout.NK)
         return self
 
     def fallback_reason(self, n: int, k: int) -> str:
@@ -71,9 +85,9 @@ class GroupQuantScheme:
         """Stored shapes of (q_weight, q_scale) for a weight W[n, k] (k padded to whole groups)."""
         groups = self.groups(k)
         words = groups * self.group_size // self.per_word
-        if self.layout == "KN":
+        if self.layout is Layout.KN:
             return (words, n), (groups, n)
-        if self.layout == "NK64":
+        if self.layout is Layout.NK64:
             return (n // ROW_TILE, words, ROW_TILE), (n // ROW_TILE, groups, ROW_TILE)
         return (n, words), (n, groups)
 
@@ -81,21 +95,23 @@ class GroupQuantScheme:
 def _dequantize(scheme: GroupQuantScheme, q_weight: te.Tensor, q_scale: te.Tensor, row, col) -> tirx.PrimExpr:
     """Element (row=n, col=k) of the full-precision weight W[n, k] from the packed storage."""
     per_word, mask, dtype = scheme.per_word, tirx.const((1 << scheme.bits) - 1, "uint32"), scheme.dequantize_dtype
-    if scheme.layout == "NK":
+    if scheme.layout is Layout.NK:
         word, scale = q_weight[row, col // per_word], q_scale[row, col // scheme.group_size]
-    elif scheme.layout == "NK64":
+    elif scheme.layout is Layout.NK64:
         tile, lane = row // ROW_TILE, row % ROW_TILE
         word, scale = q_weight[tile, col // per_word, lane], q_scale[tile, col // scheme.group_size, lane]
     else:
         word, scale = q_weight[col // per_word, row], q_scale[col // scheme.group_size, row]
     shift = ((col % per_word) * scheme.bits).astype("uint32")
-    if scheme.layout == "NK64":
+    if scheme.layout is Layout.NK64:
         return _dequantize_unshifted(word, shift, mask, scale.astype(dtype), scheme.max_int)
     value = ((word >> shift) & mask).astype(dtype) - tirx.const(scheme.max_int, dtype)
     return value * scale.astype(dtype)
 
 
-def _dequantize_unshifted(word: tirx.PrimExpr, shift: tirx.PrimExpr, mask: tirx.PrimExpr, scale: tirx.PrimExpr, max_int: int) -> tirx.PrimExpr:
+def _dequantize_unshifted(
+    word: tirx.PrimExpr, shift: tirx.PrimExpr, mask: tirx.PrimExpr, scale: tirx.PrimExpr, max_int: int
+) -> tirx.PrimExpr:
     """(q - 7) * scale in float32 without shifting q down: the masked nibble converts to q * 2^shift
     exactly, and scale * 2^-shift (a power-of-two rescale, exact) undoes it. A CPU then spends per
     weight one AND, one convert and one FMA (q' * scale' - 7 * scale, the last shared by the word's
@@ -121,7 +137,9 @@ class QuantizedLinear(nn.Module):
         scheme, n_out, k_in = self.scheme, self.out_features, self.in_features
 
         def compute(x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor) -> te.Tensor:
-            w = te.compute((n_out, k_in), lambda n, k: _dequantize(scheme, q_weight, q_scale, n, k), name=DEQUANTIZE_BLOCK)
+            w = te.compute(
+                (n_out, k_in), lambda n, k: _dequantize(scheme, q_weight, q_scale, n, k), name=DEQUANTIZE_BLOCK
+            )
             k = te.reduce_axis((0, k_in), name="k")
             lead = list(x.shape[:-1])
             acc = te.compute(
@@ -141,7 +159,7 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, num: int, dim: int, scheme: GroupQuantScheme):
         self.num, self.dim = num, dim
-        self.scheme = dataclasses.replace(scheme, layout="NK")
+        self.scheme = dataclasses.replace(scheme, layout=Layout.NK)
         weight_shape, scale_shape = self.scheme.weight_shapes(num, dim)
         self.q_weight = nn.Parameter(weight_shape, "uint32")
         self.q_scale = nn.Parameter(scale_shape, scheme.model_dtype)
@@ -190,7 +208,11 @@ def quantize_linears(module: nn.Module, scheme: GroupQuantScheme, prefix: str = 
 
 def quantized_modules(module: nn.Module, prefix: str = "") -> dict[str, GroupQuantScheme]:
     """Name prefix -> scheme of every quantized module below `module` (what convert must pack, and how)."""
-    return {name: child.scheme for name, _, _, child in _children(module, prefix) if isinstance(child, (QuantizedLinear, QuantizedEmbedding))}
+    return {
+        name: child.scheme
+        for name, _, _, child in _children(module, prefix)
+        if isinstance(child, (QuantizedLinear, QuantizedEmbedding))
+    }
 
 
 def layout_fallbacks(module: nn.Module, scheme: GroupQuantScheme) -> dict[str, str]:
@@ -201,3 +223,39 @@ def layout_fallbacks(module: nn.Module, scheme: GroupQuantScheme) -> dict[str, s
             pattern = ".".join("*" if part.isdigit() else part for part in name.split("."))
             found[pattern] = f"{child.scheme.layout}: {scheme.fallback_reason(child.out_features, child.in_features)}"
     return found
+
+
+# ---- the registry: one entry per MLC quantization name ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quantization:
+    name: str
+    model_dtype: str  # activations, norms, the vision tower, and unquantized weights
+    scheme: GroupQuantScheme | None = None
+
+
+def _q4(name: str, layout: Layout) -> Quantization:
+    """A 4-bit scheme; MLC's name says its dtype (`q4f16_*`: float16, `q4f32_*`: float32)."""
+    dtype = {"q4f16": "float16", "q4f32": "float32"}[name[:5]]
+    return Quantization(name, dtype, GroupQuantScheme(name, dtype, layout))
+
+
+QUANTIZATIONS: dict[str, Quantization] = {
+    q.name: q
+    for q in (
+        Quantization("q0f32", "float32"),
+        Quantization("q0f16", "float16"),
+        _q4("q4f16_1", Layout.NK),
+        _q4("q4f32_1", Layout.NK),
+        _q4("q4f16_0", Layout.KN),
+        _q4("q4f16_3", Layout.NK64),
+        _q4("q4f32_3", Layout.NK64),
+    )
+}
+
+
+def get_quantization(name: str) -> Quantization:
+    if name not in QUANTIZATIONS:
+        raise MobileVLMError(f"unknown quantization '{name}' (expected one of {', '.join(QUANTIZATIONS)})")
+    return QUANTIZATIONS[name]

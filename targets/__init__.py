@@ -1,4 +1,7 @@
-"""Build configurations, one module per deployment target. `get_target(name)` looks one up."""
+"""Build configurations, one module per deployment target (`cpu`, `android`, `cuda`, `vulkan`, on `base`;
+`gpu` is the pipeline the GPU ones share). `get_target(name)` looks one up. A target describes itself
+(`BuildTarget.describe_build`, `kernel_renames`), so the CLI and the checks hold no per-target code.
+`passes/`, `cpu_kernels/` and `toolchain/` are what the pipelines are made of. Imports `model_defs` only."""
 
 from __future__ import annotations
 

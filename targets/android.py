@@ -5,9 +5,10 @@ import functools
 
 import tvm
 
+from mobilevlm_mlc.targets.cpu_kernels.schedule_rules import CpuKernelConfig
+
 from .base import BuildTarget
-from .cpu import cpu_numerics, cpu_pipeline
-from .cpu_schedule import CpuKernelConfig
+from .cpu import CPU_KERNEL_RENAMES, cpu_numerics, cpu_pipeline
 from .gpu import gpu_pipeline
 
 # dlight's own Adreno matmul config unrolls by 16; the GEMV / reduction rules' 256 is capped to match.
@@ -42,5 +43,6 @@ ANDROID_CPU = BuildTarget(
     pipeline=functools.partial(cpu_pipeline, config=NEON_KERNELS),
     codegen="llvm",
     numerics=cpu_numerics,
+    kernel_renames=CPU_KERNEL_RENAMES,
     system_lib=True,
 )

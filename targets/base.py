@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tvm
 from tvm.support import cc
 
-from model_defs.quantization import GroupQuantScheme
-
-from .nvcc import NvccDeviceCode, ToolchainError
+from mobilevlm_mlc.model_defs.quantization import GroupQuantScheme
+from mobilevlm_mlc.targets.toolchain.nvcc import NvccDeviceCode, ToolchainError
 
 
 class KernelCheckError(Exception):
@@ -33,7 +32,11 @@ class BuildTarget:
     device_code: NvccDeviceCode | None = None  # compiles embedded device source ahead of time (CUDA)
     linker: str | None = None  # cross C++ compiler linking the shared library (None: this host's)
     linker_package: str = ""  # where the cross linker comes from
-    numerics: Callable[[tvm.target.Target, str, GroupQuantScheme | None], dict] | None = None  # arithmetic chosen from the CPU's features
+    numerics: Callable[[tvm.target.Target, str, GroupQuantScheme | None], dict] | None = (
+        None  # arithmetic chosen from the CPU's features
+    )
+    # kernels this target's pipeline swaps for its own, TVM's name -> ours (`check-kernels` pairs them up)
+    kernel_renames: dict[str, str] = field(default_factory=dict)
 
     @property
     def library_suffix(self) -> str:
@@ -68,6 +71,15 @@ class BuildTarget:
         info = {"target": self.name, "tvm": tvm.__version__}
         info |= self.numerics(target, dtype, scheme) if self.numerics else {}
         return info | (self.device_code.build_info() if self.device_code else {})
+
+    def describe_build(self, report: dict) -> list[str]:
+        """What `compile` prints about a library beyond its path and timings: its device code, and the
+        name an app links a system library by."""
+        lines = [self.device_code.describe(report["build"])] if self.device_code else []
+        if self.system_lib:
+            prefix = report["system_lib_prefix"]
+            lines.append(f"system library: model_lib '{prefix.rstrip('_')}' (symbol prefix {prefix})")
+        return lines
 
     def export_options(self) -> dict:
         """Keyword arguments for `export_library`: device-code packing and cross linking."""

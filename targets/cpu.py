@@ -1,43 +1,26 @@
 """`cpu`: this host, through LLVM with the host's own `mcpu` (a bare `llvm` target is generic x86-64)."""
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-from tvm.s_tir import dlight as dl
 from tvm.target.codegen import target_has_features
 
-from model_defs.quantization import GroupQuantScheme
+from mobilevlm_mlc.model_defs.quantization import GroupQuantScheme, Layout
+from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import replace_quantized_matmuls
+from mobilevlm_mlc.targets.passes.inline_dequantize import inline_dequantize
+from mobilevlm_mlc.targets.passes.vision_float32 import vision_in_float32
 
 from .base import BuildTarget
-from .cpu_attention import replace_attention
-from .cpu_int8_matmul import replace_quantized_matmuls
-from .cpu_schedule import CpuKernelConfig, Elementwise, Matmul, ParallelLoops, QuantizedGEMV, RowReduction
-from .schedules import inline_dequantize
-from .vision_float32 import vision_in_float32
+from .cpu_kernels.attention import DECODE_ATTENTION, replace_attention
+from .cpu_kernels.rope import replace_rope
+from .cpu_kernels.schedule_rules import CpuKernelConfig, schedule_cpu_kernels
+from .passes.mark_no_alias import mark_no_alias
 
-
-def schedule_cpu_kernels(config: CpuKernelConfig) -> tvm.transform.Pass:
-    """Every kernel: matmuls by our rules, norms and softmax by dlight's (after our inlining)."""
-    return dl.ApplyDefaultSchedule(
-        QuantizedGEMV(config), Matmul(config), RowReduction(config), Elementwise(config), ParallelLoops(config)
-    )
-
-
-@tvm.transform.module_pass(opt_level=0, name="MarkNoAlias")
-def mark_no_alias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Declare every kernel's buffers free of aliasing (`tirx.noalias`), as FuseTIR does for the model's
-    own. In TVM 0.27 one function without it in the LLVM module (the KV cache's tree attention, never
-    called here) costs the others their alias information: the GEMM's accumulators are then stored to
-    memory after every FMA, 3.3x slower prefill. No kernel of this model is called with one tensor
-    bound to two of its parameters (the paged cache is one parameter of each kernel that takes it)."""
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, tirx.PrimFunc) and not func.attrs.get("tirx.noalias"):
-            mod[gv] = func.with_attr("tirx.noalias", True)
-    return mod
+AVX512_KERNELS = CpuKernelConfig()  # x86 tiling (the defaults); Arm's is `android.NEON_KERNELS`
 
 
 def vnni(target: tvm.target.Target) -> bool:
-    """The CPU has AVX-512 VNNI: quantized matmuls then run on int8 activations (`cpu_int8_matmul`)."""
+    """The CPU has AVX-512 VNNI: quantized matmuls then run on int8 activations (`cpu_kernels/int8_matmul`)."""
     return bool(target_has_features("avx512vnni", target))
 
 
@@ -51,14 +34,14 @@ def cpu_numerics(target: tvm.target.Target, dtype: str, scheme: GroupQuantScheme
     """What a CPU library records about its arithmetic: the activations of its quantized matmuls
     (`replace_quantized_matmuls` takes exactly the NK64 ones: q4f32_3, q4f16_3), and the dtype its vision
     tower computes in."""
-    int8 = vnni(target) and scheme is not None and scheme.layout == "NK64"
+    int8 = vnni(target) and scheme is not None and scheme.layout is Layout.NK64
     return {
         "quantized_matmul_activations": "int8" if int8 else "model dtype",
         "vision_compute_dtype": "float32" if dtype == "float16" and not fp16_arithmetic(target) else dtype,
     }
 
 
-def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelConfig()) -> tvm.transform.Pass:
+def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = AVX512_KERNELS) -> tvm.transform.Pass:
     """TVM's CPU pipeline with our passes: `x @ W.T` folded into one matmul (W^T never materialized),
     every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
     took, and the KV cache's attention kernels replaced by parallel, vectorized ones. Softmax uses TOPI's
@@ -70,7 +53,7 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelC
     return tvm.transform.Sequential(
         vision
         + int8
-        + [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention]
+        + [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention, replace_rope]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
         + [schedule_cpu_kernels(config), inline_dequantize, mark_no_alias]
@@ -78,6 +61,9 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = CpuKernelC
         + cpu_generic.finalize_passes(target)
     )
 
+
+# the kernels `cpu_pipeline` swaps in: our decode attention, TOPI's fast softmax
+CPU_KERNEL_RENAMES = {"batch_decode_paged_kv": DECODE_ATTENTION, "softmax": "fast_softmax"}
 
 HOST_CPU = BuildTarget(
     name="cpu",
@@ -88,4 +74,5 @@ HOST_CPU = BuildTarget(
     pipeline=cpu_pipeline,
     codegen="llvm",
     numerics=cpu_numerics,
+    kernel_renames=CPU_KERNEL_RENAMES,
 )

@@ -1,15 +1,16 @@
 """NVIDIA GPUs through CUDA: desktop / server cards (x86-64 host) and Jetson Orin (AArch64 Linux host).
 
-Kernels are compiled ahead of time by nvcc into a fatbin embedded in the library (`nvcc.py`), so
+Kernels are compiled ahead of time by nvcc into a fatbin embedded in the library (`toolchain/nvcc.py`), so
 the GPU machine loads them with the driver alone. Orin's library is cross-linked on this machine with
 Debian's `g++-aarch64-linux-gnu`.
 """
 
 import tvm
 
+from mobilevlm_mlc.targets.toolchain.nvcc import NvccDeviceCode
+
 from .base import BuildTarget
 from .gpu import gpu_pipeline
-from .nvcc import NvccDeviceCode
 
 QUANTIZATIONS = ("q4f16_1", "q4f32_1", "q0f16", "q0f32")
 

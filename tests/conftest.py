@@ -3,19 +3,18 @@ compiled for the CPU once, plus their PyTorch references."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from mobilevlm_mlc.check.reference import ReferenceMobileVLM
 from mobilevlm_mlc.compiler import compile_model
-from mobilevlm_mlc.convert import convert
-from mobilevlm_mlc.demo import DEMO_IMAGE
-from mobilevlm_mlc.engine import Engine
-from mobilevlm_mlc.reference import ReferenceMobileVLM
-from mobilevlm_mlc.synthetic import make_checkpoint
+from mobilevlm_mlc.convert.converter import convert
+from mobilevlm_mlc.runtime.engine import Engine
 
-PROJECTORS = ["ldpnet", "ldpnetv2"]
+from .helpers import PROJECTORS, Built, built_for, checkpoint_for, reference_for
+
+_engines: dict[tuple[str, int | None], Engine] = {}  # one engine per session build
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,40 +30,31 @@ def pytest_configure(config: pytest.Config) -> None:
     set_hypothesis_home_dir(home)
 
 
-@dataclass
-class Built:
-    checkpoint: Path
-    dist: Path
-    lib: Path
+# Fixtures that compile a library (or start servers that load one): a test using any of them is `slow`,
+# outside the fast tier (`make test-fast`). Tests that compile by themselves carry the mark explicitly.
+BUILDING_FIXTURES = {
+    "built",
+    "engine",
+    "ldpnet_built",
+    "ldpnet_engine",
+    "android_models",
+    "dists",
+    "q4_builds",
+    "odd_builds",
+    "small_window",
+    "rpc_tracker",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BUILDING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mobilevlm")
-
-
-_checkpoints: dict[str, Path] = {}
-_built: dict[tuple[str, int | None], Built] = {}
-_references: dict[str, ReferenceMobileVLM] = {}
-_engines: dict[tuple[str, int | None], Engine] = {}
-
-
-def checkpoint_for(workspace: Path, projector: str) -> Path:
-    if projector not in _checkpoints:
-        _checkpoints[projector] = make_checkpoint(workspace / f"ckpt-{projector}", projector, seed=1)
-    return _checkpoints[projector]
-
-
-def built_for(workspace: Path, projector: str, prefill_chunk_size: int | None = None) -> Built:
-    key = (projector, prefill_chunk_size)
-    if key not in _built:
-        ckpt = checkpoint_for(workspace, projector)
-        name = f"{projector}-q0f32-chunk{prefill_chunk_size or 'default'}"
-        dist = convert(ckpt, workspace / name, "q0f32", prefill_chunk_size=prefill_chunk_size, progress=False)
-        lib = workspace / f"{name}.so"
-        compile_model(dist, "cpu", lib)
-        _built[key] = Built(ckpt, dist, lib)
-    return _built[key]
 
 
 @pytest.fixture(scope="session", params=PROJECTORS)
@@ -83,12 +73,6 @@ def engine(built: Built, projector: str) -> Engine:
     if key not in _engines:
         _engines[key] = Engine(built.dist, built.lib)
     return _engines[key]
-
-
-def reference_for(workspace: Path, projector: str) -> ReferenceMobileVLM:
-    if projector not in _references:
-        _references[projector] = ReferenceMobileVLM(checkpoint_for(workspace, projector))
-    return _references[projector]
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +97,10 @@ def ldpnet_engine(ldpnet_built: Built) -> Engine:
 def android_models(workspace: Path) -> dict[str, tuple[Path, Path, str]]:
     """Two static libraries for MLC's Android app, built once: name -> (dist, .tar, model_lib)."""
     built = {}
-    for projector, quantization, target in (("ldpnet", "q4f16_0", "android-adreno"), ("ldpnetv2", "q4f16_3", "android-cpu")):
+    for projector, quantization, target in (
+        ("ldpnet", "q4f16_0", "android-adreno"),
+        ("ldpnetv2", "q4f16_3", "android-cpu"),
+    ):
         name = f"mobilevlm-{projector}-{quantization}"
         dist = convert(checkpoint_for(workspace, projector), workspace / "pkg" / name, quantization, progress=False)
         report = compile_model(dist, target, workspace / "pkg" / f"{name}-{target}.tar")

@@ -12,10 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from mobilevlm_mlc.conversation import V1_TEMPLATE
-from mobilevlm_mlc.convert import model_param_shapes
-from mobilevlm_mlc.dist import load_dist
+from mobilevlm_mlc.convert.converter import model_param_shapes
 from mobilevlm_mlc.fileio import TEMP_PREFIX
+from mobilevlm_mlc.formats.dist import V1_TEMPLATE, load_dist
 
 
 def test_tensor_cache_schema(ldpnet_built):
@@ -25,7 +24,9 @@ def test_tensor_cache_schema(ldpnet_built):
     shapes = model_param_shapes(config)
     records = [r for shard in cache["records"] for r in shard["records"]]
     assert sorted(r["name"] for r in records) == sorted(shapes)  # large tensors get shards of their own
-    assert cache["metadata"]["ParamSize"] == sum(int(np.prod(s)) for s in shapes.values())  # MLC: parameters, not tensors
+    assert cache["metadata"]["ParamSize"] == sum(
+        int(np.prod(s)) for s in shapes.values()
+    )  # MLC: parameters, not tensors
     assert cache["metadata"]["ParamBytes"] == sum(int(np.prod(s)) for s in shapes.values()) * 4
     assert cache["metadata"]["BitsPerParam"] == 32.0
     for shard in cache["records"]:
@@ -54,8 +55,19 @@ def test_chat_config(ldpnet_built):
     assert chat["tokenizer_files"] == ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
     for name in chat["tokenizer_files"]:
         assert (ldpnet_built.dist / name).read_bytes() == (ldpnet_built.checkpoint / name).read_bytes()
-    for key in ("sliding_window_size", "attention_sink_size", "tensor_parallel_shards", "pipeline_parallel_stages",
-                "temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "tokenizer_info", "model_task"):
+    for key in (
+        "sliding_window_size",
+        "attention_sink_size",
+        "tensor_parallel_shards",
+        "pipeline_parallel_stages",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "tokenizer_info",
+        "model_task",
+    ):
         assert key in chat
 
 
@@ -65,7 +77,15 @@ def test_library_metadata_and_functions(ldpnet_engine):
     assert [p["name"] for p in meta["params"]] == list(shapes)
     assert all(p["shape"] == list(shapes[p["name"]]) and p["dtype"] == "float32" for p in meta["params"])
     assert (meta["model_type"], meta["quantization"], meta["num_image_tokens"]) == ("mobilevlm", "q0f32", 144)
-    for name in ("embed", "image_embed", "vision_features", "prefill", "decode", "create_tir_paged_kv_cache", "_metadata"):
+    for name in (
+        "embed",
+        "image_embed",
+        "vision_features",
+        "prefill",
+        "decode",
+        "create_tir_paged_kv_cache",
+        "_metadata",
+    ):
         assert ldpnet_engine.vm.module.implements_function(name), name
 
 
@@ -82,7 +102,7 @@ def test_weights_load_with_tvm_readers(ldpnet_built):
     import tvm
     from tvm.contrib import tvmjs
 
-    from mobilevlm_mlc.tensor_cache import load_tensor_cache
+    from mobilevlm_mlc.formats.tensor_cache import load_tensor_cache
 
     ours = load_tensor_cache(ldpnet_built.dist, tvm.cpu())
     theirs, _ = tvmjs.load_tensor_cache(str(ldpnet_built.dist), tvm.cpu())
@@ -90,15 +110,19 @@ def test_weights_load_with_tvm_readers(ldpnet_built):
     native(str(ldpnet_built.dist), tvm.cpu().dlpack_device_type(), 0)
     get = tvm.get_global_func("vm.builtin.tensor_cache.get")
     assert ours.keys() == theirs.keys()
-    for name in ("model.layers.0.self_attn.qkv_proj.weight", "vision_tower.embeddings.class_embedding", "mm_projector.blocks.1.se_fc1.weight"):
+    for name in (
+        "model.layers.0.self_attn.qkv_proj.weight",
+        "vision_tower.embeddings.class_embedding",
+        "mm_projector.blocks.1.se_fc1.weight",
+    ):
         assert np.array_equal(ours[name].numpy(), theirs[name].numpy())
         assert np.array_equal(ours[name].numpy(), get(name).numpy())
     tvm.get_global_func("vm.builtin.tensor_cache.clear")()
 
 
 def test_damaged_weights_are_refused(ldpnet_built, tmp_path):
-    from mobilevlm_mlc.engine import Engine
     from mobilevlm_mlc.errors import MobileVLMError
+    from mobilevlm_mlc.runtime.engine import Engine
 
     dist = _copy_dist(ldpnet_built, tmp_path)
     shard = dist / "params_shard_1.bin"
@@ -117,7 +141,10 @@ def test_damaged_weights_are_refused(ldpnet_built, tmp_path):
     record["dtype"] = "float16"
     record["nbytes"] //= 2
     cache_path.write_text(json.dumps(cache))
-    with pytest.raises(MobileVLMError, match=f"weights do not match the library: {record['name']} is .* float16, library expects .* float32"):
+    with pytest.raises(
+        MobileVLMError,
+        match=f"weights do not match the library: {record['name']} is .* float16, library expects .* float32",
+    ):
         Engine(dist, ldpnet_built.lib)
     record["dtype"] = "bfloat8"
     cache_path.write_text(json.dumps(cache))
@@ -130,9 +157,9 @@ def test_damaged_weights_are_refused(ldpnet_built, tmp_path):
 
 
 def test_library_and_weights_of_different_quantizations_are_refused(ldpnet_built, tmp_path):
-    from mobilevlm_mlc.convert import convert
-    from mobilevlm_mlc.engine import Engine
+    from mobilevlm_mlc.convert.converter import convert
     from mobilevlm_mlc.errors import MobileVLMError
+    from mobilevlm_mlc.runtime.engine import Engine
 
     q4 = convert(ldpnet_built.checkpoint, tmp_path / "q4", "q4f32_1", progress=False)
     message = f"{ldpnet_built.lib}: built from a different dist than {q4 / 'mobilevlm-manifest.json'} (quantization: library 'q0f32', dist 'q4f32_1')"

@@ -21,10 +21,9 @@ import pytest
 
 from mobilevlm_mlc.cli import main
 from mobilevlm_mlc.fileio import TEMP_PREFIX
-from mobilevlm_mlc.manifest import MANIFEST
+from mobilevlm_mlc.formats.manifest import MANIFEST
 
-from .conftest import checkpoint_for
-from .test_cli import _error, cli, error_of
+from .helpers import checkpoint_for, cli, cli_error, error_of
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -32,17 +31,22 @@ def snapshot(folder: Path) -> dict[str, str]:
     found = {}
     for path in sorted(Path(folder).rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        found[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "other"
+        found[rel] = (
+            "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "other"
+        )
     return found
 
 
 def png(width: int, height: int) -> bytes:
     """A valid PNG header for width x height over a few bytes of data (what a bomb looks like)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
 
 
 def edited_checkpoint(source: Path, folder: Path, **changes) -> Path:
@@ -85,9 +89,13 @@ def test_convert_never_replaces_a_folder_it_did_not_write(ldpnet_built, tmp_path
     other = tmp_path / "other"
     other.mkdir()
     (other / "mlc-chat-config.json").write_text("{}")  # looks like a dist, but no manifest of ours
-    assert "was not written by mobilevlm-mlc; refusing to replace it" in error_of(capfd, "convert", ckpt, "--quantization", "q0f32", "-o", other, "--quiet")
+    assert "was not written by mobilevlm-mlc; refusing to replace it" in error_of(
+        capfd, "convert", ckpt, "--quantization", "q0f32", "-o", other, "--quiet"
+    )
     assert (other / "mlc-chat-config.json").read_text() == "{}"
-    assert "overlaps the input" in error_of(capfd, "convert", ckpt, "--quantization", "q0f32", "-o", ckpt / "dist", "--quiet")
+    assert "overlaps the input" in error_of(
+        capfd, "convert", ckpt, "--quantization", "q0f32", "-o", ckpt / "dist", "--quiet"
+    )
 
     (dist / "notes.txt").unlink()
     shutil.rmtree(dist / "more")
@@ -104,14 +112,37 @@ def test_output_files_replace_only_their_own_kind(ldpnet_built, tmp_path, capfd)
     dist, lib = ldpnet_built.dist, ldpnet_built.lib
     notes = tmp_path / "notes.so"
     notes.write_text("my notes")
-    assert f"{notes}: exists and is not a library file; refusing to replace it" in error_of(capfd, "compile", dist, "--target", "cpu", "-o", notes)
+    assert f"{notes}: exists and is not a library file; refusing to replace it" in error_of(
+        capfd, "compile", dist, "--target", "cpu", "-o", notes
+    )
     assert notes.read_text() == "my notes"
     chat = dist / "mlc-chat-config.json"
     kept = chat.read_bytes()
-    assert "would overwrite or lie inside the input" in error_of(capfd, "run", dist, "--lib", lib, "--prompt", "hi", "--output-json", chat)
+    assert "would overwrite or lie inside the input" in error_of(
+        capfd, "run", dist, "--lib", lib, "--prompt", "hi", "--output-json", chat
+    )
     assert chat.read_bytes() == kept
     longest = tmp_path / ("n" * 250 + ".json")  # a legal name (255 bytes): the temporary beside it is short
-    assert main([str(a) for a in ("run", dist, "--lib", lib, "--prompt", "hi", "--max-new-tokens", "2", "--output-json", longest)]) == 0
+    assert (
+        main(
+            [
+                str(a)
+                for a in (
+                    "run",
+                    dist,
+                    "--lib",
+                    lib,
+                    "--prompt",
+                    "hi",
+                    "--max-new-tokens",
+                    "2",
+                    "--output-json",
+                    longest,
+                )
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(longest.read_text())["output_token_ids"]) == 2
     result = tmp_path / "result.json"
     result.write_text("my notes, not JSON")
@@ -122,17 +153,26 @@ def test_output_files_replace_only_their_own_kind(ldpnet_built, tmp_path, capfd)
 # ---- validation where data enters -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"rope_theta": 0}, "field 'rope_theta' is 0.0, expected a number in (0, 1e+12]"),
-    ({"rms_norm_eps": -1e-6}, "field 'rms_norm_eps' is -1e-06, expected a number in (0, 1]"),
-    ({"rope_theta": float("nan")}, "field 'rope_theta' is nan"),
-    ({"num_hidden_layers": 10_000_000}, "field 'num_hidden_layers' is 10000000, expected a number in [1, 1024]"),
-    ({"max_position_embeddings": 1e9}, "field 'max_position_embeddings' is 1000000000.0, expected int"),
-    ({"max_position_embeddings": 1 << 30}, "field 'max_position_embeddings' is 1073741824, expected a number in [1, 1048576]"),
-    ({"vocab_size": True}, "field 'vocab_size' is True, expected int"),
-    ({"num_attention_heads": 3, "num_key_value_heads": 3}, "field 'hidden_size' 256 is not divisible by num_attention_heads 3"),
-    ({"mm_vision_select_layer": 40}, "field 'vision.select_layer' 40 is outside the vision tower's 4 layers"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"rope_theta": 0}, "field 'rope_theta' is 0.0, expected a number in (0, 1e+12]"),
+        ({"rms_norm_eps": -1e-6}, "field 'rms_norm_eps' is -1e-06, expected a number in (0, 1]"),
+        ({"rope_theta": float("nan")}, "field 'rope_theta' is nan"),
+        ({"num_hidden_layers": 10_000_000}, "field 'num_hidden_layers' is 10000000, expected a number in [1, 1024]"),
+        ({"max_position_embeddings": 1e9}, "field 'max_position_embeddings' is 1000000000.0, expected int"),
+        (
+            {"max_position_embeddings": 1 << 30},
+            "field 'max_position_embeddings' is 1073741824, expected a number in [1, 1048576]",
+        ),
+        ({"vocab_size": True}, "field 'vocab_size' is True, expected int"),
+        (
+            {"num_attention_heads": 3, "num_key_value_heads": 3},
+            "field 'hidden_size' 256 is not divisible by num_attention_heads 3",
+        ),
+        ({"mm_vision_select_layer": 40}, "field 'vision.select_layer' 40 is outside the vision tower's 4 layers"),
+    ],
+)
 def test_config_values_are_checked_before_work(ldpnet_built, tmp_path, changes, message, capfd):
     ckpt = edited_checkpoint(ldpnet_built.checkpoint, tmp_path / "ckpt", **changes)
     out = tmp_path / "out"
@@ -147,7 +187,10 @@ def test_dist_config_is_checked_when_read(ldpnet_built, tmp_path, capfd):
         (lambda c: c["model_config"]["text"].pop("vocab_size"), "field 'model_config.text.vocab_size' is missing"),
         (lambda c: c["model_config"].update(vision=[]), "field 'model_config.vision' is [], expected an object"),
         (lambda c: c.pop("conv_template"), "field 'conv_template' is None, expected an object"),
-        (lambda c: c["conv_template"].update(seps=[]), "field 'conv_template.seps' is [], expected a list of one or two strings"),
+        (
+            lambda c: c["conv_template"].update(seps=[]),
+            "field 'conv_template.seps' is [], expected a list of one or two strings",
+        ),
         (lambda c: c["conv_template"].update(stop_token_ids="2"), "field 'conv_template.stop_token_ids' is '2'"),
     ]:
         dist = tmp_path / f"dist{len(list(tmp_path.iterdir()))}"
@@ -224,26 +267,47 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
     system_lib = tmp / "system.tar"
     subprocess.run(["tar", "cf", str(system_lib), "-C", str(tmp), "file"], check=True)
     (tmp / "result.json").write_text(json.dumps({"schema": "mobilevlm-mlc-bench/1", "label": "x"}))
-    (tmp / "package.json").write_text(json.dumps({"device": "android", "model_list": [
-        {"model": str(dist), "model_id": "m", "model_lib": "mobilevlm_m"}], "model_lib_path_for_prepare_libs": {"mobilevlm_m": "tar.tar"}}))
+    (tmp / "package.json").write_text(
+        json.dumps(
+            {
+                "device": "android",
+                "model_list": [{"model": str(dist), "model_id": "m", "model_lib": "mobilevlm_m"}],
+                "model_lib_path_for_prepare_libs": {"mobilevlm_m": "tar.tar"},
+            }
+        )
+    )
     bad_tokenizer = tmp / "bad-tokenizer"
     bad_tokenizer.mkdir()
     for item in ckpt.iterdir():
-        (bad_tokenizer / item.name).symlink_to(item) if item.name != "tokenizer.model" else (bad_tokenizer / item.name).write_bytes(b"junk")
+        (bad_tokenizer / item.name).symlink_to(item) if item.name != "tokenizer.model" else (
+            bad_tokenizer / item.name
+        ).write_bytes(b"junk")
     run = ["run", dist, "--lib", lib, "--prompt", "hi"]
     long_name = "n" * 251 + ".json"  # 256 bytes: one more than a name may have
     return [
         (["convert", ckpt, "--quantization", "q9", "-o", tmp / "o"], "unknown quantization 'q9'"),
         (["convert", tmp / "nothing", "--quantization", "q0f32", "-o", tmp / "o"], "model folder not found"),
-        (["convert", bad_tokenizer, "--quantization", "q0f32", "-o", tmp / "o"], "tokenizer.model: not a SentencePiece model"),
+        (
+            ["convert", bad_tokenizer, "--quantization", "q0f32", "-o", tmp / "o"],
+            "tokenizer.model: not a SentencePiece model",
+        ),
         (["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "file" / "o"], "is a file, not a folder"),
         (["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "file"], "exists and is not a folder"),
-        (["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "o", "--prefill-chunk-size", "0"], "argument --prefill-chunk-size"),
-        (["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "o", "--context-window-size", "100"], "--context-window-size / --prefill-chunk-size: field 'prefill_chunk_size' 100 cannot hold one image's 144 tokens"),
+        (
+            ["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "o", "--prefill-chunk-size", "0"],
+            "argument --prefill-chunk-size",
+        ),
+        (
+            ["convert", ckpt, "--quantization", "q0f32", "-o", tmp / "o", "--context-window-size", "100"],
+            "--context-window-size / --prefill-chunk-size: field 'prefill_chunk_size' 100 cannot hold one image's 144 tokens",
+        ),
         (["compile", dist, "--target", "bogus", "-o", tmp / "x.so"], "unknown target 'bogus'"),
         (["compile", dist, "--target", "cpu", "-o", tmp / "x.tar"], "writes a '.so' library"),
         (["compile", dist, "--target", "cpu", "-o", tmp / "folder.so"], "is a folder; expected a file path"),
-        (["compile", dist, "--target", "cpu", "-o", tmp / ("x" * 300 + ".so")], "longer than the 255 this file system allows"),
+        (
+            ["compile", dist, "--target", "cpu", "-o", tmp / ("x" * 300 + ".so")],
+            "longer than the 255 this file system allows",
+        ),
         ([*run[:3], truncated, *run[4:]], "truncated"),
         ([*run[:3], system_lib, *run[4:]], "is a system library (.tar)"),
         ([*run[:3], tmp / "file", *run[4:]], "not a shared library (no ELF header)"),
@@ -254,7 +318,13 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
         ([*run, "--max-new-tokens", "many"], "argument --max-new-tokens: expected an integer, got 'many'"),
         ([*run, "--device", "bogus"], "argument --device: device 'bogus': expected one of cpu"),
         ([*run, "--device", "cuda"], "holds CPU code only, but the device is 'cuda'"),
-        ([*run[:5], os.fsdecode(b"caf\xe9"), ], "argument --prompt: not valid UTF-8 text"),
+        (
+            [
+                *run[:5],
+                os.fsdecode(b"caf\xe9"),
+            ],
+            "argument --prompt: not valid UTF-8 text",
+        ),
         ([*run, "--output-json", tmp], "is a folder; expected a file path"),
         ([*run, "--output-json", tmp / "file" / "a.json"], "is a file, not a folder"),
         ([*run, "--output-json", tmp / long_name], "longer than the 255"),
@@ -265,7 +335,10 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
         (["compare", tmp / "result.json"], "field 'environment' is missing or not an object"),
         (["compare", tmp / "file"], "not a readable benchmark result"),
         (["package", tmp / "file", "-o", tmp / "pkg"], "not valid JSON"),
-        (["package", tmp / "package.json", "-o", tmp / "pkg"], "library 'tar.tar' for 'mobilevlm_m' is not a .tar system library"),
+        (
+            ["package", tmp / "package.json", "-o", tmp / "pkg"],
+            "library 'tar.tar' for 'mobilevlm_m' is not a .tar system library",
+        ),
         (["inspect", tmp / "tar.tar"], "not a library built by mobilevlm-mlc compile"),
         (["verify", tmp / "nothing"], "model folder not found"),
         (["nosuchcommand"], "argument command: invalid choice"),
@@ -289,13 +362,24 @@ def test_every_bad_input_gives_one_error_line_and_changes_nothing(ldpnet_built, 
 def test_errors_reach_a_terminal_as_one_line(ldpnet_built, tmp_path):
     """The same through the installed entry point, in a process of its own, for a few of them."""
     for args, fragment in _bad_inputs(ldpnet_built, tmp_path)[11:12]:
-        assert fragment in _error(cli(*args))
+        assert fragment in cli_error(cli(*args))
 
 
 def test_a_closed_pipe_ends_quietly(ldpnet_built):
     """`run ... | head -c 3`: the reader goes away; we stop without a word on stderr."""
-    command = [sys.executable, "-m", "mobilevlm_mlc.cli", "run", str(ldpnet_built.dist), "--lib", str(ldpnet_built.lib),
-               "--prompt", "Tell me a long story.", "--max-new-tokens", "64"]
+    command = [
+        sys.executable,
+        "-m",
+        "mobilevlm_mlc.cli",
+        "run",
+        str(ldpnet_built.dist),
+        "--lib",
+        str(ldpnet_built.lib),
+        "--prompt",
+        "Tell me a long story.",
+        "--max-new-tokens",
+        "64",
+    ]
     reader = subprocess.Popen(["head", "-c", "3"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     proc = subprocess.run(command, stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=300)
     reader.stdin.close()
@@ -303,12 +387,27 @@ def test_a_closed_pipe_ends_quietly(ldpnet_built):
     assert proc.stderr == "" and proc.returncode == 128 + signal.SIGPIPE
 
 
+@pytest.mark.slow  # runs convert in a child process
 def test_sigterm_removes_temporaries(workspace, tmp_path):
     """SIGTERM while convert writes: exit 143, no output folder, no temporary left beside it."""
     ckpt = checkpoint_for(workspace, "ldpnet")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "mobilevlm_mlc.cli", "convert", str(ckpt), "--quantization", "q4f16_3",
-                             "-o", str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mobilevlm_mlc.cli",
+            "convert",
+            str(ckpt),
+            "--quantization",
+            "q4f16_3",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not any(p.name.startswith(TEMP_PREFIX) for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.time() < deadline, "convert ended before it wrote anything"

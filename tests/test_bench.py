@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mobilevlm_mlc.engine import Engine
-from mobilevlm_mlc.remote import connect
+from mobilevlm_mlc.runtime.backend import connect
+from mobilevlm_mlc.runtime.engine import Engine
 
-from .test_cli import _error, cli
+from .helpers import cli, cli_error
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--prompt-lengths", "8,16", "--decode-tokens", "4", "--repeat", "1", "--threads", "2"]
@@ -38,25 +38,47 @@ def test_bench_writes_every_figure_and_the_environment(ldpnet_built, tmp_path):
     assert env["threads"] == 2 and env["cores"] >= 1 and env["cpu"] and env["tvm"] == "0.27.0.post1"
     assert len(env["git_commit"] or "0" * 40) == 40
     assert result["model_config"]["projector_type"] == "ldpnet"
-    assert result["settings"] == {"prompt_lengths": [8, 16], "decode_tokens": 4, "repeat": 1, "warmup": 1, "threads": 2, "image_tokens": 144}
+    assert result["settings"] == {
+        "prompt_lengths": [8, 16],
+        "decode_tokens": 4,
+        "repeat": 1,
+        "warmup": 1,
+        "threads": 2,
+        "image_tokens": 144,
+    }
     assert sorted(result["prefill_tok_s"]) == ["16", "8"]
-    for figure in [result["image_encode_ms"], result["decode_tok_s"], result["ttft_ms"], *result["prefill_tok_s"].values()]:
+    for figure in [
+        result["image_encode_ms"],
+        result["decode_tok_s"],
+        result["ttft_ms"],
+        *result["prefill_tok_s"].values(),
+    ]:
         assert _spread_ok(figure), figure
     assert result["peak_rss_mib"] > 50
     assert "decode" in proc.stdout and "tok/s" in proc.stdout
 
 
 def test_bench_refuses_prompts_beyond_the_context_window(ldpnet_built, tmp_path):
-    proc = cli("bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, "--prompt-lengths", "4000", "-o", tmp_path / "x.json")
+    proc = cli(
+        "bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, "--prompt-lengths", "4000", "-o", tmp_path / "x.json"
+    )
     assert proc.returncode == 2
-    assert "144 image tokens + a 4000-token prompt + 128 decoded tokens = 4272 exceeds the context window (2048)" in _error(proc)
+    assert (
+        "144 image tokens + a 4000-token prompt + 128 decoded tokens = 4272 exceeds the context window (2048)"
+        in cli_error(proc)
+    )
     assert not (tmp_path / "x.json").exists()
 
 
 def _result(label: str, decode: float, prefill: float, encode: float | None) -> dict:
     fig = lambda v: {"median": v, "min": v, "max": v}  # noqa: E731
-    result = {"schema": "mobilevlm-mlc-bench/1", "label": label, "environment": {"cpu": "test cpu", "threads": 2},
-              "decode_tok_s": fig(decode), "prefill_tok_s": {"128": fig(prefill)}}
+    result = {
+        "schema": "mobilevlm-mlc-bench/1",
+        "label": label,
+        "environment": {"cpu": "test cpu", "threads": 2},
+        "decode_tok_s": fig(decode),
+        "prefill_tok_s": {"128": fig(prefill)},
+    }
     if encode is not None:
         result |= {"image_encode_ms": fig(encode), "ttft_ms": fig(2 * encode)}
     return result
@@ -64,16 +86,25 @@ def _result(label: str, decode: float, prefill: float, encode: float | None) -> 
 
 def test_compare_prints_ratios_and_draws_a_chart(tmp_path):
     paths = []
-    for i, result in enumerate([_result("ours", 20.0, 300.0, 100.0), _result("torch", 10.0, 600.0, 400.0),
-                                _result("llama.cpp Q4_0", 40.0, 150.0, None)]):
+    for i, result in enumerate(
+        [
+            _result("ours", 20.0, 300.0, 100.0),
+            _result("torch", 10.0, 600.0, 400.0),
+            _result("llama.cpp Q4_0", 40.0, 150.0, None),
+        ]
+    ):
         paths.append(tmp_path / f"{i}.json")
         paths[-1].write_text(json.dumps(result))
     chart = tmp_path / "chart.png"
     proc = cli("compare", *paths, "-o", chart)
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("ours", "torch", "llama.cpp"))}
+    rows = {
+        line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("ours", "torch", "llama.cpp"))
+    }
     assert "20.0   (1.00x)" in rows["ours"]
-    assert "10.0   (0.50x)" in rows["torch"] and "600.0   (2.00x)" in rows["torch"] and "400.0   (0.25x)" in rows["torch"]
+    assert (
+        "10.0   (0.50x)" in rows["torch"] and "600.0   (2.00x)" in rows["torch"] and "400.0   (0.25x)" in rows["torch"]
+    )
     assert "40.0   (2.00x)" in rows["llama.cpp"] and "150.0   (0.50x)" in rows["llama.cpp"]
     assert rows["llama.cpp"].rstrip().endswith("-")  # no image encode / TTFT for a text-only peer
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
@@ -86,7 +117,7 @@ def test_compare_rejects_other_json(tmp_path):
     path.write_text(json.dumps({"decode": 3}))
     proc = cli("compare", path)
     assert proc.returncode == 2
-    assert f"{path}: field 'schema' is None, expected 'mobilevlm-mlc-bench/1'" in _error(proc)
+    assert f"{path}: field 'schema' is None, expected 'mobilevlm-mlc-bench/1'" in cli_error(proc)
 
 
 def _free_port() -> int:
@@ -102,9 +133,28 @@ def rpc_tracker(tmp_path_factory):
     logs = tmp_path_factory.mktemp("rpc")
     tracker_port, server_port = _free_port(), _free_port()
     commands = {
-        "tracker": ["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
-        "server": ["tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{tracker_port}", "--key", "test-cpu", "--host", "127.0.0.1",
-                   "--port", str(server_port), "--port-end", str(server_port + 1)],
+        "tracker": [
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(tracker_port),
+            "--port-end",
+            str(tracker_port + 1),
+        ],
+        "server": [
+            "tvm.exec.rpc_server",
+            "--tracker",
+            f"127.0.0.1:{tracker_port}",
+            "--key",
+            "test-cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(server_port),
+            "--port-end",
+            str(server_port + 1),
+        ],
     }
     procs = {}
     for name, command in commands.items():
@@ -112,7 +162,9 @@ def rpc_tracker(tmp_path_factory):
             procs[name] = subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT)
 
     def failure(why: str) -> str:
-        return why + "".join(f"\n--- {n} (exit {p.poll()}) ---\n{(logs / f'{n}.log').read_text()[-3000:]}" for n, p in procs.items())
+        return why + "".join(
+            f"\n--- {n} (exit {p.poll()}) ---\n{(logs / f'{n}.log').read_text()[-3000:]}" for n, p in procs.items()
+        )
 
     try:
         deadline = time.time() + 60
@@ -121,8 +173,20 @@ def rpc_tracker(tmp_path_factory):
             if exited:
                 pytest.fail(failure(f"the RPC {' and '.join(exited)} exited"))
             try:
-                query = subprocess.run([sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1", "--port",
-                                        str(tracker_port)], capture_output=True, text=True, timeout=15)
+                query = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tvm.exec.query_rpc_tracker",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(tracker_port),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=15,
+                )
                 said = query.stdout[-500:] + query.stderr[-500:]
             except subprocess.TimeoutExpired:
                 said = "(the query timed out)"
@@ -151,18 +215,37 @@ def test_remote_engine_matches_local(ldpnet_built, ldpnet_engine, rpc_tracker):
 
 def test_bench_through_an_rpc_tracker(ldpnet_built, rpc_tracker, tmp_path):
     out = tmp_path / "rpc.json"
-    proc = cli("bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, *FAST, "--rpc-tracker", rpc_tracker, "--rpc-key", "test-cpu", "-o", out)
+    proc = cli(
+        "bench",
+        ldpnet_built.dist,
+        "--lib",
+        ldpnet_built.lib,
+        *FAST,
+        "--rpc-tracker",
+        rpc_tracker,
+        "--rpc-key",
+        "test-cpu",
+        "-o",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["environment"]["rpc_key"] == "test-cpu" and result["environment"]["rpc_tracker"] == rpc_tracker
     assert result["peak_rss_mib"] is None  # the remote process's memory is not observable through RPC
-    for figure in [result["image_encode_ms"], result["decode_tok_s"], result["ttft_ms"], *result["prefill_tok_s"].values()]:
+    for figure in [
+        result["image_encode_ms"],
+        result["decode_tok_s"],
+        result["ttft_ms"],
+        *result["prefill_tok_s"].values(),
+    ]:
         assert _spread_ok(figure), figure
 
 
 def test_bench_names_a_missing_rpc_device(ldpnet_built, rpc_tracker, tmp_path):
-    proc = cli("bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, "--rpc-tracker", "127.0.0.1:notaport", "--rpc-key", "k")
-    assert proc.returncode == 2 and "--rpc-tracker '127.0.0.1:notaport': expected HOST:PORT" in _error(proc)
+    proc = cli(
+        "bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, "--rpc-tracker", "127.0.0.1:notaport", "--rpc-key", "k"
+    )
+    assert proc.returncode == 2 and "--rpc-tracker '127.0.0.1:notaport': expected HOST:PORT" in cli_error(proc)
 
 
 def test_gguf_from_the_checkpoint(ldpnet_built, tmp_path):
@@ -172,13 +255,15 @@ def test_gguf_from_the_checkpoint(ldpnet_built, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from peers import write_gguf_f16
 
-    from mobilevlm_mlc.checkpoint import CheckpointTensors, load_config
+    from mobilevlm_mlc.convert.checkpoint import CheckpointTensors, load_config
 
     path = write_gguf_f16(ldpnet_built.checkpoint, tmp_path / "m.gguf")
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     ckpt = CheckpointTensors(ldpnet_built.checkpoint)
-    np.testing.assert_array_equal(np.asarray(tensors["blk.0.ffn_down.weight"].data),
-                                  ckpt.get("model.layers.0.mlp.down_proj.weight").astype(np.float16))
+    np.testing.assert_array_equal(
+        np.asarray(tensors["blk.0.ffn_down.weight"].data),
+        ckpt.get("model.layers.0.mlp.down_proj.weight").astype(np.float16),
+    )
     q = ckpt.get("model.layers.1.self_attn.q_proj.weight").astype(np.float16)
     heads = load_config(ldpnet_built.checkpoint).text.num_attention_heads
     head_dim = q.shape[0] // heads
@@ -193,13 +278,36 @@ def test_gguf_from_the_checkpoint(ldpnet_built, tmp_path):
 def test_peers_script_runs_on_the_default_model(ldpnet_built, tmp_path):
     out = tmp_path / "peers"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--checkpoint", str(ldpnet_built.checkpoint), "--size", "tiny",
-         "--quantizations", "q4f32_3", "--peers", "pytorch-fp32", "--prompt-lengths", "8", "--decode-tokens", "4",
-         "--repeat", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "peers.py"),
+            "--checkpoint",
+            str(ldpnet_built.checkpoint),
+            "--size",
+            "tiny",
+            "--quantizations",
+            "q4f32_3",
+            "--peers",
+            "pytorch-fp32",
+            "--prompt-lengths",
+            "8",
+            "--decode-tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    ours, torch_result = (json.loads((out / name).read_text()) for name in ("mobilevlm-mlc-q4f32_3.json", "pytorch-fp32.json"))
+    ours, torch_result = (
+        json.loads((out / name).read_text()) for name in ("mobilevlm-mlc-q4f32_3.json", "pytorch-fp32.json")
+    )
     assert torch_result["engine"] == "pytorch" and _spread_ok(torch_result["decode_tok_s"])
     assert 0 < ours["bandwidth"]["fraction_of_limit"] and ours["bandwidth"]["read_gb_s"] > 0
     assert "memory bandwidth (STREAM-style read, 2 threads)" in proc.stdout
@@ -210,7 +318,11 @@ def test_peak_memory_is_the_benchmark_process_own(tmp_path):
     """A benchmark child must not report its parent's peak (ru_maxrss survives fork and exec on Linux)."""
     ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this (parent) process
     ballast[::512] += 1
-    out = subprocess.run([sys.executable, "-c", "from mobilevlm_mlc.bench import peak_rss_mib; print(peak_rss_mib())"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "from mobilevlm_mlc.bench.benchmark import peak_rss_mib; print(peak_rss_mib())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert float(out) < 300, out
     del ballast

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from mobilevlm_mlc.checkpoint import CheckpointTensors, load_config
-from mobilevlm_mlc.convert import convert
+from mobilevlm_mlc.check.synthetic import make_checkpoint
+from mobilevlm_mlc.convert.checkpoint import CheckpointTensors, load_config
+from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.synthetic import make_checkpoint
 
-from .conftest import checkpoint_for
+from .helpers import checkpoint_for
 
 
 @pytest.fixture
@@ -44,7 +44,12 @@ def test_config_is_read_from_the_checkpoint(workspace):
 def test_standard_vision_tower_name_means_vit_l_336(ckpt):
     _edit_config(ckpt, mm_vision_tower="openai/clip-vit-large-patch14-336", mm_hidden_size=1024)
     vision = load_config(ckpt).vision
-    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.image_size) == (1024, 24, 16, 336)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.image_size) == (
+        1024,
+        24,
+        16,
+        336,
+    )
     assert vision.num_layers_used == 23
 
 
@@ -77,8 +82,8 @@ def test_missing_and_corrupt_config(ckpt, tmp_path):
 
 
 def _tensor_cache(dist: Path) -> dict[str, np.ndarray]:
-    from tvm.contrib import tvmjs
     import tvm
+    from tvm.contrib import tvmjs
 
     params, _ = tvmjs.load_tensor_cache(str(dist), tvm.cpu())
     return {k: v.numpy() for k, v in params.items()}
@@ -112,13 +117,19 @@ def test_missing_unexpected_and_misshapen_tensors(ckpt, tmp_path):
         convert(ckpt, tmp_path / "out", "q0f32", progress=False)
     assert not (tmp_path / "out").exists()
 
-    _rewrite_bin(ckpt, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(704, 256), "model.extra.weight": torch.zeros(3)}))
+    _rewrite_bin(
+        ckpt,
+        lambda s: s.update(
+            {"model.layers.1.mlp.up_proj.weight": torch.zeros(704, 256), "model.extra.weight": torch.zeros(3)}
+        ),
+    )
     with pytest.raises(MobileVLMError, match="the checkpoint holds 1 unexpected tensor: model.extra.weight"):
         convert(ckpt, tmp_path / "out", "q0f32", progress=False)
 
     def misshape(s):
         s.pop("model.extra.weight")
         s["model.norm.weight"] = torch.ones(255)
+
     _rewrite_bin(ckpt, misshape)
     with pytest.raises(MobileVLMError, match=r"tensor model.norm.weight has shape \[255\], expected \[256\]"):
         convert(ckpt, tmp_path / "out", "q0f32", progress=False)

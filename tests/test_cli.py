@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mobilevlm_mlc.cli import main
-from mobilevlm_mlc.conversation import Conversation
+from mobilevlm_mlc.runtime.conversation import Conversation
 
-from .conftest import DEMO_IMAGE, checkpoint_for
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilevlm_mlc.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+from .helpers import DEMO_IMAGE, checkpoint_for, cli, cli_error, error_of
 
 
 def test_run_streams_and_writes_json(ldpnet_built, workspace, tmp_path):
-    from mobilevlm_mlc.reference import ReferenceMobileVLM
+    from mobilevlm_mlc.check.reference import ReferenceMobileVLM
 
     out = tmp_path / "answer.json"
-    proc = cli("run", ldpnet_built.dist, "--lib", ldpnet_built.lib, "--image", DEMO_IMAGE,
-               "--prompt", "What is in the image?", "--max-new-tokens", "8", "--output-json", out)
+    proc = cli(
+        "run",
+        ldpnet_built.dist,
+        "--lib",
+        ldpnet_built.lib,
+        "--image",
+        DEMO_IMAGE,
+        "--prompt",
+        "What is in the image?",
+        "--max-new-tokens",
+        "8",
+        "--output-json",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     reference = ReferenceMobileVLM(ldpnet_built.checkpoint)
@@ -43,59 +50,61 @@ def test_sampling_flags_are_seeded(ldpnet_built, tmp_path):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.json"
-        proc = cli("run", ldpnet_built.dist, "--lib", ldpnet_built.lib, "--prompt", "Tell me a story.",
-                   "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--seed", "3",
-                   "--output-json", out)
+        proc = cli(
+            "run",
+            ldpnet_built.dist,
+            "--lib",
+            ldpnet_built.lib,
+            "--prompt",
+            "Tell me a story.",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "40",
+            "--seed",
+            "3",
+            "--output-json",
+            out,
+        )
         assert proc.returncode == 0, proc.stderr
         runs.append(json.loads(out.read_text())["output_token_ids"])
     assert runs[0] == runs[1] and len(runs[0]) == 6
 
 
+@pytest.mark.slow  # compiles
 def test_verify_passes_on_default_model(workspace, capsys):
     ckpt = checkpoint_for(workspace, "ldpnetv2")
     assert main(["verify", str(ckpt), "--tokens", "16", "--workdir", str(workspace / "verify-ldpnetv2")]) == 0
     out = capsys.readouterr().out
     for boundary in ("pixels", "vision features", "projector output", "first-token logits"):
-        line = next(l for l in out.splitlines() if l.startswith(boundary))
+        line = next(text for text in out.splitlines() if text.startswith(boundary))
         assert line.endswith("ok")
     assert "greedy tokens: 16/16 leading tokens agree  ok" in out
     assert out.strip().endswith("PASS")
 
 
-def _error(proc: subprocess.CompletedProcess) -> str:
-    """The one error line of a CLI process: exit 2, exactly one `error:` line on stderr, no traceback."""
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
-def error_of(capfd, *args) -> str:
-    """The same from the CLI's `main` run in this process, as the console script calls it, so that
-    dozens of cases do not each pay an import of TVM and torch."""
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:  # argparse's own exit, after our one-line message
-        code = exit_.code
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), " ".join(map(str, args)) + f" -> {code}: {err}"
-    return lines[0]
-
-
 def test_run_errors(ldpnet_built, tmp_path, capfd):
     dist, lib = ldpnet_built.dist, ldpnet_built.lib
-    assert "dist folder not found" in _error(cli("run", tmp_path / "nodist", "--lib", lib, "--prompt", "hi"))
+    assert "dist folder not found" in cli_error(cli("run", tmp_path / "nodist", "--lib", lib, "--prompt", "hi"))
     assert "compiled library not found" in error_of(capfd, "run", dist, "--lib", tmp_path / "no.so", "--prompt", "hi")
     junk = tmp_path / "junk.so"
     junk.write_bytes(b"\x7fELF garbage")
-    assert "junk.so: not a 64-bit little-endian ELF file" in error_of(capfd, "run", dist, "--lib", junk, "--prompt", "hi")
+    assert "junk.so: not a 64-bit little-endian ELF file" in error_of(
+        capfd, "run", dist, "--lib", junk, "--prompt", "hi"
+    )
     other = Path(np.linalg._umath_linalg.__file__)  # a whole ELF shared object, but not a TVM library
-    assert "not a library built by mobilevlm-mlc compile" in error_of(capfd, "run", dist, "--lib", other, "--prompt", "hi")
+    assert "not a library built by mobilevlm-mlc compile" in error_of(
+        capfd, "run", dist, "--lib", other, "--prompt", "hi"
+    )
     text = tmp_path / "photo.jpg"
     text.write_text("not a picture")
-    assert "photo.jpg: not a readable image" in error_of(capfd, "run", dist, "--lib", lib, "--image", text, "--prompt", "hi")
+    assert "photo.jpg: not a readable image" in error_of(
+        capfd, "run", dist, "--lib", lib, "--image", text, "--prompt", "hi"
+    )
     long_prompt = "word " * 2100
     assert "does not fit the context window" in error_of(capfd, "run", dist, "--lib", lib, "--prompt", long_prompt)
 
@@ -103,15 +112,20 @@ def test_run_errors(ldpnet_built, tmp_path, capfd):
 def test_convert_and_compile_errors(ldpnet_built, tmp_path, capfd):
     ckpt = ldpnet_built.checkpoint
     out = tmp_path / "out"
-    assert "unknown quantization 'q3f16'" in _error(cli("convert", ckpt, "--quantization", "q3f16", "-o", out))
+    assert "unknown quantization 'q3f16'" in cli_error(cli("convert", ckpt, "--quantization", "q3f16", "-o", out))
     assert not out.exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "precious.txt").write_text("keep me")
     assert "busy: exists and was not written by mobilevlm-mlc; refusing to replace it" in error_of(
-        capfd, "convert", ckpt, "--quantization", "q0f32", "-o", busy)
+        capfd, "convert", ckpt, "--quantization", "q0f32", "-o", busy
+    )
     assert (busy / "precious.txt").read_text() == "keep me"
-    assert "unknown target 'toaster'" in error_of(capfd, "compile", ldpnet_built.dist, "--target", "toaster", "-o", tmp_path / "x.so")
-    assert "mlc-chat-config.json not found" in error_of(capfd, "compile", tmp_path, "--target", "cpu", "-o", tmp_path / "x.so")
+    assert "unknown target 'toaster'" in error_of(
+        capfd, "compile", ldpnet_built.dist, "--target", "toaster", "-o", tmp_path / "x.so"
+    )
+    assert "mlc-chat-config.json not found" in error_of(
+        capfd, "compile", tmp_path, "--target", "cpu", "-o", tmp_path / "x.so"
+    )
     assert not (tmp_path / "x.so").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers

@@ -14,11 +14,13 @@ from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
-from mobilevlm_mlc.quantization import QUANTIZATIONS, dequantize_weight, quantize_weight
-from mobilevlm_mlc.reference import int8_activations
-from targets.cpu import vnni
-from targets.cpu_attention import faster_rope, decode_attention, prefill_attention, prefill_ragged_attention
-from targets.cpu_int8_matmul import int8_quantized_gemv, int8_quantized_matmul
+from mobilevlm_mlc.check.reference import int8_activations
+from mobilevlm_mlc.convert.packing import dequantize_weight, quantize_weight
+from mobilevlm_mlc.model_defs.quantization import QUANTIZATIONS
+from mobilevlm_mlc.targets.cpu import vnni
+from mobilevlm_mlc.targets.cpu_kernels.attention import decode_attention, prefill_attention, prefill_ragged_attention
+from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import int8_quantized_gemv, int8_quantized_matmul
+from mobilevlm_mlc.targets.cpu_kernels.rope import faster_rope
 
 TARGET = tvm.target.Target.from_device(tvm.cpu())
 
@@ -61,7 +63,10 @@ def run_decode(func, q, pages, indptr, values, last, sm_scale):
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     dev = tvm.cpu()
     batch = len(q)
-    args = [tvm.runtime.tensor(a, dev) for a in (q, pages, indptr, values, last, np.zeros(batch, np.int32), np.zeros(batch, np.int32))]
+    args = [
+        tvm.runtime.tensor(a, dev)
+        for a in (q, pages, indptr, values, last, np.zeros(batch, np.int32), np.zeros(batch, np.int32))
+    ]
     out = tvm.runtime.tensor(np.zeros_like(q), dev)
     lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32), dev)
     lib(*args, out, lse, 0, 1.0, 10000.0, sm_scale)
@@ -74,9 +79,17 @@ def test_decode_attention_matches_numpy_and_tvm(kv_heads, qo_heads):
     q, pages, indptr, values, last = paged_case(lengths, kv_heads, qo_heads, dim, page_size)
     for b, n in enumerate(lengths):  # stale rows past a sequence's end (scored in their own lanes, masked)
         if n % page_size:
-            pages[values[indptr[b + 1] - 1], :, :, n % page_size:] = np.nan
+            pages[values[indptr[b + 1] - 1], :, :, n % page_size :] = np.nan
     ours = run_decode(decode_attention(kv_heads, qo_heads, dim, "float32"), q, pages, indptr, values, last, sm_scale)
-    theirs = run_decode(_attention_decode_cpu(kv_heads, qo_heads, dim, "float32", False, {}, page_size), q, pages, indptr, values, last, sm_scale)
+    theirs = run_decode(
+        _attention_decode_cpu(kv_heads, qo_heads, dim, "float32", False, {}, page_size),
+        q,
+        pages,
+        indptr,
+        values,
+        last,
+        sm_scale,
+    )
     expected = numpy_decode(q, pages, indptr, values, lengths, page_size, sm_scale)
     for got in (ours, theirs):
         np.testing.assert_allclose(got[0], expected[0], rtol=2e-5, atol=2e-6)
@@ -106,7 +119,9 @@ def run_kernel(func, arrays, scalars, out_shapes, dtype="float32"):
     `dtype`, the others float32: attention's log-sum-exp), then `scalars`; the outputs."""
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     dev = tvm.cpu()
-    outs = [tvm.runtime.tensor(np.zeros(shape, dtype if i == 0 else np.float32), dev) for i, shape in enumerate(out_shapes)]
+    outs = [
+        tvm.runtime.tensor(np.zeros(shape, dtype if i == 0 else np.float32), dev) for i, shape in enumerate(out_shapes)
+    ]
     lib(*[tvm.runtime.tensor(a, dev) for a in arrays], *outs, *scalars)
     return [o.numpy() for o in outs]
 
@@ -119,15 +134,21 @@ def test_paged_prefill_attention_matches_numpy_and_tvm(causal):
     _, pages, indptr, values, last = paged_case(lengths, kv_heads, qo_heads, dim, page_size, seed=1)
     q_indptr = np.cumsum([0] + queries).astype(np.int32)
     q = np.random.default_rng(2).standard_normal((q_indptr[-1], qo_heads, dim)).astype(np.float32)
-    keys = [np.concatenate([pages[p, 0] for p in values[indptr[b]:indptr[b + 1]]], axis=1) for b in range(len(lengths))]
-    vals = [np.concatenate([pages[p, 1] for p in values[indptr[b]:indptr[b + 1]]], axis=1) for b in range(len(lengths))]
+    keys = [
+        np.concatenate([pages[p, 0] for p in values[indptr[b] : indptr[b + 1]]], axis=1) for b in range(len(lengths))
+    ]
+    vals = [
+        np.concatenate([pages[p, 1] for p in values[indptr[b] : indptr[b + 1]]], axis=1) for b in range(len(lengths))
+    ]
     expected = numpy_prefill(q, keys, vals, q_indptr, lengths, causal, sm_scale)
     zeros = np.zeros(len(lengths), np.int32)
     arrays = [q, q_indptr, pages, indptr, values, last, zeros, np.zeros(len(q), np.int32)]
     shapes = [q.shape, q.shape[:2]]
     scalars = [causal, 0, 1.0, 10000.0, sm_scale]
     ours = run_kernel(prefill_attention(kv_heads, qo_heads, dim, "float32", page_size), arrays, scalars, shapes)
-    theirs = run_kernel(_attention_prefill_cpu(kv_heads, qo_heads, dim, "float32", False, {}, page_size), arrays, scalars, shapes)
+    theirs = run_kernel(
+        _attention_prefill_cpu(kv_heads, qo_heads, dim, "float32", False, {}, page_size), arrays, scalars, shapes
+    )
     np.testing.assert_allclose(ours[0], expected[0], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(ours[1], expected[1], rtol=2e-5, atol=2e-5)
     seen = expected[1] > -5e4  # rows that see a key (a row that sees none: 0 and -5e4 here, NaN in TVM's kernel)
@@ -143,21 +164,32 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
     q = rng.standard_normal((q_indptr[-1], qo_heads, dim)).astype(np.float32)
     k = rng.standard_normal((kv_indptr[-1], kv_heads, dim)).astype(np.float32)
     v = rng.standard_normal((kv_indptr[-1], kv_heads, dim)).astype(np.float32)
-    keys = [k[kv_indptr[b]:kv_indptr[b + 1]].transpose(1, 0, 2) for b in range(2)]
-    vals = [v[kv_indptr[b]:kv_indptr[b + 1]].transpose(1, 0, 2) for b in range(2)]
+    keys = [k[kv_indptr[b] : kv_indptr[b + 1]].transpose(1, 0, 2) for b in range(2)]
+    vals = [v[kv_indptr[b] : kv_indptr[b + 1]].transpose(1, 0, 2) for b in range(2)]
     expected = numpy_prefill(q, keys, vals, q_indptr, lengths, 1, sm_scale)
     arrays = [q, q_indptr, k, v, kv_indptr, np.zeros(len(q), np.int32), np.zeros(2, np.int32)]
     shapes, scalars = [q.shape, q.shape[:2]], [1, 0, 1.0, 10000.0, sm_scale]
     ours = run_kernel(prefill_ragged_attention(kv_heads, qo_heads, dim, "float32"), arrays, scalars, shapes)
-    theirs = run_kernel(_attention_prefill_ragged_cpu(kv_heads, qo_heads, dim, dim, "float32", {}), arrays, scalars, shapes)
+    theirs = run_kernel(
+        _attention_prefill_ragged_cpu(kv_heads, qo_heads, dim, dim, "float32", {}), arrays, scalars, shapes
+    )
     for got in (ours, theirs):
         np.testing.assert_allclose(got[0], expected[0], rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(got[1], expected[1], rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.skipif(not vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("kernel,rows,dtype", [("gemm", 1, "float32"), ("gemm", 7, "float32"), ("gemm", 13, "float32"),
-                                               ("gemm", 13, "float16"), ("gemv", 1, "float32"), ("gemv", 1, "float16")])
+@pytest.mark.parametrize(
+    "kernel,rows,dtype",
+    [
+        ("gemm", 1, "float32"),
+        ("gemm", 7, "float32"),
+        ("gemm", 13, "float32"),
+        ("gemm", 13, "float16"),
+        ("gemv", 1, "float32"),
+        ("gemv", 1, "float16"),
+    ],
+)
 def test_int8_matmuls_match_their_emulation(kernel, rows, dtype):
     """x rounded by the reference's `int8_activations` times the dequantized weight, up to fp32
     summation order (rows not a multiple of the GEMM's 6, an all-zero group, rows of scales 1e-3 to
@@ -189,7 +221,13 @@ def test_rope_matches_tvm_and_only_replaces_the_default_variant(dtype, kv_heads)
     ours = faster_rope(theirs)
     assert ours is not None
     assert faster_rope(llama_rope_with_position_map(10000.0, 2.0, dim, heads, kv_heads, dtype, {}, dim)) is None
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     assert faster_rope(llama_rope_with_position_map(500000.0, 1.0, dim, heads, kv_heads, dtype, llama3, dim)) is None
     rng = np.random.default_rng(5)
     qkv = rng.standard_normal((tokens, heads + 2 * kv_heads, dim)).astype(dtype)
@@ -203,5 +241,5 @@ def test_rope_matches_tvm_and_only_replaces_the_default_variant(dtype, kv_heads)
             results.append([o.numpy().astype(np.float32) for o in outs])
         for got, expected in zip(*results):
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-        assert np.array_equal(results[0][2], qkv[:, heads + kv_heads:].astype(np.float32))  # v copied
+        assert np.array_equal(results[0][2], qkv[:, heads + kv_heads :].astype(np.float32))  # v copied
         assert np.array_equal(results[0][0], qkv[:, :heads].astype(np.float32)) == (apply_rope == 0)

@@ -17,20 +17,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mobilevlm_mlc.checkpoint import load_config
-from mobilevlm_mlc.convert import convert
+from mobilevlm_mlc.convert.checkpoint import load_config
+from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.demo import DEMO_IMAGE
 from mobilevlm_mlc.errors import MobileVLMError
+from mobilevlm_mlc.formats.tensor_cache import load_tensor_cache
 from mobilevlm_mlc.package import package
-from mobilevlm_mlc.preprocess import load_image
-from mobilevlm_mlc.tensor_cache import load_tensor_cache
+from mobilevlm_mlc.runtime.preprocess import load_image
 
-from .conftest import checkpoint_for
-from .test_package import write_config
+from .helpers import checkpoint_for, write_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=8),
-                   st.lists(st.integers(-5, 5), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 DELETE = object()
 
 
@@ -69,11 +75,14 @@ def dist(workspace, checkpoint) -> Path:
     return convert(checkpoint, workspace / "fuzz-q4f32_1", "q4f32_1", progress=False)
 
 
+@pytest.mark.slow  # hundreds of generated inputs, each through the real loader
 def test_config_json(checkpoint, tmp_path_factory):
     config = json.loads((checkpoint / "config.json").read_text())
 
     @FUZZ
-    @given(st.lists(st.tuples(st.sampled_from(sorted(config)), st.one_of(VALUES, st.just(DELETE))), min_size=1, max_size=3))
+    @given(
+        st.lists(st.tuples(st.sampled_from(sorted(config)), st.one_of(VALUES, st.just(DELETE))), min_size=1, max_size=3)
+    )
     def check(edits):
         folder = tmp_path_factory.mktemp("config")
         edited = dict(config)
@@ -91,6 +100,7 @@ def test_config_json(checkpoint, tmp_path_factory):
     check()
 
 
+@pytest.mark.slow  # hundreds of generated inputs, each through the real loader
 def test_tensor_cache_json(dist, tmp_path_factory):
     cache = json.loads((dist / "tensor-cache.json").read_text())
     paths = list(_leaf_paths(cache))
@@ -114,6 +124,7 @@ def test_tensor_cache_json(dist, tmp_path_factory):
     check()
 
 
+@pytest.mark.slow  # hundreds of generated inputs, each through the real loader
 def test_weight_shard_bytes(dist, tmp_path_factory):
     shard = next(f for f in sorted(dist.iterdir()) if f.suffix == ".bin")
 
@@ -143,7 +154,11 @@ def test_image_loader(tmp_path_factory):
     bases = [DEMO_IMAGE.read_bytes(), _jpeg()]
 
     @FUZZ
-    @given(st.sampled_from(bases), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6), st.integers(0, 10**6))
+    @given(
+        st.sampled_from(bases),
+        st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+        st.integers(0, 10**6),
+    )
     def check(base, flips, cut):
         data = bytearray(base[:cut])
         for position, byte in flips:
@@ -161,13 +176,18 @@ def test_image_loader(tmp_path_factory):
 
 def test_decompression_bomb_is_refused(tmp_path):
     """A 60000x60000 PNG header over a few bytes of data: refused before decoding (found by fuzzing)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
     path = tmp_path / "bomb.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
-    with pytest.raises(MobileVLMError, match=r"bomb.png: image too large to decode safely \(Image size \(3600000000 pixels\)"):
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
+    with pytest.raises(
+        MobileVLMError, match=r"bomb.png: image too large to decode safely \(Image size \(3600000000 pixels\)"
+    ):
         load_image(path)
 
 
@@ -175,10 +195,14 @@ def test_package_config(android_models, tmp_path_factory):
     """Fuzzed mlc-package-config.json: the package or a clear error, and nothing written outside OUT."""
     base = json.loads(write_config(tmp_path_factory.mktemp("pkgcfg"), android_models).read_text())
     paths = list(_leaf_paths(base))
-    strings = st.sampled_from(["", "..", "../escape", "/abs/path", "a/b", "HF://x/y", "mobilevlm_x", "android", "iphone"])
+    strings = st.sampled_from(
+        ["", "..", "../escape", "/abs/path", "a/b", "HF://x/y", "mobilevlm_x", "android", "iphone"]
+    )
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(st.lists(st.tuples(st.sampled_from(paths), st.one_of(VALUES, strings, st.just(DELETE))), min_size=1, max_size=3))
+    @given(
+        st.lists(st.tuples(st.sampled_from(paths), st.one_of(VALUES, strings, st.just(DELETE))), min_size=1, max_size=3)
+    )
     def check(edits):
         folder = tmp_path_factory.mktemp("pkg")
         edited = copy.deepcopy(base)
@@ -190,22 +214,34 @@ def test_package_config(android_models, tmp_path_factory):
             package(config, folder / "out")
         except MobileVLMError as err:
             assert "mlc-package-config.json" in str(err) or "ar" in str(err)
-        assert sorted(p.name for p in folder.iterdir()) in (["mlc-package-config.json"], ["mlc-package-config.json", "out"])
+        assert sorted(p.name for p in folder.iterdir()) in (
+            ["mlc-package-config.json"],
+            ["mlc-package-config.json", "out"],
+        )
 
     check()
 
 
-@pytest.mark.parametrize("blob,message", [
-    (struct.pack("<Q", 2**62) + b"{}", "header too large"),
-    (struct.pack("<Q", 1000) + b"{}", "invalid header length"),
-    (struct.pack("<Q", 4) + b"abcd", "invalid JSON in header"),
-    ((lambda h: struct.pack("<Q", len(h)) + h)(json.dumps(
-        {"x": {"dtype": "F32", "shape": [1000000, 1000000], "data_offsets": [0, 4 * 10**12]}}).encode()), "incomplete metadata"),
-])
+@pytest.mark.parametrize(
+    "blob,message",
+    [
+        (struct.pack("<Q", 2**62) + b"{}", "header too large"),
+        (struct.pack("<Q", 1000) + b"{}", "invalid header length"),
+        (struct.pack("<Q", 4) + b"abcd", "invalid JSON in header"),
+        (
+            (lambda h: struct.pack("<Q", len(h)) + h)(
+                json.dumps(
+                    {"x": {"dtype": "F32", "shape": [1000000, 1000000], "data_offsets": [0, 4 * 10**12]}}
+                ).encode()
+            ),
+            "incomplete metadata",
+        ),
+    ],
+)
 def test_safetensors_header_is_validated_before_allocation(checkpoint, tmp_path, blob, message):
     """A hostile header (absurd length, offsets past the file, a 4 TB tensor) is refused by name, with
     nothing allocated for it: the header is bounded and checked against the file size first."""
-    from mobilevlm_mlc.checkpoint import CheckpointTensors
+    from mobilevlm_mlc.convert.checkpoint import CheckpointTensors
 
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.package import package
 
-
-def write_config(folder: Path, models: dict, **overrides) -> Path:
-    entries, libs = [], {}
-    for i, (name, (dist, lib, model_lib)) in enumerate(models.items()):
-        entries.append({"model": str(dist), "model_id": name, "model_lib": model_lib, "bundle_weight": i == 0})
-        libs[model_lib] = str(lib)
-    config = {"device": "android", "model_list": entries, "model_lib_path_for_prepare_libs": libs, **overrides}
-    path = folder / "mlc-package-config.json"
-    path.write_text(json.dumps(config))
-    return path
+from .helpers import write_config
 
 
 def test_package_two_models(android_models, tmp_path):

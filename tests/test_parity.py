@@ -1,26 +1,22 @@
 """The compiled CPU library against the PyTorch reference at every boundary, for both projectors (fp32).
 
-Tolerance: 1e-4 of the reference's max magnitude (see `mobilevlm_mlc.verify` for why); pixels must be
+Tolerance: 1e-4 of the reference's max magnitude (see `mobilevlm_mlc.check.verify` for why); pixels must be
 bit-identical since both sides run the same PIL resize and float32 arithmetic.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from mobilevlm_mlc.conversation import Conversation, tokenize_with_images
-from mobilevlm_mlc.engine import Engine
-from mobilevlm_mlc.sampling import GenerationConfig
+from mobilevlm_mlc.runtime.conversation import Conversation, tokenize_with_images
+from mobilevlm_mlc.runtime.engine import Engine
+from mobilevlm_mlc.runtime.sampling import GenerationConfig
 
-from .conftest import DEMO_IMAGE, built_for
+from .helpers import DEMO_IMAGE, REL_TOL, built_for, rel_err
 
-REL_TOL = 1e-4
 QUESTION = "What is in the image?"
-
-
-def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
 
 
 def test_boundaries_match_reference(engine, reference):
@@ -55,6 +51,7 @@ def test_greedy_tokens_and_first_logits(engine, reference):
     assert text == engine.tokenizer.decode(ref_tokens)
 
 
+@pytest.mark.slow  # compiles
 def test_prompt_longer_than_prefill_chunk(workspace, reference, projector):
     """Prefill in chunks of 150 embeddings: a ~400-token prompt spans three chunks."""
     built = built_for(workspace, projector, prefill_chunk_size=150)
@@ -85,7 +82,9 @@ def test_second_turn_reuses_kv_cache(engine, reference):
     # Turn 1 stopped at max_new_tokens: its last token was never fed, so turn 2 starts with it, then
     # the template's "</s>" and the new user message (no BOS).
     assert first.finish_reason == "length"
-    expected_new = [first.output_token_ids[-1], 2] + engine.tokenizer.encode(f"USER: {follow_up} ASSISTANT:", add_bos=False)
+    expected_new = [first.output_token_ids[-1], 2] + engine.tokenizer.encode(
+        f"USER: {follow_up} ASSISTANT:", add_bos=False
+    )
     assert second.prompt_token_ids == expected_new
     assert tokenize_with_images(engine.tokenizer, "</s>USER: x ASSISTANT:", add_bos=False)[0] == 2
 
@@ -109,7 +108,6 @@ def test_sessions_are_independent(engine):
         assert other.last.output_token_ids == expected
 
 
-
 def test_full_kv_cache_is_a_clear_error(built):
     import pytest
 
@@ -123,7 +121,10 @@ def test_full_kv_cache_is_a_clear_error(built):
         list(first.send(QUESTION, image, GenerationConfig(max_new_tokens=2)))  # 190 prompt tokens + 1
         in_use = capacity - engine.free_kv_tokens()
         assert 190 <= in_use < 190 + 2 * 16
-        with engine.chat() as second, pytest.raises(MobileVLMError, match=r"prompt of 190 tokens does not fit the KV cache: \d+ tokens free"):
+        with (
+            engine.chat() as second,
+            pytest.raises(MobileVLMError, match=r"prompt of 190 tokens does not fit the KV cache: \d+ tokens free"),
+        ):
             list(second.send(QUESTION, image, GenerationConfig(max_new_tokens=2)))
     assert engine.free_kv_tokens() == capacity  # closed sessions give their pages back
     with engine.chat() as again:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_defs.config import ImageProcessorConfig
+from mobilevlm_mlc.check.reference import reference_pixels
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.preprocess import load_image, preprocess
-from mobilevlm_mlc.reference import reference_pixels
+from mobilevlm_mlc.model_defs.config import ImageProcessorConfig
+from mobilevlm_mlc.runtime.preprocess import load_image, preprocess
 
 
 def _image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
@@ -20,8 +20,17 @@ def _image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
 
 @pytest.mark.parametrize(
     "mode,size",
-    [("RGB", (480, 320)), ("RGB", (200, 640)), ("RGB", (336, 336)), ("RGBA", (500, 501)), ("L", (90, 60)),
-     ("P", (1000, 400)), ("CMYK", (64, 64)), ("RGB", (2, 1)), ("I;16", (40, 70))],
+    [
+        ("RGB", (480, 320)),
+        ("RGB", (200, 640)),
+        ("RGB", (336, 336)),
+        ("RGBA", (500, 501)),
+        ("L", (90, 60)),
+        ("P", (1000, 400)),
+        ("CMYK", (64, 64)),
+        ("RGB", (2, 1)),
+        ("I;16", (40, 70)),
+    ],
 )
 def test_matches_mobilevlm_preprocessing(mode, size):
     config = ImageProcessorConfig()

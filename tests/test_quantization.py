@@ -8,18 +8,20 @@ import pytest
 import tvm
 from PIL import Image
 
-from model_defs.quantization import DEQUANTIZE_BLOCK, QUANTIZED_MATMUL
-from targets.cpu_int8_matmul import VPDPBUSD
+from mobilevlm_mlc.check.kernel_check import scheduled_kernels
+from mobilevlm_mlc.check.reference import ReferenceMobileVLM
+from mobilevlm_mlc.check.synthetic import make_checkpoint
+from mobilevlm_mlc.check.verify import RELATIVE_TOLERANCE
 from mobilevlm_mlc.compiler import compile_model
-from mobilevlm_mlc.convert import convert, stored_params
-from mobilevlm_mlc.engine import Engine
-from mobilevlm_mlc.quantization import QUANTIZATIONS, dequantize_weight, quantize_weight
-from mobilevlm_mlc.reference import ReferenceMobileVLM
-from mobilevlm_mlc.sampling import GenerationConfig
-from mobilevlm_mlc.synthetic import make_checkpoint
-from mobilevlm_mlc.verify import RELATIVE_TOLERANCE
+from mobilevlm_mlc.convert.converter import convert, stored_params
+from mobilevlm_mlc.convert.packing import dequantize_weight, quantize_weight
+from mobilevlm_mlc.model_defs.quantization import DEQUANTIZE_BLOCK, QUANTIZATIONS, QUANTIZED_MATMUL
+from mobilevlm_mlc.runtime.engine import Engine
+from mobilevlm_mlc.runtime.sampling import GenerationConfig
+from mobilevlm_mlc.targets import get_target
+from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import VPDPBUSD
 
-from .conftest import DEMO_IMAGE, checkpoint_for
+from .helpers import DEMO_IMAGE, checkpoint_for
 
 Q4 = ["q4f16_1", "q4f32_1", "q4f16_0", "q4f32_3", "q4f16_3"]
 
@@ -93,7 +95,10 @@ def test_any_input_size_packs_with_a_padded_last_group(name):
     w = np.random.default_rng(1).standard_normal((70, 77)).astype(np.float32)
     q_weight, q_scale = quantize_weight(w, scheme)
     ref_weight, ref_scale = mlc_reference_pack(w, scheme.model_dtype, scheme.layout)
-    assert q_weight.shape == {"NK": (70, 12), "KN": (12, 70)}[scheme.layout] and scheme.weight_shapes(70, 77)[0] == q_weight.shape
+    assert (
+        q_weight.shape == {"NK": (70, 12), "KN": (12, 70)}[scheme.layout]
+        and scheme.weight_shapes(70, 77)[0] == q_weight.shape
+    )
     assert np.array_equal(q_weight, ref_weight) and np.array_equal(q_scale, ref_scale)
     nk_weight, nk_scale = as_nk(q_weight, q_scale, scheme.layout)
     assert all((int(nk_weight[r, 77 // 8]) >> (4 * c)) & 15 == 7 for r in range(70) for c in range(77 % 8, 8))
@@ -147,7 +152,9 @@ def test_odd_layer_sizes_quantize_and_match_the_reference(odd_builds, name):
     with engine.chat() as session:
         list(session.send("What is in the image?", image, GenerationConfig(max_new_tokens=8)))
         turn = session.last
-    tokens, logits = reference.greedy(reference.input_embeds(turn.prompt_token_ids, reference.image_embeds(reference.pixels(image))), 8)
+    tokens, logits = reference.greedy(
+        reference.input_embeds(turn.prompt_token_ids, reference.image_embeds(reference.pixels(image))), 8
+    )
     activations = "int8" if engine.int8_activations else QUANTIZATIONS[name].model_dtype
     assert np.abs(turn.first_logits - logits).max() < RELATIVE_TOLERANCE[activations] * np.abs(logits).max()
     assert turn.output_token_ids[0] == tokens[0]
@@ -166,11 +173,14 @@ def test_stored_parameters_follow_mlc_names(workspace):
     kn = stored_params(config, QUANTIZATIONS["q4f16_0"])
     assert kn["model.layers.0.mlp.down_proj.q_weight"] == ((704 // 8, 256), "uint32")
     assert kn["model.embed_tokens.q_weight"] == ((32000, 32), "uint32")  # embeddings stay row-major
-    assert not any(name.endswith(".weight") and "layers" in name and "proj" in name and not name.startswith("vision") for name in params)
+    assert not any(
+        name.endswith(".weight") and "layers" in name and "proj" in name and not name.startswith("vision")
+        for name in params
+    )
 
 
 def load_dist_config(workspace):
-    from mobilevlm_mlc.checkpoint import load_config
+    from mobilevlm_mlc.convert.checkpoint import load_config
 
     return load_config(checkpoint_for(workspace, "ldpnet"))
 
@@ -231,18 +241,13 @@ def test_q4_against_fp32(q4_builds, ldpnet_engine):
 def test_dequantized_weights_are_never_materialized(q4_builds, name):
     """Every CPU quantized matmul unpacks int4 inside its reduction (decode on NK64) or into a tile of
     its own thread's columns inside the parallel loop (prefill): never the whole weight in fp."""
-    from model_defs.mobilevlm import MobileVLMForCausalLM
-    from targets import get_target
-
     dist = q4_builds[name].dist
-    model = MobileVLMForCausalLM(dist.config, dist.quantization.scheme)
-    model.to(dist.config.dtype)
-    build_target = get_target("cpu")
-    target = build_target.tvm_target()
-    with target:
-        mod, _ = model.export_tvm(spec=model.get_default_spec())
-        lowered = build_target.relax_pipeline(target)(mod)
-    quantized = {gv.name_hint: f for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and QUANTIZED_MATMUL in gv.name_hint}
+    _, lowered = scheduled_kernels(dist.config, dist.quantization.scheme, get_target("cpu"))  # compile's lowering
+    quantized = {
+        gv.name_hint: f
+        for gv, f in lowered.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and QUANTIZED_MATMUL in gv.name_hint
+    }
     assert quantized
     inlined = 0
     for fname, func in quantized.items():
@@ -251,7 +256,9 @@ def test_dequantized_weights_are_never_materialized(q4_builds, name):
         inlined += not stage
         for i in stage:  # nearest enclosing loop nest starts with the parallel task loop
             depth = len(lines[i]) - len(lines[i].lstrip())
-            parallel = [j for j in range(i) if "T.parallel(" in lines[j] and len(lines[j]) - len(lines[j].lstrip()) < depth]
+            parallel = [
+                j for j in range(i) if "T.parallel(" in lines[j] and len(lines[j]) - len(lines[j].lstrip()) < depth
+            ]
             assert parallel, f"{fname}: dequantize outside the parallel loop"
     if name == "q4f32_3":  # decode GEMVs read the packed words directly
         assert inlined >= 4
@@ -260,21 +267,31 @@ def test_dequantized_weights_are_never_materialized(q4_builds, name):
         assert int8 == set(quantized) and len(int8) == 9
 
 
-def test_cpu_build_records_its_arithmetic(q4_builds):
-    """The record says int8 activations for the quantized matmuls of the NK64 schemes (q4f32_3, q4f16_3:
-    those `replace_quantized_matmuls` takes) on an AVX-512 VNNI host, the model dtype for every other
-    build; and an fp32 vision tower for fp16 models on a CPU without fp16 arithmetic."""
-    from targets import get_target
-    from targets.cpu import fp16_arithmetic, vnni
+# (LLVM triple, mcpu) -> (q4f16_3 record, q4f32_1 record): what each CPU class this project meets can do.
+# AVX-512 VNNI gives int8 activations to the NK64 schemes only; fp16 arithmetic (AVX512-FP16, Arm
+# fullfp16) keeps an fp16 vision tower in fp16.
+ARITHMETIC = {
+    ("x86_64-linux-gnu", "sapphirerapids"): (("int8", "float16"), ("model dtype", "float32")),
+    ("x86_64-linux-gnu", "znver4"): (("int8", "float32"), ("model dtype", "float32")),
+    ("x86_64-linux-gnu", "znver3"): (("model dtype", "float32"), ("model dtype", "float32")),
+    ("aarch64-linux-android", "cortex-a78"): (("model dtype", "float16"), ("model dtype", "float32")),
+}
 
-    target = get_target("cpu").tvm_target()
-    int8, fp16 = vnni(target), fp16_arithmetic(target)
-    for name, engine in q4_builds.items():
-        expected = "int8" if int8 and name.endswith("_3") else "model dtype"
-        assert engine.metadata["build"]["quantized_matmul_activations"] == expected, name
-        assert engine.int8_activations == (expected == "int8")
-        dtype = QUANTIZATIONS[name].model_dtype
-        assert engine.metadata["build"]["vision_compute_dtype"] == ("float32" if dtype == "float16" and not fp16 else dtype), name
+
+@pytest.mark.parametrize("triple,mcpu", list(ARITHMETIC))
+def test_cpu_build_records_its_arithmetic(triple, mcpu):
+    """The build record `compile` writes, for CPUs of known features."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
+    for name, (activations, vision) in zip(("q4f16_3", "q4f32_1"), ARITHMETIC[triple, mcpu]):
+        q = QUANTIZATIONS[name]
+        record = get_target("cpu").build_info(target, q.model_dtype, q.scheme)
+        assert (record["quantized_matmul_activations"], record["vision_compute_dtype"]) == (activations, vision), name
+
+
+def test_host_libraries_record_what_they_run(q4_builds):
+    """The engine takes int8 activations from the record; the NK64 builds of a VNNI host have them, the rest not."""
+    int8 = {name for name, engine in q4_builds.items() if engine.int8_activations}
+    assert int8 in (set(), {"q4f16_3", "q4f32_3"})
 
 
 def test_tall_matrices_are_packed_in_bounded_steps_identically():
@@ -308,7 +325,9 @@ def test_fp16_vision_tower_computes_in_fp32_without_fp16_arithmetic(q4_builds, w
         half_embeds = half.image_embeds(torch.from_numpy(pixels)).float().numpy()
     for got, expected in ((engine.vision_features(pixels), features), (engine.image_embed(pixels), embeds)):
         assert got.dtype == np.float16
-        assert np.abs(got.astype(np.float32) - expected).max() <= 6e-4 * np.abs(expected).max()  # measured 2.5e-4, 3.9e-4
+        assert (
+            np.abs(got.astype(np.float32) - expected).max() <= 6e-4 * np.abs(expected).max()
+        )  # measured 2.5e-4, 3.9e-4
     assert np.abs(half_embeds - embeds).max() > 1e-3 * np.abs(embeds).max()  # what fp16 arithmetic costs: 1.5e-3
 
 
@@ -319,6 +338,8 @@ def test_q0f16_matches_fp32_reference(q4_builds, workspace):
     with engine.chat() as session:
         list(session.send("What is in the image?", image, GenerationConfig(max_new_tokens=8)))
         turn = session.last
-    tokens, logits = reference.greedy(reference.input_embeds(turn.prompt_token_ids, reference.image_embeds(reference.pixels(image))), 8)
+    tokens, logits = reference.greedy(
+        reference.input_embeds(turn.prompt_token_ids, reference.image_embeds(reference.pixels(image))), 8
+    )
     assert np.abs(turn.first_logits - logits).max() < 2e-2 * np.abs(logits).max()
     assert turn.output_token_ids == tokens

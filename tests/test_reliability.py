@@ -18,20 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mobilevlm_mlc.artifact import inspect_library
 from mobilevlm_mlc.compiler import compile_model
-from mobilevlm_mlc.conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
-from mobilevlm_mlc.convert import convert
-from mobilevlm_mlc.dist import load_dist
-from mobilevlm_mlc.engine import Engine
+from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.manifest import MANIFEST, check_library, sha256_file
+from mobilevlm_mlc.formats.dist import load_dist
+from mobilevlm_mlc.formats.library import inspect_library
+from mobilevlm_mlc.formats.manifest import MANIFEST, check_library, sha256_file
 from mobilevlm_mlc.package import package
-from mobilevlm_mlc.sampling import GenerationConfig
+from mobilevlm_mlc.runtime.conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
+from mobilevlm_mlc.runtime.engine import Engine
+from mobilevlm_mlc.runtime.sampling import GenerationConfig
 
-from .conftest import DEMO_IMAGE, reference_for
-from .test_package import write_config
-from .test_parity import REL_TOL, rel_err
+from .helpers import DEMO_IMAGE, REL_TOL, reference_for, rel_err, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 512
@@ -75,8 +73,10 @@ def test_long_sessions_keep_memory_and_kv_pages(small_window):
             assert engine.free_kv_tokens() < pages
         assert engine.free_kv_tokens() == pages
     end = rss_bytes()
-    print(f"\nVmRSS after warm-up {warm / 2**20:.1f} MiB, after 200 turns + 50 sessions {end / 2**20:.1f} MiB "
-          f"({100 * (end - warm) / warm:+.2f}%); drops at turns {[i for i, d in enumerate(drops) if d]}; free KV tokens {pages}")
+    print(
+        f"\nVmRSS after warm-up {warm / 2**20:.1f} MiB, after 200 turns + 50 sessions {end / 2**20:.1f} MiB "
+        f"({100 * (end - warm) / warm:+.2f}%); drops at turns {[i for i, d in enumerate(drops) if d]}; free KV tokens {pages}"
+    )
     assert end < 1.05 * warm
     assert sum(map(bool, drops)) >= 8  # the window was reached all along, not once
 
@@ -97,10 +97,14 @@ def test_context_window_drops_oldest_turns_and_matches_reference(small_window, w
                 break
         turn = chat.last
         assert turn.dropped_turns == 1 and chat.turns[0].image is not None and len(chat.turns) >= 3
-        first = tokenize_with_images(engine.tokenizer, Conversation().user_turn(question, with_image=True), add_bos=True)
+        first = tokenize_with_images(
+            engine.tokenizer, Conversation().user_turn(question, with_image=True), add_bos=True
+        )
         assert turn.prompt_token_ids[: len(first)] == first  # the image turn now opens the conversation
         assert turn.prompt_token_ids.count(IMAGE_TOKEN_ID) == 1
-        assert "red green blue" not in engine.tokenizer.decode([t for t in turn.prompt_token_ids if t != IMAGE_TOKEN_ID])
+        assert "red green blue" not in engine.tokenizer.decode(
+            [t for t in turn.prompt_token_ids if t != IMAGE_TOKEN_ID]
+        )
         assert chat.length == len(turn.prompt_token_ids) - 1 + 144 + len(turn.output_token_ids) - 1
 
         reference = reference_for(workspace, "ldpnet")
@@ -110,7 +114,10 @@ def test_context_window_drops_oldest_turns_and_matches_reference(small_window, w
         assert rel_err(turn.first_logits, ref_logits) < REL_TOL
 
         state = (chat.seq_id, chat.length, len(chat.turns), engine.free_kv_tokens())
-        with pytest.raises(MobileVLMError, match=rf"prompt of \d+ tokens \(with image tokens\) does not fit the context window of {WINDOW} tokens"):
+        with pytest.raises(
+            MobileVLMError,
+            match=rf"prompt of \d+ tokens \(with image tokens\) does not fit the context window of {WINDOW} tokens",
+        ):
             list(chat.send("word " * 600, None, config))
         assert (chat.seq_id, chat.length, len(chat.turns), engine.free_kv_tokens()) == state
         list(chat.send("Q?", None, config))
@@ -159,13 +166,24 @@ def test_convert_and_compile_are_reproducible(ldpnet_built, tmp_path, monkeypatc
         if name != MANIFEST:
             assert (dist / name).read_bytes() == (ldpnet_built.dist / name).read_bytes(), name
     md5s = [[s["dataPath"], s["md5sum"]] for s in json.loads((dist / "tensor-cache.json").read_text())["records"]]
-    assert md5s == [[s["dataPath"], s["md5sum"]] for s in json.loads((ldpnet_built.dist / "tensor-cache.json").read_text())["records"]]
+    assert md5s == [
+        [s["dataPath"], s["md5sum"]]
+        for s in json.loads((ldpnet_built.dist / "tensor-cache.json").read_text())["records"]
+    ]
     ours, theirs = (json.loads((d / MANIFEST).read_text()) for d in (dist, ldpnet_built.dist))
     assert ours["libraries"] == {} and {**theirs, "libraries": {}} == ours
-    assert set(ours["checkpoint"]["files"]) == {"config.json", "pytorch_model.bin", "clip-vision-tower/config.json",
-                                                "clip-vision-tower/preprocessor_config.json", "tokenizer.model",
-                                                "tokenizer_config.json", "special_tokens_map.json"}
-    assert ours["checkpoint"]["files"]["pytorch_model.bin"] == sha256_file(ldpnet_built.checkpoint / "pytorch_model.bin")
+    assert set(ours["checkpoint"]["files"]) == {
+        "config.json",
+        "pytorch_model.bin",
+        "clip-vision-tower/config.json",
+        "clip-vision-tower/preprocessor_config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+    assert ours["checkpoint"]["files"]["pytorch_model.bin"] == sha256_file(
+        ldpnet_built.checkpoint / "pytorch_model.bin"
+    )
 
     lib = folder / f"{HOSTILE}.so"
     report = compile_model(dist, "cpu", lib)
@@ -173,12 +191,18 @@ def test_convert_and_compile_are_reproducible(ldpnet_built, tmp_path, monkeypatc
     assert again.metadata == before.metadata and again.metadata["dist"]["quantization"] == "q0f32"
 
     def exported(path: Path) -> list[str]:
-        return sorted(subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True).stdout.split())
+        return sorted(
+            subprocess.run(
+                ["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True
+            ).stdout.split()
+        )
 
     assert exported(lib) == exported(ldpnet_built.lib)
     assert {"decode", "prefill", "image_embed", "embed", "create_tir_paged_kv_cache"} <= set(report["functions"])
     record = json.loads((dist / MANIFEST).read_text())["libraries"][lib.name]
-    assert record["sha256"] == sha256_file(lib) and record["target"] == "cpu" and '"kind":"llvm"' in record["tvm_target"]
+    assert (
+        record["sha256"] == sha256_file(lib) and record["target"] == "cpu" and '"kind":"llvm"' in record["tvm_target"]
+    )
     assert record["build"] == before.metadata["build"]
     assert sha256_file(lib) == sha256_file(ldpnet_built.lib)  # on this machine even the bytes agree
     Engine(ldpnet_built.dist, lib)  # same checkpoint, quantization and config: interchangeable
@@ -188,7 +212,10 @@ def test_convert_and_compile_are_reproducible(ldpnet_built, tmp_path, monkeypatc
 def test_library_from_another_dist_is_refused(ldpnet_built, tmp_path):
     other = convert(ldpnet_built.checkpoint, tmp_path / "window1024", "q0f32", context_window_size=1024, progress=False)
     message = f"{ldpnet_built.lib}: built from a different dist than {other / MANIFEST} (model_config: library "
-    with pytest.raises(MobileVLMError, match=re.escape(message) + r"[0-9a-f]{12}…, dist [0-9a-f]{12}…\); compile the library from this dist"):
+    with pytest.raises(
+        MobileVLMError,
+        match=re.escape(message) + r"[0-9a-f]{12}…, dist [0-9a-f]{12}…\); compile the library from this dist",
+    ):
         Engine(other, ldpnet_built.lib)
 
     (other / MANIFEST).unlink()
@@ -208,12 +235,20 @@ def test_no_shell_anywhere():
     """No subprocess call with shell=True, no os.system / os.popen / subprocess.getoutput in the code:
     every tool (ar, nm, nvcc, git, the linkers through TVM) gets an argument list."""
     found = []
-    for path in [*ROOT.glob("mobilevlm_mlc/*.py"), *ROOT.glob("targets/*.py"), *ROOT.glob("model_defs/*.py"), *ROOT.glob("benchmarks/*.py")]:
+    for path in [
+        *ROOT.glob("mobilevlm_mlc/*.py"),
+        *ROOT.glob("targets/*.py"),
+        *ROOT.glob("model_defs/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue
             name = ast.unparse(node.func)
-            shell = any(k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False) for k in node.keywords)
+            shell = any(
+                k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                for k in node.keywords
+            )
             if shell or name in ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:80]}")
     assert not found
@@ -231,7 +266,9 @@ def test_package_passes_hostile_paths_literally(android_models, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     out = package(config, Path(f"-{HOSTILE}"))
     assert out == tmp_path / f"-{HOSTILE}"
-    symbols = subprocess.run(["nm", "--defined-only", str(out / "lib" / "libmodel_android.a")], capture_output=True, text=True, check=True).stdout
+    symbols = subprocess.run(
+        ["nm", "--defined-only", str(out / "lib" / "libmodel_android.a")], capture_output=True, text=True, check=True
+    ).stdout
     for _, _, model_lib in android_models.values():
         assert f" {model_lib}___tvm_ffi__library_bin" in symbols
     assert not list(tmp_path.rglob("pwned*")) and not list(ROOT.glob("pwned*"))
@@ -253,12 +290,14 @@ def test_package_model_lib_cannot_name_a_path(android_models, tmp_path, model_li
 
 @pytest.mark.parametrize("shard", ["../outside.bin", "/etc/hostname"])
 def test_weight_index_cannot_point_outside_the_checkpoint(tmp_path, shard):
-    from mobilevlm_mlc.checkpoint import CheckpointTensors
+    from mobilevlm_mlc.convert.checkpoint import CheckpointTensors
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
-    with pytest.raises(MobileVLMError, match=re.escape(f"shard '{shard}' listed for lm_head.weight is outside the checkpoint folder")):
+    with pytest.raises(
+        MobileVLMError, match=re.escape(f"shard '{shard}' listed for lm_head.weight is outside the checkpoint folder")
+    ):
         CheckpointTensors(folder)
 
 
@@ -266,7 +305,7 @@ def test_weight_index_cannot_point_outside_the_checkpoint(tmp_path, shard):
 def test_tensor_cache_cannot_point_outside_the_dist(ldpnet_built, tmp_path, data_path):
     import tvm
 
-    from mobilevlm_mlc.tensor_cache import load_tensor_cache
+    from mobilevlm_mlc.formats.tensor_cache import load_tensor_cache
 
     cache = json.loads((ldpnet_built.dist / "tensor-cache.json").read_text())
     cache["records"][0]["dataPath"] = data_path

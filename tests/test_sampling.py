@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.sampling import GenerationConfig, Sampler
+from mobilevlm_mlc.runtime.sampling import GenerationConfig, Sampler
 
 LOGITS = np.array([0.5, 2.0, -1.0, 1.5, 0.0], np.float32)
 
@@ -32,7 +32,9 @@ def test_top_k_and_top_p_restrict_support():
     assert {sampler(LOGITS) for _ in range(300)} == {1, 3}
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"max_new_tokens": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"max_new_tokens": 0}]
+)
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(MobileVLMError):
         GenerationConfig(**kwargs)
@@ -49,8 +51,18 @@ def test_non_finite_logits_are_an_error():
         Sampler(GenerationConfig())(bad)
 
 
-@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")), ("top_p", float("nan")),
-                                         ("seed", -1), ("seed", 2**64), ("top_k", 1.5), ("max_new_tokens", True)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("top_p", float("nan")),
+        ("seed", -1),
+        ("seed", 2**64),
+        ("top_k", 1.5),
+        ("max_new_tokens", True),
+    ],
+)
 def test_generation_config_refuses_bad_values(field, value):
     with pytest.raises(MobileVLMError, match=f"{field} is "):
         GenerationConfig(**{field: value})

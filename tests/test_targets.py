@@ -14,15 +14,14 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from mobilevlm_mlc.artifact import inspect_library
-from targets import get_target
-from targets.gpu import inconsistent_thread_extents
-
 from mobilevlm_mlc.compiler import compile_model
-from mobilevlm_mlc.convert import convert
+from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.errors import MobileVLMError
+from mobilevlm_mlc.formats.library import inspect_library
+from mobilevlm_mlc.targets import get_target
+from mobilevlm_mlc.targets.passes.verify_gpu_kernels import inconsistent_thread_extents
 
-from .conftest import checkpoint_for
+from .helpers import checkpoint_for
 
 EM_AARCH64 = 183
 ENTRY_POINTS = (b"embed", b"image_embed", b"prefill", b"decode", b"create_tir_paged_kv_cache", b"_metadata")
@@ -41,13 +40,19 @@ def members(tar_path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def dists(workspace):
     ckpt = checkpoint_for(workspace, "ldpnet")
-    return {q: convert(ckpt, workspace / f"mobilevlm-tiny-{q}", q, progress=False) for q in ("q4f16_0", "q4f16_1", "q4f16_3")}
+    return {
+        q: convert(ckpt, workspace / f"mobilevlm-tiny-{q}", q, progress=False)
+        for q in ("q4f16_0", "q4f16_1", "q4f16_3")
+    }
 
 
-@pytest.mark.parametrize("name,target,prefix", [
-    ("mobilevlm-ldpnet-q4f16_0", "android-adreno", "mobilevlm_ldpnet_q4f16_0_"),
-    ("mobilevlm-ldpnetv2-q4f16_3", "android-cpu", "mobilevlm_ldpnetv2_q4f16_3_"),
-])
+@pytest.mark.parametrize(
+    "name,target,prefix",
+    [
+        ("mobilevlm-ldpnet-q4f16_0", "android-adreno", "mobilevlm_ldpnet_q4f16_0_"),
+        ("mobilevlm-ldpnetv2-q4f16_3", "android-cpu", "mobilevlm_ldpnetv2_q4f16_3_"),
+    ],
+)
 def test_android_static_library(android_models, tmp_path, name, target, prefix):
     _, out, model_lib = android_models[name]  # the two libraries the packaging tests bundle, built for `target`
     assert model_lib + "_" == prefix  # the dist folder's name as a C identifier
@@ -63,8 +68,16 @@ def test_android_static_library(android_models, tmp_path, name, target, prefix):
     for entry in ENTRY_POINTS:  # the VM bytecode names every exported function
         assert entry in blob, entry
     if target == "android-adreno":  # OpenCL C source for every kernel, the decode path's among them
-        for kernel in ("batch_decode_paged_kv_kernel", "fused_rope_kernel", "rms_norm_kernel", "quantized_matmul_kernel",
-                       "quantized_embedding_kernel", "take_last_kernel", "conv2d_kernel", "layer_norm_kernel"):
+        for kernel in (
+            "batch_decode_paged_kv_kernel",
+            "fused_rope_kernel",
+            "rms_norm_kernel",
+            "quantized_matmul_kernel",
+            "quantized_embedding_kernel",
+            "take_last_kernel",
+            "conv2d_kernel",
+            "layer_norm_kernel",
+        ):
             assert f"__kernel void {prefix}{kernel}(".encode() in blob, kernel
     else:
         assert b"__kernel" not in blob
@@ -72,7 +85,10 @@ def test_android_static_library(android_models, tmp_path, name, target, prefix):
 
 def test_vulkan_stops_at_code_generation_with_a_clear_message(dists, tmp_path):
     out = tmp_path / "vulkan.so"
-    with pytest.raises(MobileVLMError, match=r"lowering, scheduling and limit checks passed, but this TVM has no 'vulkan' code generator .* USE_VULKAN=ON"):
+    with pytest.raises(
+        MobileVLMError,
+        match=r"lowering, scheduling and limit checks passed, but this TVM has no 'vulkan' code generator .* USE_VULKAN=ON",
+    ):
         compile_model(dists["q4f16_1"], "vulkan", out)
     assert not out.exists()
 
@@ -92,8 +108,13 @@ def test_targets_command_lists_every_target():
     assert "no 'vulkan' code generator" in out
 
 
-DECODE_KERNELS = ("batch_decode_paged_kv_kernel", "fused_rope_kernel", "rms_norm_kernel", "quantized_embedding_kernel",
-                  "tir_kv_cache_transpose_append_kernel")
+DECODE_KERNELS = (
+    "batch_decode_paged_kv_kernel",
+    "fused_rope_kernel",
+    "rms_norm_kernel",
+    "quantized_embedding_kernel",
+    "tir_kv_cache_transpose_append_kernel",
+)
 
 
 def nvcc_version() -> str:
@@ -101,10 +122,13 @@ def nvcc_version() -> str:
     return re.search(r"V([\d.]+)", out).group(1)
 
 
-@pytest.mark.parametrize("target,machine,images", [
-    ("cuda", "x86-64", [("sass", "sm_80"), ("ptx", "compute_90"), ("sass", "sm_90")]),
-    ("orin-cuda", "AArch64", [("ptx", "compute_87"), ("sass", "sm_87")]),
-])
+@pytest.mark.parametrize(
+    "target,machine,images",
+    [
+        ("cuda", "x86-64", [("sass", "sm_80"), ("ptx", "compute_90"), ("sass", "sm_90")]),
+        ("orin-cuda", "AArch64", [("ptx", "compute_87"), ("sass", "sm_87")]),
+    ],
+)
 def test_cuda_libraries_embed_nvcc_fatbins(dists, tmp_path, target, machine, images):
     out = tmp_path / f"{target}.so"
     compile_model(dists["q4f16_1"], target, out)
@@ -112,8 +136,12 @@ def test_cuda_libraries_embed_nvcc_fatbins(dists, tmp_path, target, machine, ima
     assert report.machines == [machine]
     assert report.system_lib_prefix is None
     assert report.metadata["build"] == {
-        "target": target, "tvm": tvm.__version__, "device_code": "fatbin", "cuda_archs": [a for k, a in images if k == "sass"],
-        "ptx": next(a for k, a in images if k == "ptx"), "cuda_toolkit": nvcc_version(),
+        "target": target,
+        "tvm": tvm.__version__,
+        "device_code": "fatbin",
+        "cuda_archs": [a for k, a in images if k == "sass"],
+        "ptx": next(a for k, a in images if k == "ptx"),
+        "cuda_toolkit": nvcc_version(),
     }
     [device] = report.device_modules
     assert (device.kind, device.format) == ("cuda", "fatbin")
@@ -138,9 +166,9 @@ def test_cuda_build_names_a_missing_toolkit(dists, tmp_path, monkeypatch):
 
 
 def test_adreno_kernels_unroll_within_the_cap(dists):
-    from mobilevlm_mlc.dist import load_dist
-    from mobilevlm_mlc.kernel_check import scheduled_kernels
-    from targets.android import ADRENO_MAX_UNROLL_STEP
+    from mobilevlm_mlc.check.kernel_check import scheduled_kernels
+    from mobilevlm_mlc.formats.dist import load_dist
+    from mobilevlm_mlc.targets.android import ADRENO_MAX_UNROLL_STEP
 
     dist = load_dist(dists["q4f16_0"])
     _, mod = scheduled_kernels(dist.config, dist.quantization.scheme, get_target("android-adreno"))
@@ -157,6 +185,7 @@ def test_adreno_kernels_unroll_within_the_cap(dists):
 def test_inconsistent_thread_binding_is_detected():
     """dlight's GEMV rule binds LDP's gate epilogue to 32 x-threads inside a 2-thread kernel; the
     check catches such kernels (our pipeline reschedules them)."""
+
     @T.prim_func(s_tir=True)
     def bad(a: T.Buffer((64,), "float32"), b: T.Buffer((64,), "float32")):
         for bx in T.thread_binding(2, thread="blockIdx.x"):
@@ -175,13 +204,24 @@ def test_inconsistent_thread_binding_is_detected():
 def test_check_kernels_on_pocl(dists, tmp_path):
     """The Adreno build's decode and vision kernels, run by PoCL, match the CPU build's kernels."""
     report = tmp_path / "kernels.json"
-    proc = subprocess.run(["mobilevlm-mlc", "check-kernels", str(dists["q4f16_0"]), "--output-json", str(report)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mobilevlm-mlc", "check-kernels", str(dists["q4f16_0"]), "--output-json", str(report)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = {r["name"]: r for r in json.loads(report.read_text())}
     se_gate = next(n for n in results if n.endswith("_tir_clip1_divide2_multiply5"))  # LDP's squeeze-excitation
-    for name in ("batch_decode_paged_kv", "fused_rope", "rms_norm", "tir_kv_cache_transpose_append", "softmax",
-                 "NT_matmul", "layer_norm", se_gate):  # NT_matmul: the patch embedding
+    for name in (
+        "batch_decode_paged_kv",
+        "fused_rope",
+        "rms_norm",
+        "tir_kv_cache_transpose_append",
+        "softmax",
+        "NT_matmul",
+        "layer_norm",
+        se_gate,
+    ):  # NT_matmul: the patch embedding
         assert results[name]["status"] == "ok", results[name]
         assert results[name]["launches"] >= 1 and results[name]["max_rel_error"] <= 1e-4
     quantized = [r for n, r in results.items() if "quantized_matmul" in n]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from mobilevlm_mlc.conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
-from mobilevlm_mlc.reference import ReferenceMobileVLM
-from mobilevlm_mlc.tokenizer import StreamDecoder, Tokenizer
+from mobilevlm_mlc.check.reference import ReferenceMobileVLM
+from mobilevlm_mlc.runtime.conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
+from mobilevlm_mlc.runtime.tokenizer import StreamDecoder, Tokenizer
 
-from .conftest import checkpoint_for
+from .helpers import checkpoint_for
 
 TEXTS = [
     "",

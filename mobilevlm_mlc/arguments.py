@@ -1,0 +1,104 @@
+"""Command-line argument types, every value checked as it is parsed (before any work), and the parser
+whose complaints are one `error:` line."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import MobileVLMError
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
+        return number
+
+    return parse
+
+
+def number(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number) or number < low or (low_open and number == low) or number > high:
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value}"
+            )
+        return number
+
+    return parse
+
+
+positive = integer(1)
+count = integer(0)
+
+
+def text(value: str) -> str:
+    """A prompt: the shell hands undecodable bytes over as surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"not valid UTF-8 text (byte {value[err.start].encode('utf-8', 'surrogateescape')!r} "
+            f"at position {err.start})"
+        ) from None
+    return value
+
+
+def path(value: str) -> Path:
+    if "\x00" in value:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
+    text(value)
+    return Path(value)
+
+
+def target(value: str) -> str:
+    from .targets import TARGETS
+
+    if value not in TARGETS:
+        raise argparse.ArgumentTypeError(f"unknown target {value!r} (expected one of {', '.join(TARGETS)})")
+    return value
+
+
+def device(value: str) -> str:
+    from mobilevlm_mlc.runtime.backend import parse_device
+
+    try:
+        parse_device(value)
+    except MobileVLMError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def lengths(value: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {value!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive token counts, got {value!r}")
+    return lengths
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its complaint as the one `error:` line every failure gets (usage stays in --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print_error(f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(2)
+
+
+def print_error(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever the message held

@@ -1,0 +1,239 @@
+"""`bench`: image encode, prefill, decode and time-to-first-token of a compiled library, with the
+environment needed to compare results from different machines honestly.
+
+The result schema is shared with the peers (`benchmarks/peers.py`: PyTorch eager, llama.cpp), so
+`compare` lays them side by side. Every figure is `{"median", "min", "max"}` over `repeat` runs after
+one warm-up run; prefill throughput counts the image tokens in front of the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mobilevlm_mlc.errors import MobileVLMError
+
+SCHEMA = "mobilevlm-mlc-bench/1"
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of `repeat` calls of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(threads: int | None) -> dict:
+    import tvm
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "tvm": tvm.__version__,
+        "git_commit": git_commit(),
+        "host": platform.node(),
+    }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+    across fork and exec, so a benchmark started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def set_threads(threads: int | None) -> None:
+    """TVM's thread pool reads TVM_NUM_THREADS when it starts (first parallel kernel)."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+
+
+@dataclass
+class BenchSettings:
+    prompt_lengths: tuple[int, ...] = (32, 128, 512)
+    decode_tokens: int = 128
+    repeat: int = 3
+    threads: int | None = None
+    warmup: int = 1  # untimed runs before the timed ones (0 for full-size models on slow builds)
+
+    def to_dict(self, image_tokens: int) -> dict:
+        return {
+            "prompt_lengths": list(self.prompt_lengths),
+            "decode_tokens": self.decode_tokens,
+            "repeat": self.repeat,
+            "warmup": self.warmup,
+            "threads": self.threads,
+            "image_tokens": image_tokens,
+        }
+
+
+def check_fits(settings: BenchSettings, image_tokens: int, context_window: int) -> None:
+    longest = image_tokens + max(settings.prompt_lengths) + settings.decode_tokens
+    if longest > context_window:
+        raise MobileVLMError(
+            f"{image_tokens} image tokens + a {max(settings.prompt_lengths)}-token prompt + {settings.decode_tokens} "
+            f"decoded tokens = {longest} exceeds the context window ({context_window})"
+        )
+
+
+def bench_engine(
+    engine, image: Path, prompt: str, settings: BenchSettings, progress: Callable[[str], None] = lambda _: None
+) -> dict:
+    """Benchmark a loaded `Engine` (local, or on a remote device through RPC)."""
+    from mobilevlm_mlc.runtime.conversation import Conversation, tokenize_with_images
+
+    image_tokens = engine.dist.config.num_image_tokens
+    check_fits(settings, image_tokens, engine.context_window_size)
+    rng = np.random.default_rng(0)
+    vocab = int(engine.metadata["vocab_size"])
+    pixels = engine.pixels(image)
+    progress("image encode")
+    encoded = []
+    encode = timed(lambda: encoded.append(engine.image_embed(pixels)), settings.repeat, settings.warmup)
+    image_embeds = encoded[-1]
+
+    def prefill(embeds: np.ndarray) -> np.ndarray:
+        seq = engine.add_sequence()
+        try:
+            return engine.prefill(seq, embeds)
+        finally:
+            engine.remove_sequence(seq)
+
+    prefill_tok_s = {}
+    for length in settings.prompt_lengths:
+        progress(f"prefill {image_tokens}+{length}")
+        embeds = np.concatenate([image_embeds, engine.embed(rng.integers(3, vocab, length).tolist())])
+        runs = timed(lambda e=embeds: prefill(e), settings.repeat, settings.warmup)
+        prefill_tok_s[str(length)] = summary([len(embeds) / s for s in runs])
+
+    progress(f"decode {settings.decode_tokens}")
+    context = np.concatenate(
+        [image_embeds, engine.embed(rng.integers(3, vocab, min(settings.prompt_lengths)).tolist())]
+    )
+
+    def decode_run() -> None:
+        seq = engine.add_sequence()
+        try:
+            logits = engine.prefill(seq, context)
+            started = time.perf_counter()
+            for _ in range(settings.decode_tokens):
+                logits = engine.decode(seq, int(np.argmax(logits)))
+            decode_run.seconds.append(time.perf_counter() - started)
+        finally:
+            engine.remove_sequence(seq)
+
+    decode_run.seconds = []
+    for _ in range(settings.warmup + settings.repeat):
+        decode_run()
+    decode_tok_s = summary([settings.decode_tokens / s for s in decode_run.seconds[settings.warmup :]])
+
+    progress("time to first token")
+    conversation = Conversation(template=dict(engine.dist.chat_config["conv_template"]))
+    text = conversation.user_turn(prompt, with_image=True)
+
+    def first_token() -> int:
+        ids = tokenize_with_images(engine.tokenizer, text, add_bos=True)
+        embeds = engine.input_embeds(ids, [engine.image_embed(engine.pixels(image))])
+        return int(np.argmax(prefill(embeds)))
+
+    ttft = timed(first_token, settings.repeat, settings.warmup)
+    return {
+        "image_encode_ms": summary([s * 1000 for s in encode]),
+        "prefill_tok_s": prefill_tok_s,
+        "decode_tok_s": decode_tok_s,
+        "ttft_ms": summary([s * 1000 for s in ttft]),
+        "settings": settings.to_dict(image_tokens),
+    }
+
+
+def write_result(result: dict, output: Path | None) -> None:
+    if output is None:
+        return
+    from mobilevlm_mlc.fileio import write_json_atomic
+
+    write_json_atomic(Path(output), json.dumps(result, indent=2))
+
+
+def run_bench(
+    dist_dir: Path,
+    lib: Path,
+    image: Path,
+    prompt: str,
+    settings: BenchSettings,
+    device: str = "cpu",
+    rpc: tuple[str, str] | None = None,
+    label: str | None = None,
+    progress=None,
+) -> dict:
+    """The `bench` command: load the library (here, or on an RPC device) and benchmark it."""
+    from mobilevlm_mlc.runtime.backend import connect
+    from mobilevlm_mlc.runtime.engine import Engine
+
+    set_threads(settings.threads)
+    session = connect(*rpc) if rpc else None
+    started = time.perf_counter()
+    engine = Engine(dist_dir, lib, device=device, remote=session)
+    load_s = time.perf_counter() - started
+    figures = bench_engine(engine, image, prompt, settings, progress or (lambda _: None))
+    build = engine.metadata.get("build", {})
+    environment_info = session.environment() if session else environment(settings.threads)
+    return {
+        "schema": SCHEMA,
+        "label": label or f"mobilevlm-mlc {build.get('target', '?')} {engine.dist.quantization.name}",
+        "engine": "mobilevlm-mlc",
+        "target": build.get("target"),
+        "quantization": engine.dist.quantization.name,
+        "model_config": engine.dist.chat_config["model_config"],
+        "environment": environment_info
+        | {"threads": settings.threads, "rpc": f"{rpc[0]} key={rpc[1]}" if rpc else None},
+        "load_s": load_s,
+        **figures,
+        "peak_rss_mib": session.peak_rss_mib() if session else peak_rss_mib(),
+    }

@@ -1,0 +1,205 @@
+"""Multi-turn chat on one sequence of the paged KV cache, and its context-window policy.
+
+Each turn prefills only its new tokens. At the context window the session drops its oldest turns, as
+chat apps do: when a turn's prompt plus `min(max_new_tokens, window // 4)` answer tokens would not fit
+after what the session holds, the oldest turns (with their images) go until the rest, re-rendered from
+the system prompt, and the new message fill at most half the window; that history is re-prefilled in a
+fresh sequence (`TurnResult.dropped_turns` says how many went). A message that alone does not fit the
+window is refused with a MobileVLMError, and the session is left as it was. `plan_turn` is that policy,
+as a function of token counts alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from mobilevlm_mlc.errors import MobileVLMError
+from mobilevlm_mlc.model_defs.config import KV_PAGE_SIZE
+
+from .conversation import Conversation, tokenize_with_images
+from .kv_cache import pages
+from .sampling import GenerationConfig, Sampler
+from .tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass(frozen=True)
+class TurnSize:
+    """Tokens a turn takes in the KV cache (its image as its image tokens), rendered as the
+    conversation's first turn (BOS, system prompt) or as a later one; its answer included."""
+
+    first: int
+    later: int
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    dropped: int  # oldest turns dropped before this one
+    rerender: bool  # the kept history is re-prefilled into a fresh sequence
+    size: int  # tokens this turn's prefill adds
+    pages: int  # KV cache pages it takes beyond what the sequence holds (after giving its own back, if re-rendered)
+
+
+def plan_turn(
+    held: list[TurnSize],
+    new: TurnSize,
+    cached_tokens: int,
+    pending_tokens: int,
+    window: int,
+    max_new_tokens: int,
+    free_tokens: int,
+) -> TurnPlan:
+    """How the next turn fits: `held` are the turns the sequence holds (`cached_tokens` in the cache, plus
+    `pending_tokens` generated but not yet fed), `new` the message; `free_tokens` is what the shared
+    cache has free. Raises a MobileVLMError when it cannot fit the window or the cache."""
+    size = pending_tokens + (new.later if held else new.first)
+    rerender = bool(held) and cached_tokens + size + min(max_new_tokens, window // 4) > window
+    dropped = _turns_to_drop(held, new, window // 2) if rerender else 0
+    if rerender:
+        kept = held[dropped:]
+        size = kept[0].first + sum(t.later for t in kept[1:]) + new.later if kept else new.first
+    if size >= window:
+        raise MobileVLMError(
+            f"prompt of {size} tokens (with image tokens) does not fit the context window of {window} tokens"
+        )
+    start = 0 if rerender else cached_tokens  # a re-prefill gives this sequence's pages back first
+    needed = pages(start + size) - pages(start) - (pages(cached_tokens) if rerender else 0)
+    if needed * KV_PAGE_SIZE > free_tokens:
+        raise MobileVLMError(
+            f"prompt of {size} tokens does not fit the KV cache: {free_tokens} tokens free (close other chat sessions)"
+        )
+    return TurnPlan(dropped, rerender, size, needed)
+
+
+def _turns_to_drop(held: list[TurnSize], new: TurnSize, budget: int) -> int:
+    """How many of the oldest turns must go for the rest plus `new` to fill at most `budget` tokens."""
+    later = [t.later for t in held[1:]] + [new.later]
+    for start, kept in enumerate(held):
+        if kept.first + sum(later[start:]) <= budget:
+            return start
+    return len(held)
+
+
+@dataclass
+class TurnResult:
+    """What one chat turn fed and produced (the CLI's `--output-json`)."""
+
+    prompt_token_ids: list[int]  # what this turn prefilled (after a drop: the kept history, then the message)
+    output_token_ids: list[int] = field(default_factory=list)
+    first_logits: np.ndarray | None = None
+    finish_reason: str = ""
+    dropped_turns: int = 0  # oldest turns dropped to fit the context window before this one
+
+
+@dataclass
+class _Turn:
+    """One exchange of a chat, kept so that the history can be re-prefilled after dropping older turns."""
+
+    message: str
+    image: np.ndarray | None  # its image tokens [n, hidden], if it had an image
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+class ChatSession:
+    """A conversation in the dist's template (MobileVLM's `v1`) on one sequence of the engine's cache."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.seq_id = engine.add_sequence()
+        self.template = dict(engine.dist.chat_config["conv_template"])
+        self.turns: list[_Turn] = []  # the history the KV cache holds (the oldest may have been dropped)
+        self.length = 0  # tokens in the KV cache
+        self.pending: list[int] = []  # generated but not yet fed (the turn ended on max_new_tokens)
+        self.last: TurnResult | None = None
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.seq_id is not None:
+            self.engine.remove_sequence(self.seq_id)
+            self.seq_id = None
+            self.turns = []
+
+    def _turn_ids(self, turn: _Turn, first: bool) -> list[int]:
+        """`turn` rendered as the conversation's first turn (BOS, system prompt) or a later one, with its answer."""
+        text = Conversation(template=self.template, turns=0 if first else 1).user_turn(
+            turn.message, with_image=turn.image is not None
+        )
+        return tokenize_with_images(self.engine.tokenizer, text, add_bos=first) + turn.output_token_ids
+
+    def _size(self, turn: _Turn) -> TurnSize:
+        image_tokens = len(turn.image) - 1 if turn.image is not None else 0  # the placeholder id becomes the image
+        return TurnSize(*(len(self._turn_ids(turn, first)) + image_tokens for first in (True, False)))
+
+    def send(
+        self, message: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None
+    ) -> Iterator[str]:
+        """Stream the answer to `message` (and `image`, if given) as text deltas."""
+        return (delta for delta in self.send_tokens(message, image, config) if delta)
+
+    def send_tokens(
+        self, message: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None
+    ) -> Iterator[str]:
+        """Like `send`, but yields once per generated token (its text delta, possibly empty), so that
+        callers can advance several sessions a token at a time."""
+        engine, config = self.engine, config or GenerationConfig()
+        window = engine.context_window_size
+        turn = _Turn(message, engine.image_embed(engine.pixels(image)) if image is not None else None)
+        plan = plan_turn(
+            [self._size(t) for t in self.turns],
+            self._size(turn),
+            self.length,
+            len(self.pending),
+            window,
+            config.max_new_tokens,
+            engine.free_kv_tokens(),
+        )
+        if plan.rerender:  # the kept history goes into a fresh sequence
+            engine.remove_sequence(self.seq_id)
+            self.seq_id, self.length, self.turns = engine.add_sequence(), 0, self.turns[plan.dropped :]
+            history = self.turns + [turn]
+            ids = [i for k, t in enumerate(history) for i in self._turn_ids(t, first=k == 0)]
+        else:
+            history = [turn]
+            ids = self.pending + self._turn_ids(turn, first=not self.turns)
+        embeds = engine.input_embeds(ids, [t.image for t in history if t.image is not None])
+        self.pending = []
+        result = self.last = TurnResult(
+            prompt_token_ids=list(ids), output_token_ids=turn.output_token_ids, dropped_turns=plan.dropped
+        )
+        logits = engine.prefill(self.seq_id, embeds)
+        if plan.rerender:
+            engine.release_workspace()
+        self.length += len(embeds)
+        self.turns.append(turn)
+        result.first_logits = logits
+        sampler, stream = Sampler(config), StreamDecoder(engine.tokenizer)
+        while True:
+            token = sampler(logits)
+            if token in engine.stop_token_ids:
+                result.finish_reason = "stop"
+                return
+            turn.output_token_ids.append(token)
+            self.pending = [token]  # until it is fed (a caller may stop iterating at the yield)
+            yield stream.push(token)
+            out_of_pages = (
+                self.length % KV_PAGE_SIZE == 0 and engine.free_kv_tokens() == 0
+            )  # shared with other sessions
+            if len(turn.output_token_ids) >= config.max_new_tokens or self.length + 1 >= window or out_of_pages:
+                result.finish_reason = "length"
+                return
+            logits = engine.decode(self.seq_id, token)
+            self.pending = []
+            self.length += 1

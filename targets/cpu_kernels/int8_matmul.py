@@ -1,0 +1,259 @@
+"""Quantized matmuls on AVX-512 VNNI: 4-bit weights times 8-bit activations, integer dot products.
+
+A prefill matmul is compute-bound, and fp32 FMAs are its ceiling: 16 multiply-adds per instruction.
+`vpdpbusd` does 64 (unsigned bytes times signed bytes, summed in fours into 32-bit lanes), so, as
+llama.cpp does for Q4_0 x Q8_0, the activations are quantized per row and per group of 32 (the weight's
+group) to int8, and each group's integer dot product is scaled back in fp32:
+
+    y[m, n] = sum_g  s_w[n, g] * (s_x[m, g] * sum_j q_w * q_x  -  7 * s_x[m, g] * sum_j q_x)
+
+(q_w in [0, 14] is the stored nibble, the weight being (q_w - 7) * s_w.) Decode uses them too: its
+GEMV is bound by memory, but two cores unpacking to fp32 (AND, convert, two FMAs per 16 weights) are
+barely faster than the memory, while a word's even and odd nibbles go straight into two `vpdpbusd`.
+
+Activations are packed in the weights' nibble order (per word of 8 K values: the even K's 4 bytes, then
+the odd K's), so a word needs AND, shift, AND and no shuffles. The GEMM (prefill: any number of rows)
+first quantizes every row (in parallel), then each task takes one NK64 tile (64 output columns), unpacks
+its nibbles once into bytes, and for every block of `rows` rows accumulates rows x column-vectors
+integer dot products per group in registers, folded into fp32 accumulators after each group. The GEMV
+(decode, logits: one row) streams each 64-row tile once. `replace_quantized_matmuls` swaps them in.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from mobilevlm_mlc.model_defs.quantization import QUANTIZED_MATMUL, ROW_TILE
+
+LANES = 16  # 32-bit lanes of a 512-bit vector: 16 output columns, each 4 bytes of K
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+NIBBLES = 0x0F0F0F0F  # a packed word's even nibbles (K = 0, 2, 4, 6 of its 8) as 4 bytes; >> 4 gives the odd
+
+
+def _dot4(acc: tirx.PrimExpr, weight_bytes: tirx.PrimExpr, activations: tirx.PrimExpr) -> tirx.PrimExpr:
+    """acc + per lane the sum of 4 (unsigned weight byte x signed activation byte) products: `vpdpbusd`
+    on 16 lanes, the 4 activation bytes (one int32) broadcast to all of them."""
+    return T.call_llvm_pure_intrin(
+        "int32x16",
+        VPDPBUSD,
+        acc,
+        T.reinterpret("int8x64", weight_bytes),
+        T.reinterpret("int8x64", T.broadcast(activations, LANES)),
+    )
+
+
+def _rescale(
+    total: tirx.PrimExpr, weight_scale: tirx.PrimExpr, x_scale: tirx.PrimExpr, x_offset: tirx.PrimExpr
+) -> tirx.PrimExpr:
+    """One group's integer dot products (16 lanes) in fp32: s_w * (s_x * total - 7 * s_x * sum q_x)."""
+    return T.Cast("float32x16", weight_scale) * (
+        T.Cast("float32x16", total) * T.broadcast(x_scale, LANES) + T.broadcast(x_offset, LANES)
+    )
+
+
+def _quantize_rows(k: int, dtype: str):
+    """The macro both kernels start with: row `row` of x (zeros where `valid` is false) rounded to int8
+    per group of 32, packed in the weights' nibble order — per word of 8 K values, one int32 of the even
+    K's 4 bytes, then one of the odd K's — with each group's scale and -7 * scale * sum of its values."""
+    groups = k // 32
+
+    @T.macro
+    def quantize(x, row, valid, x_q, x_scale, x_offset):
+        with T.sblock("quantize"):
+            T.reads()
+            T.writes()
+            amax = T.sblock_alloc_buffer((1,), "float32")
+            total = T.sblock_alloc_buffer((1,), "int32")
+            q = T.sblock_alloc_buffer((32,), "int32")
+            for g in T.serial(groups):
+                amax[0] = T.float32(0)
+                for j in T.serial(32):
+                    if valid:
+                        amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", x[0, row, g * 32 + j])))
+                for j in T.serial(32):
+                    q[j] = 0
+                    if valid and amax[0] > T.float32(0):
+                        q[j] = T.Cast(
+                            "int32", T.round(T.Cast("float32", x[0, row, g * 32 + j]) * (T.float32(127) / amax[0]))
+                        )
+                total[0] = 0
+                for j in T.serial(32):
+                    total[0] = total[0] + q[j]
+                for w in T.serial(8):  # quad w: word w // 2, its even (w % 2 == 0) or odd K
+                    x_q[row, g * 8 + w] = (
+                        (q[w // 2 * 8 + w % 2] & 255)
+                        | ((q[w // 2 * 8 + w % 2 + 2] & 255) << 8)
+                        | ((q[w // 2 * 8 + w % 2 + 4] & 255) << 16)
+                        | (q[w // 2 * 8 + w % 2 + 6] << 24)
+                    )
+                x_scale[row, g] = amax[0] / T.float32(127)
+                x_offset[row, g] = T.float32(-7) * x_scale[row, g] * T.Cast("float32", total[0])
+
+    return quantize
+
+
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
+def int8_quantized_matmul(
+    k: int, n: int, dtype: str = "float32", rows: int = 6, column_vectors: int = 2
+) -> tirx.PrimFunc:
+    """y[1, m, n] = x[1, m, k] @ W^T for any m (prefill), W in the NK64 layout (q4f32_3, or q4f16_3 with
+    `dtype` float16: activations and scales in that dtype, read into fp32), on int8 activations."""
+    groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
+    R, C, width = rows, column_vectors, column_vectors * LANES
+    halves = ROW_TILE // width
+    quantize = _quantize_rows(k, dtype)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def quantized_matmul_int8(var_x: T.handle, q_weight: T.Buffer((tiles, words, ROW_TILE), "uint32"),
+                              q_scale: T.Buffer((tiles, groups, ROW_TILE), dtype), var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (1, m, k), dtype)
+        y = T.match_buffer(var_y, (1, m, n), dtype)
+        padded: T.let[T.int64] = (m + R - 1) // R * R
+        x_q = T.alloc_buffer((padded, quads), "int32")
+        x_scale = T.alloc_buffer((padded, groups), "float32")
+        x_offset = T.alloc_buffer((padded, groups), "float32")
+        for row in T.parallel(padded):
+            quantize(x, row, row < m, x_q, x_scale, x_offset)
+        for tile in T.parallel(tiles):
+            with T.sblock("gemm"):
+                T.reads()
+                T.writes()
+                w_q = T.sblock_alloc_buffer((quads, ROW_TILE), "int32")  # the tile's nibbles as bytes, x_q's order
+                acc = T.sblock_alloc_buffer((R, width), "int32", scope="local")
+                out = T.sblock_alloc_buffer((R, width), "float32", scope="local")
+                for kw in T.serial(words):
+                    for col in T.vectorized(ROW_TILE):
+                        w_q[2 * kw, col] = T.reinterpret("int32", q_weight[tile, kw, col] & T.uint32(NIBBLES))
+                        w_q[2 * kw + 1, col] = T.reinterpret("int32", (q_weight[tile, kw, col] >> T.uint32(4)) & T.uint32(NIBBLES))
+                for block in T.serial(padded // R):
+                    for half in T.serial(halves):
+                        for r in T.unroll(R):
+                            for lane in T.vectorized(width):
+                                out[r, lane] = T.float32(0)
+                        for g in T.serial(groups):
+                            for r in T.unroll(R):
+                                for lane in T.vectorized(width):
+                                    acc[r, lane] = 0
+                            for kq in T.unroll(8):
+                                for c in T.unroll(C):
+                                    for r in T.unroll(R):
+                                        acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(acc[r, T.ramp(c * LANES, 1, LANES)],
+                                                                                    w_q[g * 8 + kq, T.ramp(half * width + c * LANES, 1, LANES)],
+                                                                                    x_q[block * R + r, g * 8 + kq])
+                            for c in T.unroll(C):
+                                for r in T.unroll(R):
+                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[r, T.ramp(c * LANES, 1, LANES)] + _rescale(
+                                        acc[r, T.ramp(c * LANES, 1, LANES)], q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)],
+                                        x_scale[block * R + r, g], x_offset[block * R + r, g])
+                        for r in T.unroll(R):
+                            if block * R + r < m:
+                                for lane in T.vectorized(width):
+                                    y[0, block * R + r, tile * ROW_TILE + half * width + lane] = T.Cast(dtype, out[r, lane])
+    # fmt: on
+
+    return quantized_matmul_int8
+
+
+@functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
+def int8_quantized_gemv(k: int, n: int, dtype: str = "float32") -> tirx.PrimFunc:
+    """y[1, 1, n] = x[1, 1, k] @ W^T (decode, the last token's logits), W in the NK64 layout, on int8
+    activations. Decode is memory-bound, but at 30-40 GB/s two cores of fp32 unpacking (AND, convert,
+    two FMAs per 16 weights) are not much faster than the memory: here a loaded word costs AND, shift,
+    AND and two `vpdpbusd` (its even and odd nibbles), and a group's 4 words one rescale per 16 rows.
+    A task is one 64-row tile, read once as one stream; even and odd nibbles accumulate apart (two
+    dependency chains per 16 rows)."""
+    groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
+    C = ROW_TILE // LANES
+    quantize = _quantize_rows(k, dtype)
+
+    # fmt: off
+    @T.prim_func(s_tir=True)
+    def quantized_gemv_int8(x: T.Buffer((1, 1, k), dtype), q_weight: T.Buffer((tiles, words, ROW_TILE), "uint32"),
+                            q_scale: T.Buffer((tiles, groups, ROW_TILE), dtype), y: T.Buffer((1, 1, n), dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        x_q = T.alloc_buffer((1, quads), "int32")
+        x_scale = T.alloc_buffer((1, groups), "float32")
+        x_offset = T.alloc_buffer((1, groups), "float32")
+        for row in T.serial(1):
+            quantize(x, row, True, x_q, x_scale, x_offset)
+        for tile in T.parallel(tiles):
+            with T.sblock("gemv"):
+                T.reads()
+                T.writes()
+                even = T.sblock_alloc_buffer((C, LANES), "int32", scope="local")
+                odd = T.sblock_alloc_buffer((C, LANES), "int32", scope="local")
+                out = T.sblock_alloc_buffer((C, LANES), "float32", scope="local")
+                for c in T.unroll(C):
+                    for lane in T.vectorized(LANES):
+                        out[c, lane] = T.float32(0)
+                for g in T.serial(groups):
+                    for c in T.unroll(C):
+                        for lane in T.vectorized(LANES):
+                            even[c, lane] = 0
+                            odd[c, lane] = 0
+                    for w in T.unroll(4):
+                        for c in T.unroll(C):
+                            even[c, T.ramp(0, 1, LANES)] = _dot4(
+                                even[c, T.ramp(0, 1, LANES)],
+                                q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] & T.broadcast(T.uint32(NIBBLES), LANES),
+                                x_q[0, g * 8 + 2 * w])
+                            odd[c, T.ramp(0, 1, LANES)] = _dot4(
+                                odd[c, T.ramp(0, 1, LANES)],
+                                (q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] >> T.broadcast(T.uint32(4), LANES)) & T.broadcast(T.uint32(NIBBLES), LANES),
+                                x_q[0, g * 8 + 2 * w + 1])
+                    for c in T.unroll(C):
+                        out[c, T.ramp(0, 1, LANES)] = out[c, T.ramp(0, 1, LANES)] + _rescale(
+                            even[c, T.ramp(0, 1, LANES)] + odd[c, T.ramp(0, 1, LANES)], q_scale[tile, g, T.ramp(c * LANES, 1, LANES)],
+                            x_scale[0, g], x_offset[0, g])
+                for c in T.unroll(C):
+                    for lane in T.vectorized(LANES):
+                        y[0, 0, tile * ROW_TILE + c * LANES + lane] = T.Cast(dtype, out[c, lane])
+    # fmt: on
+
+    return quantized_gemv_int8
+
+
+def _nk64_matmul(func: tirx.PrimFunc) -> tuple[int, int, str, bool] | None:
+    """(K, N, dtype, one row) of an NK64 quantized matmul x[1, m, K] -> y[1, m, N] whose row count is
+    symbolic (prefill) or 1 (decode, logits); else None."""
+    if len(func.params) != 4:
+        return None
+    x, weight, scale, y = func.params
+    if len(x.shape) != 3 or len(weight.shape) != 3 or len(y.shape) != 3:
+        return None
+    rows = x.shape[1]
+    if isinstance(rows, tirx.IntImm) and int(rows) != 1:
+        return None
+    if (
+        x.dtype not in ("float32", "float16")
+        or (weight.dtype, scale.dtype, y.dtype) != ("uint32", x.dtype, x.dtype)
+        or int(weight.shape[2]) != ROW_TILE
+    ):
+        return None
+    k, n = int(x.shape[2]), int(y.shape[2])
+    if int(weight.shape[1]) * 8 != k or int(scale.shape[1]) * 32 != k or int(weight.shape[0]) * ROW_TILE != n:
+        return None
+    return k, n, str(x.dtype), isinstance(rows, tirx.IntImm)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ReplaceQuantizedMatmuls")
+def replace_quantized_matmuls(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Every NK64 quantized matmul becomes one of the int8 kernels above, same parameters: over a
+    symbolic row count (prefill) the GEMM, over one row (decode, logits) the GEMV. They are opaque to
+    fusion, so an elementwise tail (residual add) runs as a kernel of its own."""
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or not gv.name_hint.startswith(QUANTIZED_MATMUL):
+            continue
+        shape = _nk64_matmul(func)
+        if shape is not None:
+            k, n, dtype, one_row = shape
+            kernel = int8_quantized_gemv(k, n, dtype) if one_row else int8_quantized_matmul(k, n, dtype)
+            mod[gv] = kernel.with_attr("global_symbol", gv.name_hint)
+    return mod
