@@ -80,7 +80,7 @@ def main() -> None:
         if args.entry == "decode" and args.context:
             engine.prefill(seq, embeds(args.context))
         x = tvm.runtime.tensor(embeds(1 if args.entry == "decode" else args.tokens)[None], engine.device)
-        engine.kv.begin_forward(seq, x.shape[1])
+        engine.kv.begin_forward([seq], [x.shape[1]])
         started, timer.active = time.perf_counter(), True
         engine.vm[args.entry](x, engine.kv.handle, engine.params)
         took, timer.active = time.perf_counter() - started, False

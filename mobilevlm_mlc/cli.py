@@ -78,6 +78,7 @@ def cmd_targets(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from mobilevlm_mlc.formats.library import inspect_library
+    from mobilevlm_mlc.formats.mlc_contract import MLC_LLM_COMMIT
 
     report = inspect_library(args.library)
     if args.json:
@@ -90,6 +91,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     for module in report.device_modules:
         images = f"; images {', '.join(f'{k} {a}' for k, a in module.images)}" if module.images else ""
         print(f"device module {module.kind} ({module.format}): {len(module.kernels) or '?'} kernels{images}")
+    functions = ", ".join(f"{name}/{arity}" for name, arity in sorted(report.vm_functions.items()))
+    print(f"functions (name/arguments): {functions}")
+    print(f"runtime functions called: {', '.join(report.runtime_functions)}")
+    problems = report.contract_problems
+    print(f"MLC engine contract (mlc-llm {MLC_LLM_COMMIT}): " + ("complete" if not problems else "; ".join(problems)))
 
 
 def cmd_check_kernels(args: argparse.Namespace) -> None:
@@ -126,7 +132,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.output:
         check_output_file(args.output, "json", [args.dist_dir, args.lib, args.image])
-    settings = BenchSettings(args.prompt_lengths, args.decode_tokens, args.repeat, args.threads, args.warmup)
+    settings = BenchSettings(
+        args.prompt_lengths, args.decode_tokens, args.repeat, args.threads, args.warmup, args.batch
+    )
     rpc = None
     if args.rpc_tracker or args.rpc_key:
         if not (args.rpc_tracker and args.rpc_key):
@@ -274,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-lengths", type=argtypes.lengths, default=(32, 128, 512), help="text tokens after the image tokens"
     )
     p.add_argument("--decode-tokens", type=argtypes.positive, default=128)
+    p.add_argument("--batch", type=argtypes.integer(1, 64), default=1, help="sequences decoded together (batch_decode)")
     p.add_argument("--repeat", type=argtypes.positive, default=3)
     p.add_argument("--warmup", type=argtypes.count, default=1, help="untimed runs before the timed ones")
     p.add_argument("--threads", type=argtypes.positive, default=None)

@@ -13,8 +13,11 @@ from tvm import relax
 
 from mobilevlm_mlc.formats.dist import Dist, load_dist
 from mobilevlm_mlc.formats.manifest import dist_identity, record_library
+from mobilevlm_mlc.model_defs.config import MAX_BATCH_SIZE
 from mobilevlm_mlc.model_defs.mobilevlm import MobileVLMForCausalLM
 from mobilevlm_mlc.model_defs.quantization import layout_fallbacks
+from mobilevlm_mlc.targets.passes.attach_logit_processor import attach_logit_processor
+from mobilevlm_mlc.targets.passes.attach_sampling_functions import attach_sampling_functions
 from mobilevlm_mlc.targets.toolchain.nvcc import ToolchainError
 
 from .errors import MobileVLMError, first_line
@@ -23,22 +26,36 @@ from .targets import KernelCheckError, get_target
 
 
 def metadata(dist: Dist, named_params: list, build: dict) -> dict:
-    """What `_metadata` returns: enough for the driver to check the weights and size the KV cache."""
-    config = dist.config
+    """What `_metadata` returns: every key MLC's engine reads (`cpp/metadata/model.cc`; the ones without a
+    default there are always written), plus what our driver checks (hidden size, image tokens, build)."""
+    config, text = dist.config, dist.config.text
     return {
         "model_type": "mobilevlm",
         "quantization": dist.quantization.name,
         "context_window_size": config.context_window_size,
         "prefill_chunk_size": config.prefill_chunk_size,
+        "max_batch_size": MAX_BATCH_SIZE,
         "sliding_window_size": -1,
         "attention_sink_size": -1,
         "tensor_parallel_shards": 1,
         "pipeline_parallel_stages": 1,
-        "hidden_size": config.text.hidden_size,
-        "vocab_size": config.text.vocab_size,
+        "disaggregation": False,
+        "kv_state_kind": "kv_cache",
+        "model_task": "chat",
+        "kv_cache": {
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "num_key_value_heads": text.num_key_value_heads,
+            "head_dim": text.head_dim,
+        },
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
         "image_size": config.vision.image_size,
         "num_image_tokens": config.num_image_tokens,
-        "params": [{"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for name, p in named_params],
+        "params": [
+            {"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype, "preprocs": []}
+            for name, p in named_params
+        ],
         "memory_usage": {},
         "build": build,
     }
@@ -53,10 +70,15 @@ def _attach_metadata(mod: tvm.IRModule, meta: dict) -> tvm.IRModule:
 
 
 def export_model(model: MobileVLMForCausalLM, target: tvm.target.Target) -> tuple[tvm.IRModule, list]:
-    """The model as a Relax IRModule with MLC's entry points, exported under `target`."""
-    model.to(model.config.dtype)
+    """The model as a Relax IRModule with MLC's entry points, exported under `target`, and the functions
+    MLC's engine calls beside them (logit processors, softmax with temperature, the embedding buffer)."""
+    config = model.config
+    model.to(config.dtype)
     with target:
-        return model.export_tvm(spec=model.get_default_spec())
+        mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    mod = attach_logit_processor(mod, target)
+    mod = attach_sampling_functions(mod, config.prefill_chunk_size, config.text.hidden_size, config.dtype)
+    return mod, named_params
 
 
 def system_lib_prefix(dist: Dist) -> str:

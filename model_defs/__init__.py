@@ -1,6 +1,4 @@
-"""MobileVLM redefined in TVM Relax `nn` modules."""
+"""MobileVLM redefined in TVM Relax `nn` modules (`mobilevlm`, `llama`, `clip`, `projector`), its
+configuration (`config`), checkpoint naming (`weights`) and quantization (`quantization`).
 
-from .config import ImageProcessorConfig, MobileVLMConfig, TextConfig, VisionConfig
-from .mobilevlm import MobileVLMForCausalLM
-
-__all__ = ["ImageProcessorConfig", "MobileVLMConfig", "MobileVLMForCausalLM", "TextConfig", "VisionConfig"]
+Nothing is imported here: `config` is read by the runtime, which must not pay for Relax's frontend."""

@@ -23,6 +23,8 @@ MAX_IMAGE_SIZE = 4096
 # Tokens per page of the paged KV cache: the engine creates its cache with it, and the CPU decode-attention
 # kernel (`targets/cpu_kernels/attention.py`) steps one page at a time (another size falls back to TVM's).
 KV_PAGE_SIZE = 16
+# The most sequences a library declares it can decode together (`_metadata.max_batch_size`; MLC's default).
+MAX_BATCH_SIZE = 128
 
 
 class ConfigError(ValueError):
@@ -232,8 +234,31 @@ class MobileVLMConfig:
                 f"{self.prefill_chunk_size} cannot hold one image's {self.num_image_tokens} tokens",
             )
 
+    def mlc_fields(self) -> dict[str, Any]:
+        """The `model_config` keys MLC's engine reads (`ModelConfig::FromJSON`). It reserves
+        (image_size / patch_size)^2 embedding rows per image, so `vision_config.patch_size` is the patch
+        one image token stands for, not CLIP's: MobileVLM's projector turns the 24 x 24 grid of 14 px
+        patches into 12 x 12 tokens, 28 px each (CLIP's 14 would reserve 576 rows for 144 tokens)."""
+        v, side = self.vision, math.isqrt(self.num_image_tokens)
+        return {
+            "vocab_size": self.text.vocab_size,
+            "max_batch_size": MAX_BATCH_SIZE,
+            "vision_config": {
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_attention_heads": v.num_attention_heads,
+                "num_hidden_layers": v.num_hidden_layers,
+                "image_size": v.image_size,
+                "patch_size": v.image_size // side,
+                "num_channels": v.num_channels,
+                "layer_norm_eps": v.layer_norm_eps,
+                "projection_dim": self.text.hidden_size,
+                "dtype": self.dtype,
+            },
+        }
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | self.mlc_fields()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MobileVLMConfig:
@@ -255,6 +280,8 @@ class MobileVLMConfig:
         for key in ("projector_type", "context_window_size", "prefill_chunk_size", "dtype"):
             if key not in data:
                 raise ConfigError(key, "is missing")
+        data = dict(data)
+        mlc = {key: data.pop(key) for key in ("vocab_size", "max_batch_size", "vision_config") if key in data}
         config = cls(
             text=part("text", TextConfig),
             vision=part("vision", VisionConfig),
@@ -265,4 +292,7 @@ class MobileVLMConfig:
             dtype=data["dtype"],
         )
         config.validate()
+        for key, value in mlc.items():  # MLC's copies of what the fields above say: they must agree
+            if value != config.mlc_fields()[key]:
+                raise ConfigError(key, f"is {value!r}, but the rest of the config gives {config.mlc_fields()[key]!r}")
         return config

@@ -1,8 +1,14 @@
 """MobileVLM in Relax `nn`: vision tower + projector + MobileLLaMA, with MLC's entry points.
 
 Exported functions (params packed, one method each): `embed`, `vision_features` (diagnostic boundary
-used by `verify`), `image_embed`, `prefill`, `decode`, `create_tir_paged_kv_cache`. `_metadata` is
-attached by `mobilevlm_mlc.compiler`, which knows the quantization and the parameter list.
+used by `verify`), `image_embed`, `prefill`, `decode`, `batch_prefill`, `batch_decode`,
+`create_tir_paged_kv_cache`. The functions MLC's engine needs beside the model (logit processors,
+softmax, the embedding buffer) are attached by `mobilevlm_mlc.compiler.export_model`, and `_metadata`
+by `compile`, which knows the quantization and the parameter list.
+
+Several sequences go through the decoder as one ragged row of tokens ([1, total, hidden]): the KV
+cache knows from `begin_forward` which tokens belong to which sequence. So `batch_decode` runs its b
+tokens as one [1, b] block, and every matmul reads each weight once for the whole batch.
 """
 
 from __future__ import annotations
@@ -67,6 +73,22 @@ class MobileVLMForCausalLM(nn.Module):
         hidden = self.model(input_embeds, paged_kv_cache)
         return self._logits(hidden), paged_kv_cache
 
+    def batch_prefill(
+        self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        """Several sequences' chunks back to back [1, total, hidden] -> logits at `logit_positions` (each
+        sequence's last token) [1, b, vocab] (float32)."""
+        hidden = self.model(input_embeds, paged_kv_cache)
+        hidden = op.take(hidden, logit_positions, axis=1)
+        return self._logits(hidden), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """One token of each of b sequences [b, 1, hidden] -> logits [b, 1, vocab] (float32)."""
+        b, _, hidden_size = input_embeds.shape
+        hidden = self.model(op.reshape(input_embeds, (1, b, hidden_size)), paged_kv_cache)
+        logits = self._logits(hidden)
+        return op.reshape(logits, (b, 1, self.config.text.vocab_size)), paged_kv_cache
+
     def create_tir_paged_kv_cache(
         self,
         max_batch_size: tirx.Var,
@@ -119,6 +141,17 @@ class MobileVLMForCausalLM(nn.Module):
             },
             "decode": {
                 "input_embeds": nn.spec.Tensor([1, 1, hidden], self.dtype),
+                "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": packed,
+            },
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": packed,
+            },
+            "batch_decode": {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, hidden], self.dtype),
                 "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),
                 "$": packed,
             },

@@ -26,6 +26,14 @@ def _spread_ok(figure: dict) -> bool:
     return 0 < figure["min"] <= figure["median"] <= figure["max"]
 
 
+def test_bench_decodes_a_batch(ldpnet_built, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = cli("bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, *FAST, "--batch", "6", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["settings"]["batch"] == 6 and _spread_ok(result["decode_tok_s"])
+
+
 def test_bench_writes_every_figure_and_the_environment(ldpnet_built, tmp_path):
     out = tmp_path / "bench.json"
     proc = cli("bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, *FAST, "-o", out)
@@ -44,6 +52,7 @@ def test_bench_writes_every_figure_and_the_environment(ldpnet_built, tmp_path):
         "repeat": 1,
         "warmup": 1,
         "threads": 2,
+        "batch": 1,
         "image_tokens": 144,
     }
     assert sorted(result["prefill_tok_s"]) == ["16", "8"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilevlm_mlc.errors import MobileVLMError
+from mobilevlm_mlc.model_defs.config import KV_PAGE_SIZE
 
 SCHEMA = "mobilevlm-mlc-bench/1"
 
@@ -102,6 +103,7 @@ class BenchSettings:
     repeat: int = 3
     threads: int | None = None
     warmup: int = 1  # untimed runs before the timed ones (0 for full-size models on slow builds)
+    batch: int = 1  # sequences decoded together (`batch_decode` when > 1); decode tok/s is then their sum
 
     def to_dict(self, image_tokens: int) -> dict:
         return {
@@ -110,6 +112,7 @@ class BenchSettings:
             "repeat": self.repeat,
             "warmup": self.warmup,
             "threads": self.threads,
+            "batch": self.batch,
             "image_tokens": image_tokens,
         }
 
@@ -153,26 +156,31 @@ def bench_engine(
         runs = timed(lambda e=embeds: prefill(e), settings.repeat, settings.warmup)
         prefill_tok_s[str(length)] = summary([len(embeds) / s for s in runs])
 
-    progress(f"decode {settings.decode_tokens}")
+    progress(f"decode {settings.decode_tokens}" + (f" x {settings.batch} sequences" if settings.batch > 1 else ""))
     context = np.concatenate(
         [image_embeds, engine.embed(rng.integers(3, vocab, min(settings.prompt_lengths)).tolist())]
     )
 
     def decode_run() -> None:
-        seq = engine.add_sequence()
+        seqs = [engine.add_sequence() for _ in range(settings.batch)]
         try:
-            logits = engine.prefill(seq, context)
+            logits = np.stack([engine.prefill(seq, context) for seq in seqs])
             started = time.perf_counter()
             for _ in range(settings.decode_tokens):
-                logits = engine.decode(seq, int(np.argmax(logits)))
+                if settings.batch == 1:
+                    logits = engine.decode(seqs[0], int(np.argmax(logits[0])))[None]
+                else:
+                    logits = engine.batch_decode(seqs, [int(t) for t in np.argmax(logits, axis=1)])
             decode_run.seconds.append(time.perf_counter() - started)
         finally:
-            engine.remove_sequence(seq)
+            for seq in seqs:
+                engine.remove_sequence(seq)
 
     decode_run.seconds = []
     for _ in range(settings.warmup + settings.repeat):
         decode_run()
-    decode_tok_s = summary([settings.decode_tokens / s for s in decode_run.seconds[settings.warmup :]])
+    tokens = settings.decode_tokens * settings.batch
+    decode_tok_s = summary([tokens / s for s in decode_run.seconds[settings.warmup :]])
 
     progress("time to first token")
     conversation = Conversation(template=dict(engine.dist.chat_config["conv_template"]))
@@ -219,7 +227,21 @@ def run_bench(
     set_threads(settings.threads)
     session = connect(*rpc) if rpc else None
     started = time.perf_counter()
-    engine = Engine(dist_dir, lib, device=device, remote=session)
+    engine_tokens = None  # the KV cache: one context window, or room for every sequence of the batch
+    if settings.batch > 1:
+        from mobilevlm_mlc.formats.dist import load_dist
+
+        config = load_dist(dist_dir).config
+        per_sequence = config.num_image_tokens + min(settings.prompt_lengths) + settings.decode_tokens + KV_PAGE_SIZE
+        engine_tokens = max(settings.batch * per_sequence, config.context_window_size)
+    engine = Engine(
+        dist_dir,
+        lib,
+        device=device,
+        remote=session,
+        max_sequences=max(4, settings.batch),
+        kv_cache_tokens=engine_tokens,
+    )
     load_s = time.perf_counter() - started
     figures = bench_engine(engine, image, prompt, settings, progress or (lambda _: None))
     build = engine.metadata.get("build", {})

@@ -5,6 +5,7 @@ and each device module (OpenCL source, CUDA fatbin and the architectures inside 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import tarfile
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.targets.toolchain.elf import elf_machine, elf_symbols
 from mobilevlm_mlc.targets.toolchain.fatbin import fatbin_entries
 from mobilevlm_mlc.targets.toolchain.library_bin import DeviceCode, LibraryBin, LibraryBinError
+
+from .mlc_contract import MLC_LLM_COMMIT, check_contract
 
 BLOB_SYMBOL = "__tvm_ffi__library_bin"
 
@@ -70,6 +73,14 @@ class LibraryReport:
     system_lib_prefix: str | None
     metadata: dict
     device_modules: list[DeviceModule]
+    vm_functions: dict[str, int] = field(default_factory=dict)  # Relax VM function -> its arguments
+    host_functions: set[str] = field(default_factory=set)  # compiled TIR functions (host side)
+    runtime_functions: list[str] = field(default_factory=list)  # global functions the VM calls (vm.builtin.*, ...)
+
+    @property
+    def contract_problems(self) -> list[str]:
+        """What MLC's engine would miss in this library (`mlc_contract`)."""
+        return check_contract(self.vm_functions, self.host_functions, self.metadata)
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +93,9 @@ class LibraryReport:
                 {"kind": m.kind, "format": m.format, "kernels": m.kernels, "images": m.images}
                 for m in self.device_modules
             ],
+            "vm_functions": self.vm_functions,
+            "runtime_functions": self.runtime_functions,
+            "mlc_contract": {"mlc_llm_commit": MLC_LLM_COMMIT, "missing": self.contract_problems},
         }
 
 
@@ -97,6 +111,22 @@ def _metadata(vm_payload: bytes) -> dict:
     if start < 0:
         raise MobileVLMError("the VM bytecode holds no _metadata")
     return json.JSONDecoder().raw_decode(vm_payload[start:].decode("utf-8", errors="replace"))[0]
+
+
+_VM_FUNCTION = re.compile(r'^with ib\.function\("([^"]+)", num_inputs=(\d+)\)', re.M)
+_VM_CALL = re.compile(r'emit_call\("([^"]+)"')
+_HOST_FUNCTION = "__tvm_ffi_"  # the symbol prefix of every compiled TIR function
+
+
+def _vm_functions(vm_payload: bytes) -> tuple[dict[str, int], list[str]]:
+    """(VM function -> arity, the dotted global functions it calls) from the serialized bytecode, which
+    TVM reads on any host whatever machine the library is for."""
+    import tvm
+
+    executable = tvm.get_global_func("ffi.Module.load_from_bytes.relax.VMExecutable")(bytearray(vm_payload))
+    text = executable["as_python"]()
+    functions = {name: int(arity) for name, arity in _VM_FUNCTION.findall(text)}
+    return functions, sorted({name for name in _VM_CALL.findall(text) if "." in name})
 
 
 def _device_module(kind: str, payload: bytes) -> DeviceModule:
@@ -118,9 +148,14 @@ def inspect_library(path: Path) -> LibraryReport:
             raise MobileVLMError(f"expected one '*{BLOB_SYMBOL}' symbol, found {len(found)}")
         name, raw = found[0]
         blob = LibraryBin.parse(raw)
-        meta = next((_metadata(p) for k, p in blob.modules if k == "relax.VMExecutable"), {})
+        vm = next((p for k, p in blob.modules if k == "relax.VMExecutable"), None)
+        meta = _metadata(vm) if vm is not None else {}
+        vm_functions, runtime_functions = _vm_functions(vm) if vm is not None else ({}, [])
         devices = [_device_module(k, p) for k, p in blob.modules if k not in ("_lib", "relax.VMExecutable")]
     except (MobileVLMError, LibraryBinError, struct.error, tarfile.TarError, ValueError) as err:
         raise MobileVLMError(f"{path}: not a library built by mobilevlm-mlc compile ({err})") from None
     prefix = name[: -len(BLOB_SYMBOL)] or None
-    return LibraryReport(path, machines, prefix, meta, devices)
+    host = set()  # `__tvm_ffi_<name>`, the system-lib prefix before the name in a static library
+    for symbol in (n for o in objects for n in elf_symbols(o) if n.startswith(_HOST_FUNCTION)):
+        host.add(symbol[len(_HOST_FUNCTION) :].removeprefix(prefix or ""))
+    return LibraryReport(path, machines, prefix, meta, devices, vm_functions, host, runtime_functions)

@@ -182,7 +182,7 @@ class Engine:
         """Feed [n, hidden] embeddings in chunks of `prefill_chunk_size`; logits of the last position."""
         for start in range(0, len(embeds), self.prefill_chunk_size):
             chunk = embeds[start : start + self.prefill_chunk_size]
-            self.kv.begin_forward(seq_id, len(chunk))
+            self.kv.begin_forward([seq_id], [len(chunk)])
             result = self._entry("prefill")(tvm.runtime.tensor(chunk[None], self.device), self.kv.handle, self.params)
             logits, self.kv.handle = self.backend.pair(result)
             self.kv.end_forward()
@@ -191,10 +191,20 @@ class Engine:
     def decode(self, seq_id: int, token: int) -> np.ndarray:
         embed = self._entry("embed")(tvm.runtime.tensor(np.asarray([token], np.int32), self.device), self.params)
         embed = self.backend.builtin("reshape")(embed, self.backend.shape(1, 1, self.hidden_size))
-        self.kv.begin_forward(seq_id, 1)
+        self.kv.begin_forward([seq_id], [1])
         logits, self.kv.handle = self.backend.pair(self._entry("decode")(embed, self.kv.handle, self.params))
         self.kv.end_forward()
         return logits.numpy()[0, -1]
+
+    def batch_decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
+        """One token for each of several sequences in one call (`batch_decode`: each weight read once for
+        the batch); logits [len(seq_ids), vocab]."""
+        embeds = self._entry("embed")(tvm.runtime.tensor(np.asarray(tokens, np.int32), self.device), self.params)
+        embeds = self.backend.builtin("reshape")(embeds, self.backend.shape(len(tokens), 1, self.hidden_size))
+        self.kv.begin_forward(seq_ids, [1] * len(seq_ids))
+        logits, self.kv.handle = self.backend.pair(self._entry("batch_decode")(embeds, self.kv.handle, self.params))
+        self.kv.end_forward()
+        return logits.numpy()[:, 0]
 
     def teacher_forced_logits(self, ids: list[int], images: list[np.ndarray], tokens: list[int]) -> np.ndarray:
         """float32 logits [len(tokens), vocab]: after the prompt `ids`, then after each of `tokens[:-1]` (decode steps)."""

@@ -39,9 +39,10 @@ class PagedKVCache:
     def remove_sequence(self, seq_id: int) -> None:
         self.backend.builtin("kv_state_remove_sequence")(self.handle, seq_id)
 
-    def begin_forward(self, seq_id: int, tokens: int) -> None:
+    def begin_forward(self, seq_ids: list[int], lengths: list[int]) -> None:
+        """The next call appends `lengths[i]` tokens to sequence `seq_ids[i]`, in that order."""
         self.backend.builtin("kv_state_begin_forward")(
-            self.handle, self.backend.shape(seq_id), self.backend.shape(tokens)
+            self.handle, self.backend.shape(*seq_ids), self.backend.shape(*lengths)
         )
 
     def end_forward(self) -> None:
