@@ -138,7 +138,7 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
             executable.export_library(str(tmp), **build_target.export_options())
     except ToolchainError as err:
         raise MobileVLMError(f"target '{target_name}': {err}") from None
-    except tvm.error.TVMError as err:  # the linker or a code generator failed: name the step, keep it one line
+    except RuntimeError as err:  # TVM's errors: the linker or a code generator failed; name the step, in one line
         raise MobileVLMError(
             f"{output}: linking the '{target_name}' library failed ({first_line(err)}); "
             "check the target's toolchain (`mobilevlm-mlc targets`)"

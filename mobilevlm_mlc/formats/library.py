@@ -152,7 +152,16 @@ def inspect_library(path: Path) -> LibraryReport:
         meta = _metadata(vm) if vm is not None else {}
         vm_functions, runtime_functions = _vm_functions(vm) if vm is not None else ({}, [])
         devices = [_device_module(k, p) for k, p in blob.modules if k not in ("_lib", "relax.VMExecutable")]
-    except (MobileVLMError, LibraryBinError, struct.error, tarfile.TarError, ValueError) as err:
+    except (
+        MobileVLMError,
+        LibraryBinError,
+        struct.error,
+        tarfile.TarError,
+        ValueError,
+        RuntimeError,
+        AttributeError,
+    ) as err:
+        # RuntimeError: TVM refusing the VM bytecode
         raise MobileVLMError(f"{path}: not a library built by mobilevlm-mlc compile ({err})") from None
     prefix = name[: -len(BLOB_SYMBOL)] or None
     host = set()  # `__tvm_ffi_<name>`, the system-lib prefix before the name in a static library

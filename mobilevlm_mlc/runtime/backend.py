@@ -96,7 +96,6 @@ class RemoteSession(Backend):
     def __init__(self, session: rpc.RPCSession, tracker: str, key: str):
         self.session, self.tracker, self.key = session, tracker, key
         self._functions: dict[str, object] = {}
-        self._handles: list[tvm.runtime.Tensor] = []
 
     def function(self, name: str):
         if name not in self._functions:
@@ -122,9 +121,8 @@ class RemoteSession(Backend):
         return self.function(f"vm.builtin.{name}")
 
     def param_array(self, tensors: list[tvm.runtime.Tensor]) -> object:
-        # RPC carries no Python lists: the array is built on the device's side. Our handles are kept
-        # alive, since freeing a remote tensor's handle frees it under the array.
-        self._handles.extend(tensors)
+        # RPC carries no Python lists: the array is built on the device's side. The caller keeps
+        # `tensors` alive as long as the array: freeing a remote tensor's handle frees it under the array.
         return self.function("ffi.Array")(*tensors)
 
     def environment(self) -> dict:

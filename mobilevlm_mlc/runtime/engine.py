@@ -50,6 +50,7 @@ class Engine:
         self.dist = load_dist(dist_dir)
         self.backend: Backend = remote or LocalBackend()
         lib_path = Path(lib_path)
+        self.lib_path = lib_path
         self._check_library_file(lib_path, device)
         self._entries: dict[str, object] = {}
         self.device = self.backend.device(device)
@@ -68,7 +69,8 @@ class Engine:
                 f"context_window_size is {context_window_size}, expected 1..{library_window} (the library's)"
             )
         self.context_window_size = context_window_size or library_window
-        self.params = self.backend.param_array(self._load_params())
+        self._param_tensors = self._load_params()  # alive as long as the array (over RPC: remote handles)
+        self.params = self.backend.param_array(self._param_tensors)
         self.tokenizer = Tokenizer(self.dist.path / TOKENIZER_MODEL)
         self.prefill_chunk_size = int(self.metadata["prefill_chunk_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
@@ -88,7 +90,9 @@ class Engine:
         if not lib_path.is_file():
             raise MobileVLMError(f"{lib_path}: compiled library not found (build it with `mobilevlm-mlc compile`)")
         check_shared_library(lib_path, self.backend.machine)
-        device_code = {module.kind for module in inspect_library(lib_path).device_modules}
+        report = inspect_library(lib_path)
+        self.functions = set(report.vm_functions)
+        device_code = {module.kind for module in report.device_modules}
         kind = parse_device(device)[0]
         if device_code and kind not in device_code or not device_code and kind != "cpu":
             holds = f"{', '.join(sorted(device_code))} device code" if device_code else "CPU code only"
@@ -199,6 +203,10 @@ class Engine:
     def batch_decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
         """One token for each of several sequences in one call (`batch_decode`: each weight read once for
         the batch); logits [len(seq_ids), vocab]."""
+        if "batch_decode" not in self.functions:
+            raise MobileVLMError(
+                f"{self.lib_path}: has no batch_decode (built by an older mobilevlm-mlc); compile it again"
+            )
         embeds = self._entry("embed")(tvm.runtime.tensor(np.asarray(tokens, np.int32), self.device), self.params)
         embeds = self.backend.builtin("reshape")(embeds, self.backend.shape(len(tokens), 1, self.hidden_size))
         self.kv.begin_forward(seq_ids, [1] * len(seq_ids))
