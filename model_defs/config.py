@@ -292,7 +292,15 @@ class MobileVLMConfig:
             dtype=data["dtype"],
         )
         config.validate()
+        implied = config.mlc_fields()
         for key, value in mlc.items():  # MLC's copies of what the fields above say: they must agree
-            if value != config.mlc_fields()[key]:
-                raise ConfigError(key, f"is {value!r}, but the rest of the config gives {config.mlc_fields()[key]!r}")
+            if isinstance(value, dict) and isinstance(implied[key], dict):  # name the sub-field that differs
+                key, value, expected = next(
+                    ((f"{key}.{k}", value.get(k), v) for k, v in implied[key].items() if value.get(k) != v),
+                    (key, value, implied[key]),
+                )
+            else:
+                expected = implied[key]
+            if value != expected:
+                raise ConfigError(key, f"is {value!r}, but the rest of the config gives {expected!r}")
         return config

@@ -106,6 +106,7 @@ class _Turn:
     message: str
     image: np.ndarray | None  # its image tokens [n, hidden], if it had an image
     output_token_ids: list[int] = field(default_factory=list)
+    size: tuple[int, TurnSize] | None = None  # (answer length it was computed for, the sizes)
 
 
 class ChatSession:
@@ -140,8 +141,13 @@ class ChatSession:
         return tokenize_with_images(self.engine.tokenizer, text, add_bos=first) + turn.output_token_ids
 
     def _size(self, turn: _Turn) -> TurnSize:
-        image_tokens = len(turn.image) - 1 if turn.image is not None else 0  # the placeholder id becomes the image
-        return TurnSize(*(len(self._turn_ids(turn, first)) + image_tokens for first in (True, False)))
+        """Its sizes, kept once the turn is history (its answer no longer grows): each turn is rendered
+        and tokenized for sizing once, not at every later message."""
+        if turn.size is None or turn.size[0] != len(turn.output_token_ids):
+            image_tokens = len(turn.image) - 1 if turn.image is not None else 0  # the placeholder becomes the image
+            size = TurnSize(*(len(self._turn_ids(turn, first)) + image_tokens for first in (True, False)))
+            turn.size = (len(turn.output_token_ids), size)
+        return turn.size[1]
 
     def send(
         self, message: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None
