@@ -73,12 +73,12 @@ def main() -> None:
         if args.entry == "image":
             size = engine.dist.config.vision.image_size
             started, timer.active = time.perf_counter(), True
-            engine.image_embed(np.zeros((1, 3, size, size), dtype))
+            engine.image_embed(np.zeros((1, size, size, 3), np.uint8))
             timer.active = False
             return time.perf_counter() - started
         seq = engine.add_sequence()
         if args.entry == "decode" and args.context:
-            engine.prefill(seq, embeds(args.context))
+            engine.prefill([seq], [[tvm.runtime.tensor(embeds(args.context), engine.device)]])
         x = tvm.runtime.tensor(embeds(1 if args.entry == "decode" else args.tokens)[None], engine.device)
         engine.kv.begin_forward([seq], [x.shape[1]])
         started, timer.active = time.perf_counter(), True

@@ -45,6 +45,14 @@ positive = integer(1)
 count = integer(0)
 
 
+def logit_bias(value: str) -> tuple[int, float]:
+    """TOKEN_ID=BIAS, e.g. `29871=-100` (OpenAI's range: -100..100)."""
+    token, sep, bias = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {value!r}")
+    return integer(0)(token.strip()), number(-100, 100)(bias.strip())
+
+
 def text(value: str) -> str:
     """A prompt: the shell hands undecodable bytes over as surrogates, which no tokenizer takes."""
     try:

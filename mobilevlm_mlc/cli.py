@@ -21,12 +21,36 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=argtypes.number(0, 1, low_open=True), default=1.0)
     p.add_argument("--top-k", type=argtypes.count, default=0)
     p.add_argument("--seed", type=argtypes.integer(0, 2**64 - 1), default=None)
+    penalty = "applied by the library's apply_penalty_inplace to the tokens generated so far"
+    p.add_argument("--presence-penalty", type=argtypes.number(-2, 2), default=0.0, help=f"-2..2, {penalty}")
+    p.add_argument("--frequency-penalty", type=argtypes.number(-2, 2), default=0.0, help=f"-2..2, {penalty}")
+    p.add_argument(
+        "--repetition-penalty", type=argtypes.number(0, 100, low_open=True), default=1.0, help=f"> 0, {penalty}"
+    )
+    p.add_argument(
+        "--logit-bias",
+        type=argtypes.logit_bias,
+        action="append",
+        default=[],
+        metavar="TOKEN_ID=BIAS",
+        help="added to that token's logit (-100..100; repeatable)",
+    )
 
 
 def _generation_config(args: argparse.Namespace):
     from mobilevlm_mlc.runtime.sampling import GenerationConfig
 
-    return GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    return GenerationConfig(
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.top_k,
+        args.seed,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        logit_bias=dict(args.logit_bias),
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -79,6 +103,7 @@ def cmd_targets(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from mobilevlm_mlc.formats.library import inspect_library
     from mobilevlm_mlc.formats.mlc_contract import MLC_LLM_COMMIT
+    from mobilevlm_mlc.formats.mlc_runtime import TVM_COMMIT
 
     report = inspect_library(args.library)
     if args.json:
@@ -96,6 +121,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"runtime functions called: {', '.join(report.runtime_functions)}")
     problems = report.contract_problems
     print(f"MLC engine contract (mlc-llm {MLC_LLM_COMMIT}): " + ("complete" if not problems else "; ".join(problems)))
+    runtime = report.runtime_problems
+    print(
+        f"mlc4j's Android runtime (TVM as apache/tvm {TVM_COMMIT}): "
+        + (f"all {len(report.runtime_calls)} runtime functions registered" if not runtime else "; ".join(runtime))
+    )
 
 
 def cmd_check_kernels(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ from mobilevlm_mlc.model_defs.mobilevlm import MobileVLMForCausalLM
 from mobilevlm_mlc.model_defs.quantization import layout_fallbacks
 from mobilevlm_mlc.targets.passes.attach_logit_processor import attach_logit_processor
 from mobilevlm_mlc.targets.passes.attach_sampling_functions import attach_sampling_functions
+from mobilevlm_mlc.targets.passes.attach_variable_bounds import attach_variable_bounds
 from mobilevlm_mlc.targets.toolchain.nvcc import ToolchainError
 
 from .errors import MobileVLMError, first_line
@@ -56,16 +57,19 @@ def metadata(dist: Dist, named_params: list, build: dict) -> dict:
             {"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype, "preprocs": []}
             for name, p in named_params
         ],
-        "memory_usage": {},
+        "memory_usage": {},  # function -> bytes, filled from the memory plan once lowered (`planned_memory`)
         "build": build,
     }
 
 
-def _attach_metadata(mod: tvm.IRModule, meta: dict) -> tvm.IRModule:
+def _attach_metadata(mod: tvm.IRModule, meta: dict, like: relax.Function | None = None) -> tvm.IRModule:
+    """`_metadata` returning `meta` as JSON; `like`: the lowered one it replaces (its attributes kept), once
+    the memory plan is known."""
     bb = relax.BlockBuilder()
     with bb.function("_metadata", params=[]):
         bb.emit_func_output(tvm.ir.StringImm(json.dumps(meta)))
-    mod["_metadata"] = bb.finalize()["_metadata"]
+    func = bb.finalize()["_metadata"]
+    mod["_metadata"] = func.with_attrs(dict(like.attrs)) if like is not None and like.attrs else func
     return mod
 
 
@@ -78,7 +82,31 @@ def export_model(model: MobileVLMForCausalLM, target: tvm.target.Target) -> tupl
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
     mod = attach_logit_processor(mod, target)
     mod = attach_sampling_functions(mod, config.prefill_chunk_size, config.text.hidden_size, config.dtype)
-    return mod, named_params
+    bounds = {"seq_len": config.prefill_chunk_size, "batch_size": MAX_BATCH_SIZE}
+    return attach_variable_bounds(mod, bounds), named_params
+
+
+_ALLOC_STORAGE = (tvm.ir.Op.get("relax.vm.alloc_storage"), tvm.ir.Op.get("relax.memory.alloc_storage"))
+
+
+def planned_memory(lowered: tvm.IRModule) -> dict[str, int]:
+    """Bytes of the static buffers each Relax function allocates once lowered (TVM's memory plan), as
+    MLC's memory estimator counts them: what `_metadata.memory_usage` reports."""
+    usage = {}
+    for gv, func in lowered.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        sizes = []
+
+        def visit(expr, sizes=sizes) -> None:
+            if isinstance(expr, relax.Call) and expr.op in _ALLOC_STORAGE:
+                size = expr.args[0]
+                if isinstance(size, relax.ShapeExpr) and isinstance(size.values[0], tvm.tirx.IntImm):
+                    sizes.append(int(size.values[0]))
+
+        relax.analysis.post_order_visit(func, visit)
+        usage[gv.name_hint] = sum(sizes)
+    return usage
 
 
 def system_lib_prefix(dist: Dist) -> str:
@@ -112,7 +140,7 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     target = build_target.tvm_target()
     scheme = dist.quantization.scheme
     build = build_target.build_info(target, dist.config.dtype, scheme)
-    model = MobileVLMForCausalLM(dist.config, scheme)
+    model = MobileVLMForCausalLM(dist.config, scheme, build_target.image_coefficient_dtype)
     fallbacks = layout_fallbacks(model, scheme) if scheme else {}
     if fallbacks:  # linears whose shape the scheme's layout cannot tile (stored NK, model-dtype activations)
         build["layout_fallbacks"] = fallbacks
@@ -129,6 +157,8 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
             lowered = build_target.relax_pipeline(target)(mod)
     except KernelCheckError as err:
         raise MobileVLMError(f"target '{target_name}': {err}") from None
+    meta = metadata(dist, named_params, build) | {"dist": identity, "memory_usage": planned_memory(lowered)}
+    lowered = _attach_metadata(lowered, meta, like=lowered["_metadata"])
     missing = build_target.missing_codegen()
     if missing:
         raise MobileVLMError(f"target '{target_name}': lowering, scheduling and limit checks passed, but {missing}")

@@ -4,6 +4,11 @@ Writes `OUT/bundle/mlc-app-config.json`, the weights of models with `bundle_weig
 `OUT/bundle/<model_id>/`, and `OUT/lib/libmodel_android.a`: every model library's objects merged with
 `ar`, checked (as MLC does) to define each model's `<model_lib>___tvm_ffi__library_bin` symbol.
 Relative paths are read from the config file's folder. Nothing in `OUT` changes unless all succeeds.
+
+Checked against what MLC's app does with them (mlc-llm 79d603f): each library must hold OpenCL code
+(the app's engine runs on `Device.opencl()`); `overrides` may lower `context_window_size` and
+`prefill_chunk_size` within what the library was compiled for, and are written into the bundled
+copy's `mlc-chat-config.json`; a prefill chunk must hold one image turn (MLC never splits an image).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from mobilevlm_mlc.fileio import read_json
 from mobilevlm_mlc.formats.dist import CHAT_CONFIG, load_dist
+from mobilevlm_mlc.formats.library import inspect_library
 
 from .errors import MobileVLMError
 from .fileio import TEMP_PREFIX, atomic_dir
@@ -28,6 +34,9 @@ from .fileio import TEMP_PREFIX, atomic_dir
 LIBRARY = "libmodel_android.a"
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SYMBOL_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a model_lib names C symbols, never a path
+
+
+OVERRIDES = ("context_window_size", "prefill_chunk_size")  # the `overrides` a prebuilt library can honour
 
 
 @dataclass
@@ -38,16 +47,86 @@ class PackagedModel:
     library: Path
     bundle_weight: bool
     estimated_vram_bytes: int
+    overrides: dict[str, int]
 
 
-def estimated_vram_bytes(dist: Path) -> int:
-    """Weights plus a KV cache of one context window (the app's default)."""
+def min_prefill_chunk(dist: Path) -> int:
+    """The smallest prefill chunk MLC's engine can run an image turn in: it never splits an image's
+    embeddings across chunks, so one chunk must hold the image's tokens and the first turn around it
+    (BOS, system prompt, roles)."""
+    from mobilevlm_mlc.formats.dist import TOKENIZER_MODEL
+    from mobilevlm_mlc.runtime.conversation import Conversation, tokenize_with_images
+    from mobilevlm_mlc.runtime.tokenizer import Tokenizer
+
+    info = load_dist(dist)
+    turn = Conversation(template=dict(info.chat_config["conv_template"])).user_turn("", with_image=True)
+    ids = tokenize_with_images(Tokenizer(dist / TOKENIZER_MODEL), turn, add_bos=True)
+    return len(ids) - 1 + info.config.num_image_tokens
+
+
+def _check_library(where: str, library: Path) -> dict:
+    """The library's `_metadata`, once it is known to hold OpenCL code, the only kind MLC's Android app runs."""
+    report = inspect_library(library)
+    kinds = sorted({module.kind for module in report.device_modules})
+    if "opencl" not in kinds:
+        holds = f"{', '.join(kinds)} device code" if kinds else "CPU code only"
+        raise MobileVLMError(
+            f"{where}: library {library.name} holds {holds}; MLC's Android app creates its engine on "
+            "Device.opencl() (mlc4j's JSONFFIEngine), so it cannot run it: compile with `--target android-adreno`, "
+            "or change the app to create its engine on the CPU"
+        )
+    return report.metadata
+
+
+def _overrides(where: str, entry: dict, dist: Path, library_meta: dict, bundled: bool) -> dict[str, int]:
+    """MLC's per-model `overrides`, checked against what the prebuilt library was compiled for."""
+    overrides = entry.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise MobileVLMError(f"{where}: field 'overrides' is {overrides!r}, expected an object")
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise MobileVLMError(
+            f"{where}: overrides.{unknown[0]} cannot change a prebuilt library; expected only {', '.join(OVERRIDES)}"
+        )
+    chat = load_dist(dist).chat_config
+    sizes = {}
+    for key in OVERRIDES:
+        value = overrides.get(key, chat[key])
+        built = int(library_meta[key])
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= built:
+            raise MobileVLMError(
+                f"{where}: overrides.{key} is {value!r}, expected an integer in [1, {built}] (the library's)"
+            )
+        sizes[key] = value
+    if sizes["prefill_chunk_size"] > sizes["context_window_size"]:
+        raise MobileVLMError(
+            f"{where}: prefill_chunk_size {sizes['prefill_chunk_size']} exceeds context_window_size {sizes['context_window_size']}"
+        )
+    needed = min_prefill_chunk(dist)
+    if sizes["prefill_chunk_size"] < needed:
+        raise MobileVLMError(
+            f"{where}: prefill_chunk_size is {sizes['prefill_chunk_size']}, expected at least {needed}: MLC's engine "
+            "cannot split an image across prefill chunks, and one image turn takes that many tokens"
+        )
+    changed = {key: v for key, v in sizes.items() if v != chat[key]}
+    if changed and not bundled:
+        raise MobileVLMError(
+            f"{where}: overrides change {', '.join(changed)}, which only a bundled copy can carry "
+            "(set bundle_weight: true, or convert the dist with these sizes)"
+        )
+    return changed
+
+
+def estimated_vram_bytes(dist: Path, library_meta: dict, context_window_size: int) -> int:
+    """Weights, a KV cache of one context window (the app's default), and the largest static workspace
+    of the library's functions (`_metadata.memory_usage`, as MLC's engine budgets it)."""
     info = load_dist(dist)
     text, weights = info.config.text, 0
     for shard in read_json(dist / "tensor-cache.json", "tensor-cache.json").get("records", []):
         weights += int(shard.get("nbytes", 0))
-    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * info.config.context_window_size
-    return weights + kv * np.dtype(info.config.dtype).itemsize
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * context_window_size
+    workspace = max(library_meta.get("memory_usage", {}).values(), default=0)
+    return weights + kv * np.dtype(info.config.dtype).itemsize + workspace
 
 
 def _read_config(path: Path) -> list[PackagedModel]:
@@ -95,6 +174,10 @@ def _read_config(path: Path) -> list[PackagedModel]:
             raise MobileVLMError(
                 f"{where}: library '{libs[model_lib]}' for '{model_lib}' is not a .tar system library ({library})"
             )
+        bundled = bool(entry.get("bundle_weight", False))
+        library_meta = _check_library(where, library)
+        overrides = _overrides(where, entry, dist, library_meta, bundled)
+        window = overrides.get("context_window_size", load_dist(dist).config.context_window_size)
         vram = entry.get("estimated_vram_bytes")
         result.append(
             PackagedModel(
@@ -102,8 +185,9 @@ def _read_config(path: Path) -> list[PackagedModel]:
                 model_lib,
                 dist,
                 library,
-                bool(entry.get("bundle_weight", False)),
-                int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(dist),
+                bundled,
+                int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(dist, library_meta, window),
+                overrides,
             )
         )
     return result
@@ -191,6 +275,10 @@ def package(config_path: Path, output: Path) -> Path:
             if model.bundle_weight:
                 shutil.copytree(model.dist, bundle / model.model_id)
                 entry["model_path"] = model.model_id
+                if model.overrides:  # what MLC's engine reads from the bundled model's chat config
+                    chat_path = bundle / model.model_id / CHAT_CONFIG
+                    chat = json.loads(chat_path.read_text()) | model.overrides
+                    chat_path.write_text(json.dumps(chat, indent=2) + "\n")
             else:
                 entry["model_url"] = str(model.dist)
             app_models.append(entry)

@@ -1,7 +1,7 @@
 """MobileVLM in Relax `nn`: vision tower + projector + MobileLLaMA, with MLC's entry points.
 
-Exported functions (params packed, one method each): `embed`, `vision_features` (diagnostic boundary
-used by `verify`), `image_embed`, `prefill`, `decode`, `batch_prefill`, `batch_decode`,
+Exported functions (params packed, one method each): `embed`, `preprocess_image` and `vision_features`
+(diagnostic boundaries used by `verify`), `image_embed` (RGB bytes in, as MLC's engine passes them), `prefill`, `decode`, `batch_prefill`, `batch_decode`,
 `create_tir_paged_kv_cache`. The functions MLC's engine needs beside the model (logit processors,
 softmax, the embedding buffer) are attached by `mobilevlm_mlc.compiler.export_model`, and `_metadata`
 by `compile`, which knows the quantization and the parameter list.
@@ -21,6 +21,7 @@ from tvm.target import Target
 
 from .clip import CLIPVisionTower
 from .config import MobileVLMConfig
+from .image_processing import preprocess_image
 from .llama import LlamaModel
 from .projector import LDPNetProjector, LDPNetV2Projector
 from .quantization import GroupQuantScheme, QuantizedEmbedding, QuantizedLinear, quantize_linears
@@ -29,9 +30,16 @@ PROJECTORS = {"ldpnet": LDPNetProjector, "ldpnetv2": LDPNetV2Projector}
 
 
 class MobileVLMForCausalLM(nn.Module):
-    def __init__(self, config: MobileVLMConfig, quantization: GroupQuantScheme | None = None):
+    def __init__(
+        self,
+        config: MobileVLMConfig,
+        quantization: GroupQuantScheme | None = None,
+        image_coefficient_dtype: str = "float64",
+    ):
+        """`image_coefficient_dtype`: the image resampler's precision, float32 for devices without fp64."""
         text, vision = config.text, config.vision
         self.config = config
+        self.image_coefficient_dtype = image_coefficient_dtype
         self.model = LlamaModel(text)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.vision_tower = CLIPVisionTower(vision)
@@ -52,14 +60,30 @@ class MobileVLMForCausalLM(nn.Module):
         """Token ids [seq_len] -> embeddings [seq_len, hidden]."""
         return self.model.embed_tokens(input_ids)
 
-    def vision_features(self, pixels: Tensor) -> Tensor:
-        """Pixels [1, 3, H, W] -> CLIP features of the selected layer without CLS [patches, mm_hidden]."""
-        features = self.vision_tower(pixels)
+    def _pixels(self, image: Tensor) -> Tensor:
+        return self.preprocess_image(image).astype(self.dtype)
+
+    def preprocess_image(self, image: Tensor) -> Tensor:
+        """RGB bytes [1, H, W, 3] -> the pixels entering CLIP, float32 [1, 3, S, S] (diagnostic boundary)."""
+        return preprocess_image(image, self.config.image_processor, self.image_coefficient_dtype)
+
+    def vision_features(self, image: Tensor) -> Tensor:
+        """RGB bytes [1, H, W, 3] -> CLIP features of the selected layer without CLS [patches, mm_hidden]."""
+        features = self.vision_tower(self._pixels(image))
         return op.reshape(features, (features.shape[1], features.shape[2]))
 
-    def image_embed(self, pixels: Tensor) -> Tensor:
-        """Pixels [1, 3, H, W] -> image tokens in the LLM's embedding space [image_tokens, hidden]."""
-        tokens = self.mm_projector(self.vision_tower(pixels))
+    def image_embed(
+        self,
+        image: Tensor,
+        resize_height: tirx.Var,
+        resize_width: tirx.Var,
+        crop_height: tirx.Var,
+        crop_width: tirx.Var,
+    ) -> Tensor:
+        """RGB bytes [1, H, W, 3] of any size -> image tokens in the LLM's embedding space [image_tokens, hidden].
+        MLC's signature: its engine passes four sizes, all 0 except for Phi-3-V; MobileVLM's sizes are its
+        processor config's, so they are not read."""
+        tokens = self.mm_projector(self.vision_tower(self._pixels(image)))
         return op.reshape(tokens, (tokens.shape[1], tokens.shape[2]))
 
     def prefill(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
@@ -128,12 +152,20 @@ class MobileVLMForCausalLM(nn.Module):
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         hidden = self.config.text.hidden_size
-        image = self.config.vision.image_size
+        image = nn.spec.Tensor([1, "image_height", "image_width", 3], "uint8")
         packed = {"param_mode": "packed", "effect_mode": "none"}
         spec = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
-            "vision_features": {"pixels": nn.spec.Tensor([1, 3, image, image], self.dtype), "$": packed},
-            "image_embed": {"pixels": nn.spec.Tensor([1, 3, image, image], self.dtype), "$": packed},
+            "preprocess_image": {"image": image, "$": packed},
+            "vision_features": {"image": image, "$": packed},
+            "image_embed": {
+                "image": image,
+                "resize_height": nn.spec.Int(),
+                "resize_width": nn.spec.Int(),
+                "crop_height": nn.spec.Int(),
+                "crop_width": nn.spec.Int(),
+                "$": packed,
+            },
             "prefill": {
                 "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], self.dtype),
                 "paged_kv_cache": nn.spec.Object(object_type=PagedKVCache),

@@ -32,6 +32,7 @@ ANDROID_ADRENO = BuildTarget(
     pipeline=functools.partial(gpu_pipeline, max_unroll_step=ADRENO_MAX_UNROLL_STEP),
     codegen="opencl",
     system_lib=True,
+    float64=False,  # Adreno's OpenCL has no cl_khr_fp64
 )
 
 ANDROID_CPU = BuildTarget(

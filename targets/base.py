@@ -37,6 +37,12 @@ class BuildTarget:
     )
     # kernels this target's pipeline swaps for its own, TVM's name -> ours (`check-kernels` pairs them up)
     kernel_renames: dict[str, str] = field(default_factory=dict)
+    float64: bool = True  # the device computes in fp64 (Adreno's OpenCL and most Vulkan devices do not)
+
+    @property
+    def image_coefficient_dtype(self) -> str:
+        """The precision of the image resampler's coefficients (`model_defs/image_processing.py`)."""
+        return "float64" if self.float64 else "float32"
 
     @property
     def library_suffix(self) -> str:

@@ -38,6 +38,7 @@ BUILDING_FIXTURES = {
     "ldpnet_built",
     "ldpnet_engine",
     "android_models",
+    "android_libraries",
     "dists",
     "q4_builds",
     "odd_builds",
@@ -94,11 +95,13 @@ def ldpnet_engine(ldpnet_built: Built) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def android_models(workspace: Path) -> dict[str, tuple[Path, Path, str]]:
-    """Two static libraries for MLC's Android app, built once: name -> (dist, .tar, model_lib)."""
+def android_libraries(workspace: Path) -> dict[str, tuple[Path, Path, str]]:
+    """Static libraries for Android, built once: name -> (dist, .tar, model_lib); two OpenCL ones (what
+    MLC's app runs) and one for the Arm CPU."""
     built = {}
     for projector, quantization, target in (
         ("ldpnet", "q4f16_0", "android-adreno"),
+        ("ldpnetv2", "q4f16_1", "android-adreno"),
         ("ldpnetv2", "q4f16_3", "android-cpu"),
     ):
         name = f"mobilevlm-{projector}-{quantization}"
@@ -106,3 +109,9 @@ def android_models(workspace: Path) -> dict[str, tuple[Path, Path, str]]:
         report = compile_model(dist, target, workspace / "pkg" / f"{name}-{target}.tar")
         built[name] = (dist, Path(report["output"]), report["system_lib_prefix"].rstrip("_"))
     return built
+
+
+@pytest.fixture(scope="session")
+def android_models(android_libraries) -> dict[str, tuple[Path, Path, str]]:
+    """The two OpenCL libraries, which the packaging tests bundle for MLC's app."""
+    return {name: built for name, built in android_libraries.items() if "q4f16_3" not in name}

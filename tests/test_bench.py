@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from mobilevlm_mlc.runtime.backend import connect
+from mobilevlm_mlc.runtime.conversation import IMAGE_TOKEN_ID
 from mobilevlm_mlc.runtime.engine import Engine
+from mobilevlm_mlc.runtime.sampling import GenerationConfig
 
 from .helpers import cli, cli_error
 
@@ -214,12 +216,28 @@ def rpc_tracker(tmp_path_factory):
 def test_remote_engine_matches_local(ldpnet_built, ldpnet_engine, rpc_tracker):
     remote = Engine(ldpnet_built.dist, ldpnet_built.lib, remote=connect(rpc_tracker, "test-cpu"))
     ids = ldpnet_engine.tokenizer.encode("a short prompt")
-    image = [ldpnet_engine.image_embed(ldpnet_engine.pixels(ROOT / "mobilevlm_mlc" / "assets" / "demo.png"))]
+    demo = ROOT / "mobilevlm_mlc" / "assets" / "demo.png"
     local_logits = ldpnet_engine.teacher_forced_logits(ids, [], [5, 6, 7])
     remote_logits = remote.teacher_forced_logits(ids, [], [5, 6, 7])
     np.testing.assert_array_equal(remote_logits, local_logits)  # the same kernels on the same CPU
-    remote_image = remote.image_embed(remote.pixels(ROOT / "mobilevlm_mlc" / "assets" / "demo.png"))
-    np.testing.assert_array_equal(remote_image, image[0])
+    image = ldpnet_engine.image_embed(ldpnet_engine.pixels(demo))
+    remote_image = remote.image_embed(remote.pixels(demo))
+    np.testing.assert_array_equal(remote_image.numpy(), image.numpy())
+    # a prompt of text and image assembled in the remote embedding buffer (views and copies over RPC),
+    # and a token drawn through the remote processors and softmax
+    prompt_ids = ids[:2] + [IMAGE_TOKEN_ID] + ids[2:]
+    config = GenerationConfig(temperature=0.8, seed=3, repetition_penalty=1.3, logit_bias={5: 2.0})
+    local, far = (
+        engine.teacher_forced_logits(prompt_ids, [engine.image_embed(engine.pixels(demo))], [5, 6])
+        for engine in (ldpnet_engine, remote)
+    )
+    np.testing.assert_array_equal(far, local)
+    drawn = []
+    for engine in (ldpnet_engine, remote):
+        with engine.chat() as session:
+            list(session.send_tokens("Describe it.", demo, config))
+            drawn.append(session.last.output_token_ids)
+    assert drawn[0] == drawn[1] and drawn[0]
 
 
 def test_bench_through_an_rpc_tracker(ldpnet_built, rpc_tracker, tmp_path):

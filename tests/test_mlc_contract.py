@@ -10,21 +10,23 @@ import tvm
 
 from mobilevlm_mlc.formats.library import inspect_library
 from mobilevlm_mlc.formats.mlc_contract import METADATA_KEYS, TIR_FUNCTIONS, VM_FUNCTIONS
+from mobilevlm_mlc.formats.mlc_runtime import REGISTERED_IN
 
-from .helpers import rel_err
+from .helpers import DEMO_IMAGE, REL_TOL, reference_for, rel_err
 
 
 def test_library_reports_the_contract(ldpnet_built):
     report = inspect_library(ldpnet_built.lib)
     for name, arity in VM_FUNCTIONS.items():
-        assert name in report.vm_functions, name
-        if name != "image_embed":
-            assert report.vm_functions[name] == arity, name
+        assert report.vm_functions[name] == arity, name
+    assert report.vm_functions["image_embed"] == 6  # bytes, four sizes, params
     assert set(TIR_FUNCTIONS) <= report.host_functions
     assert set(METADATA_KEYS) <= set(report.metadata)
-    # the one part not built yet: MLC's uint8 `image_embed` with its four shape arguments
-    assert report.contract_problems == ["'image_embed' takes 2 arguments, MLC's engine passes 6"]
+    assert report.contract_problems == []
     assert "vm.builtin.paged_attention_kv_cache_create" in report.runtime_functions
+    # all of them registered by the TVM runtime sources mlc4j compiles, with arities it accepts
+    assert report.runtime_calls["vm.builtin.paged_attention_kv_cache_create"] == {28}
+    assert report.vm_header == (0xD225DE2F4214151E, "0.14") and report.runtime_problems == []
     meta = report.metadata
     assert meta["kv_cache"] == {
         "num_hidden_layers": 4,
@@ -34,6 +36,11 @@ def test_library_reports_the_contract(ldpnet_built):
     }
     assert meta["max_batch_size"] == 128 and meta["sliding_window_size"] == -1 and meta["tensor_parallel_shards"] == 1
     assert all(p["preprocs"] == [] for p in meta["params"])
+    # TVM's static memory plan per function, prompts of up to one prefill chunk, up to 128 sequences
+    usage = meta["memory_usage"]
+    assert set(VM_FUNCTIONS) <= set(usage) and all(isinstance(v, int) and v >= 0 for v in usage.values())
+    assert usage["prefill"] > usage["decode"] > 0 and usage["batch_decode"] > usage["decode"]
+    assert usage["alloc_embedding_tensor"] == meta["prefill_chunk_size"] * meta["hidden_size"] * 4  # fp32 model
 
 
 def _forward(engine, name: str, seq_ids: list[int], lengths: list[int], *args):
@@ -52,7 +59,7 @@ def test_batch_prefill_and_decode_equal_single_sequences(ldpnet_engine):
     buffer = engine.vm["alloc_embedding_tensor"]()
     assert tuple(buffer.shape) == (engine.prefill_chunk_size, hidden) and buffer.dtype == "float32"
     prompts = [[1, 319, 29871, 450, 1205], [1, 910, 338], [1, 22172, 3186, 29991]]
-    embeds = [engine.embed(ids) for ids in prompts]
+    embeds = [engine.embed(ids).numpy() for ids in prompts]
     # single sequences: prefill, then two decode steps each
     single, seqs = [], []
     for e in embeds:
@@ -60,7 +67,7 @@ def test_batch_prefill_and_decode_equal_single_sequences(ldpnet_engine):
         seqs.append(seq)
         logits = [_forward(engine, "prefill", [seq], [len(e)], tvm.runtime.tensor(e[None]))[0, -1]]
         for token in (42, 7):
-            step = tvm.runtime.tensor(engine.embed([token])[None])
+            step = tvm.runtime.tensor(engine.embed([token]).numpy()[None])
             logits.append(_forward(engine, "decode", [seq], [1], step)[0, -1])
         single.append(logits)
     for seq in seqs:
@@ -72,7 +79,7 @@ def test_batch_prefill_and_decode_equal_single_sequences(ldpnet_engine):
     positions = tvm.runtime.tensor(np.cumsum(lengths).astype("int32") - 1)
     batched = [_forward(engine, "batch_prefill", seqs, lengths, tvm.runtime.tensor(packed), positions)[0]]
     for token in (42, 7):
-        step = tvm.runtime.tensor(np.stack([engine.embed([token])] * len(seqs)))  # [b, 1, hidden]
+        step = tvm.runtime.tensor(np.stack([engine.embed([token]).numpy()] * len(seqs)))  # [b, 1, hidden]
         batched.append(_forward(engine, "batch_decode", seqs, [1] * len(seqs), step)[:, 0])
     for seq in seqs:
         engine.remove_sequence(seq)
@@ -82,23 +89,41 @@ def test_batch_prefill_and_decode_equal_single_sequences(ldpnet_engine):
             assert rel_err(batched[step][i], single[i][step]) < 1e-4, (step, i)
 
 
-def test_engine_batch_decode_equals_decode(ldpnet_engine):
-    """The driver's `batch_decode` (one call for several sequences) gives each sequence its own logits."""
+@pytest.mark.parametrize("size", [(336, 336), (480, 320)])
+def test_image_embed_called_as_mlc_calls_it(ldpnet_engine, workspace, size):
+    """`image_embed(bytes uint8 [1, H, W, 3], Shape resize_h, resize_w, crop_h, crop_w, params)`: MLC's
+    Android app sends 336 x 336 (resized in Kotlin), other clients any size; the four sizes are (0)
+    for every model but Phi-3-V. Matches the reference's projector output on the reference's pixels."""
+    from PIL import Image
+
+    image = Image.open(DEMO_IMAGE).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    rgb = np.asarray(image, np.uint8)[None]
+    zero = tvm.runtime.ShapeTuple([0])
+    embeds = ldpnet_engine.vm["image_embed"](tvm.runtime.tensor(rgb), zero, zero, zero, zero, ldpnet_engine.params)
+    reference = reference_for(workspace, "ldpnet")
+    expected = reference.image_embeds(reference.pixels(image)).numpy()
+    assert tuple(embeds.shape) == expected.shape == (144, 256) and embeds.dtype == "float32"
+    assert rel_err(embeds.numpy(), expected) < REL_TOL
+
+
+def test_engine_batched_calls_equal_single_ones(ldpnet_engine):
+    """The driver's prefill of several prompts (packed into `batch_prefill` calls, a prompt split across
+    calls where the chunk is full) and its `batch_decode` give each sequence its own logits."""
     engine = ldpnet_engine
     prompts = [[1, 319, 29871], [1, 910, 338, 263, 1243], [1, 22172]]
     seqs = [engine.add_sequence() for _ in prompts]
     try:
-        for seq, ids in zip(seqs, prompts):
-            engine.prefill(seq, engine.embed(ids))
-        batched = engine.batch_decode(seqs, [42, 7, 99])
+        first = [row.numpy()[0, -1] for row in engine.prefill(seqs, [engine.prompt(ids, []) for ids in prompts])]
+        batched = engine.decode(seqs, [42, 7, 99]).numpy()[:, 0]
     finally:
         for seq in seqs:
             engine.remove_sequence(seq)
     for i, ids in enumerate(prompts):
         seq = engine.add_sequence()
         try:
-            engine.prefill(seq, engine.embed(ids))
-            assert rel_err(batched[i], engine.decode(seq, [42, 7, 99][i])) < 1e-4, i
+            [alone] = engine.prefill([seq], [engine.prompt(ids, [])])
+            assert rel_err(first[i], alone.numpy()[0, -1]) < 1e-4, i
+            assert rel_err(batched[i], engine.decode([seq], [[42, 7, 99][i]]).numpy()[0, -1]) < 1e-4, i
         finally:
             engine.remove_sequence(seq)
 
@@ -124,6 +149,10 @@ def test_softmax_with_temperature(ldpnet_engine):
         # rtol: the CPU build's exp is TOPI's fast polynomial (FastMathTransform), 4e-5 relative at worst
         np.testing.assert_allclose(probs[i, 0], _probs_reference(logits[i, 0], t), rtol=1e-4, atol=1e-9)
     assert probs[3, 0, 5] == probs[3, 0, 9] == 0.5
+    logits[1, 0, 7], logits[2, 0, 3] = np.nan, np.inf  # a broken row is all NaN, the others untouched
+    broken = ldpnet_engine.vm["softmax_with_temperature"](tvm.runtime.tensor(logits), tvm.runtime.tensor(temperature))
+    broken = broken.numpy()
+    assert np.isnan(broken[1:3]).all() and np.array_equal(broken[[0, 3]], probs[[0, 3]])
 
 
 @pytest.fixture
@@ -176,3 +205,28 @@ def test_bitmask(ldpnet_engine, logits):
     for row in seq_ids:
         expected[row, allowed[row] == 0] = np.finfo(np.float32).min
     np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_runtime_check_names_what_mlc4j_lacks():
+    """`mlc_runtime.runtime_problems` on calls a library could make: a contrib function mlc4j does not
+    compile, a KV cache constructor of another TVM, an unknown function, another VM format."""
+    from mobilevlm_mlc.formats.mlc_runtime import runtime_problems
+
+    header = (0xD225DE2F4214151E, "0.14")
+    assert runtime_problems({"vm.builtin.reshape": {2}}, header) == []
+    REGISTERED_IN["tvm.contrib.sort.argsort"] = "runtime/contrib/sort/sort.cc"
+    try:
+        assert runtime_problems({"tvm.contrib.sort.argsort": {4}}, header) == [
+            "'tvm.contrib.sort.argsort' is registered in TVM's runtime/contrib/sort/sort.cc, which mlc4j's runtime does not compile"
+        ]
+    finally:
+        del REGISTERED_IN["tvm.contrib.sort.argsort"]
+    assert runtime_problems({"vm.builtin.paged_attention_kv_cache_create": {27}}, header) == [
+        "'vm.builtin.paged_attention_kv_cache_create' is called with [27] arguments, the runtime takes [28, 29]"
+    ]
+    assert runtime_problems({"my.func": {1}}, header) == [
+        "'my.func' is not among the functions checked against mlc4j's runtime"
+    ]
+    assert runtime_problems({}, (0xD225DE2F4214151E, "0.13")) == [
+        "VM bytecode 0xd225de2f4214151e version '0.13', the runtime reads version '0.14'"
+    ]

@@ -62,3 +62,56 @@ def test_library_without_the_named_symbol_is_refused(android_models, tmp_path):
     with pytest.raises(MobileVLMError, match="does not define mobilevlm_renamed___tvm_ffi__library_bin"):
         package(path, tmp_path / "out")
     assert not (tmp_path / "out" / "lib").exists()
+
+
+def test_cpu_library_is_refused_for_mlcs_app(android_libraries, tmp_path):
+    """MLC's Android app runs its engine on Device.opencl(): a CPU .tar would link but never run."""
+    cpu = {n: b for n, b in android_libraries.items() if "q4f16_3" in n}
+    with pytest.raises(
+        MobileVLMError, match=r"holds CPU code only; MLC's Android app creates its engine on Device.opencl\(\)"
+    ):
+        package(write_config(tmp_path, cpu), tmp_path / "out")
+
+
+def _config_with(tmp_path, models, **entry):
+    path = write_config(tmp_path, models)
+    config = json.loads(path.read_text())
+    config["model_list"][0].update(entry)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_overrides_are_written_into_the_bundled_chat_config(android_models, tmp_path):
+    overrides = {"context_window_size": 512, "prefill_chunk_size": 256}
+    out = package(_config_with(tmp_path, android_models, overrides=overrides), tmp_path / "out")
+    name = next(iter(android_models))
+    chat = json.loads((out / "bundle" / name / "mlc-chat-config.json").read_text())
+    assert {key: chat[key] for key in overrides} == overrides
+    original = json.loads((android_models[name][0] / "mlc-chat-config.json").read_text())
+    assert original["prefill_chunk_size"] != 256  # the dist itself is untouched
+
+
+@pytest.mark.parametrize(
+    "overrides,bundled,message",
+    [
+        (
+            {"prefill_chunk_size": 128},
+            True,
+            r"prefill_chunk_size is 128, expected at least 1\d\d: MLC's engine cannot split an image",
+        ),
+        (
+            {"context_window_size": 10**6},
+            True,
+            r"overrides.context_window_size is 1000000, expected an integer in \[1, \d+\]",
+        ),
+        ({"sliding_window_size": 64}, True, "overrides.sliding_window_size cannot change a prebuilt library"),
+        ({"prefill_chunk_size": "256"}, True, r"overrides.prefill_chunk_size is '256'"),
+        ({"prefill_chunk_size": 256}, False, "only a bundled copy can carry"),
+        ([], True, r"field 'overrides' is \[\], expected an object"),
+    ],
+)
+def test_bad_overrides_are_refused(android_models, tmp_path, overrides, bundled, message):
+    path = _config_with(tmp_path, android_models, overrides=overrides, bundle_weight=bundled)
+    with pytest.raises(MobileVLMError, match=message):
+        package(path, tmp_path / "out")
+    assert not (tmp_path / "out" / "bundle").exists()

@@ -306,8 +306,8 @@ def test_tall_matrices_are_packed_in_bounded_steps_identically():
 
 def test_fp16_vision_tower_computes_in_fp32_without_fp16_arithmetic(q4_builds, workspace):
     """On a CPU without fp16 arithmetic the vision path of an fp16 build widens its fp16 weights and
-    pixels and computes in fp32: it matches PyTorch computing in fp32 from the same fp16-rounded weights
-    and pixels up to the rounding of its fp16 result (2^-11 = 4.9e-4), inside what fp16 arithmetic costs
+    computes in fp32 from its fp32 pixels: it matches PyTorch computing in fp32 from the same fp16-rounded
+    weights up to the rounding of its fp16 result (2^-11 = 4.9e-4), inside what fp16 arithmetic costs
     (PyTorch in fp16, which accumulates in fp32: 1.5e-3)."""
     import torch
 
@@ -318,13 +318,12 @@ def test_fp16_vision_tower_computes_in_fp32_without_fp16_arithmetic(q4_builds, w
     for module in (reference.vision, reference.projector):
         module.half().float()  # the dist's fp16 weights, computed in fp32
     pixels = engine.pixels(Image.open(DEMO_IMAGE))
-    assert pixels.dtype == np.float16
     with torch.no_grad():
-        ref_pixels = torch.from_numpy(pixels.astype(np.float32))
+        ref_pixels = torch.from_numpy(engine.preprocess_image(pixels))  # float32: never rounded to fp16 here
         features, embeds = reference.vision_features(ref_pixels)[0].numpy(), reference.image_embeds(ref_pixels).numpy()
         half = ReferenceMobileVLM(checkpoint_for(workspace, "ldpnet"), dtype=torch.float16)
-        half_embeds = half.image_embeds(torch.from_numpy(pixels)).float().numpy()
-    for got, expected in ((engine.vision_features(pixels), features), (engine.image_embed(pixels), embeds)):
+        half_embeds = half.image_embeds(ref_pixels.half()).float().numpy()
+    for got, expected in ((engine.vision_features(pixels), features), (engine.image_embed(pixels).numpy(), embeds)):
         assert got.dtype == np.float16
         assert (
             np.abs(got.astype(np.float32) - expected).max() <= 6e-4 * np.abs(expected).max()

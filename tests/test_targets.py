@@ -54,8 +54,8 @@ def dists(workspace):
         ("mobilevlm-ldpnetv2-q4f16_3", "android-cpu", "mobilevlm_ldpnetv2_q4f16_3_"),
     ],
 )
-def test_android_static_library(android_models, tmp_path, name, target, prefix):
-    _, out, model_lib = android_models[name]  # the two libraries the packaging tests bundle, built for `target`
+def test_android_static_library(android_libraries, tmp_path, name, target, prefix):
+    _, out, model_lib = android_libraries[name]  # built for `target` (the packaging tests bundle the OpenCL ones)
     assert model_lib + "_" == prefix  # the dist folder's name as a C identifier
     objects = members(out)
     assert sorted(objects) == sorted(["lib0.o", f"{prefix}devc.o"])
@@ -70,6 +70,7 @@ def test_android_static_library(android_models, tmp_path, name, target, prefix):
         assert entry in blob, entry
     contract = inspect_library(out)  # MLC's functions, read from the VM bytecode and the objects
     assert set(VM_FUNCTIONS) <= set(contract.vm_functions) and set(TIR_FUNCTIONS) <= contract.host_functions
+    assert contract.contract_problems == [] and contract.runtime_problems == []  # MLC's engine and mlc4j's runtime
     if target == "android-adreno":  # OpenCL C source for every kernel, the decode path's among them
         for kernel in (
             "batch_decode_paged_kv_kernel",

@@ -142,35 +142,33 @@ def bench_engine(
     encode = timed(lambda: encoded.append(engine.image_embed(pixels)), settings.repeat, settings.warmup)
     image_embeds = encoded[-1]
 
-    def prefill(embeds: np.ndarray) -> np.ndarray:
+    def prefill(prompt: list) -> np.ndarray:
         seq = engine.add_sequence()
         try:
-            return engine.prefill(seq, embeds)
+            return engine.prefill([seq], [prompt])[0].numpy()[0, -1]
         finally:
             engine.remove_sequence(seq)
 
     prefill_tok_s = {}
     for length in settings.prompt_lengths:
         progress(f"prefill {image_tokens}+{length}")
-        embeds = np.concatenate([image_embeds, engine.embed(rng.integers(3, vocab, length).tolist())])
-        runs = timed(lambda e=embeds: prefill(e), settings.repeat, settings.warmup)
-        prefill_tok_s[str(length)] = summary([len(embeds) / s for s in runs])
+        prompt = [image_embeds, engine.embed(rng.integers(3, vocab, length).tolist())]
+        runs = timed(lambda p=prompt: prefill(p), settings.repeat, settings.warmup)
+        prefill_tok_s[str(length)] = summary([(image_tokens + length) / s for s in runs])
 
     progress(f"decode {settings.decode_tokens}" + (f" x {settings.batch} sequences" if settings.batch > 1 else ""))
-    context = np.concatenate(
-        [image_embeds, engine.embed(rng.integers(3, vocab, min(settings.prompt_lengths)).tolist())]
-    )
+    context = [image_embeds, engine.embed(rng.integers(3, vocab, min(settings.prompt_lengths)).tolist())]
 
     def decode_run() -> None:
+        """Greedy decode of `batch` sequences, one `decode` / `batch_decode` call per step, argmax on the host
+        (the sampler's cost is not the model's)."""
         seqs = [engine.add_sequence() for _ in range(settings.batch)]
         try:
-            logits = np.stack([engine.prefill(seq, context) for seq in seqs])
+            rows = engine.prefill(seqs, [context] * len(seqs))
+            tokens = [int(np.argmax(row.numpy()[0, -1])) for row in rows]
             started = time.perf_counter()
             for _ in range(settings.decode_tokens):
-                if settings.batch == 1:
-                    logits = engine.decode(seqs[0], int(np.argmax(logits[0])))[None]
-                else:
-                    logits = engine.batch_decode(seqs, [int(t) for t in np.argmax(logits, axis=1)])
+                tokens = [int(t) for t in np.argmax(engine.decode(seqs, tokens).numpy()[:, 0], axis=1)]
             decode_run.seconds.append(time.perf_counter() - started)
         finally:
             for seq in seqs:
@@ -188,8 +186,7 @@ def bench_engine(
 
     def first_token() -> int:
         ids = tokenize_with_images(engine.tokenizer, text, add_bos=True)
-        embeds = engine.input_embeds(ids, [engine.image_embed(engine.pixels(image))])
-        return int(np.argmax(prefill(embeds)))
+        return int(np.argmax(prefill(engine.prompt(ids, [engine.image_embed(engine.pixels(image))]))))
 
     ttft = timed(first_token, settings.repeat, settings.warmup)
     return {

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import re
 import time
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,14 @@ class KernelResult:
 # ---------------------------------------------------------------- builds
 
 
-def scheduled_kernels(config, scheme, build_target: BuildTarget) -> tuple[tvm.target.Target, tvm.IRModule]:
-    """The model exported for `build_target` and run through its Relax pipeline (kernels scheduled)."""
+def scheduled_kernels(
+    config, scheme, build_target: BuildTarget, like: BuildTarget | None = None
+) -> tuple[tvm.target.Target, tvm.IRModule]:
+    """The model exported for `build_target` and run through its Relax pipeline (kernels scheduled);
+    with `like`, computing what `like`'s build computes (its image resampler precision)."""
     target = build_target.tvm_target()
-    mod, _ = export_model(MobileVLMForCausalLM(config, scheme), target)
+    precision = (like or build_target).image_coefficient_dtype
+    mod, _ = export_model(MobileVLMForCausalLM(config, scheme, precision), target)
     with target:
         return target, build_target.relax_pipeline(target)(mod)
 
@@ -58,7 +63,11 @@ def scheduled_kernels(config, scheme, build_target: BuildTarget) -> tuple[tvm.ta
 def kernels_called(mod: tvm.IRModule, entry: str) -> list[str]:
     """PrimFuncs an entry point calls (in order of first call)."""
     names = re.findall(r"(?:cls\.)?(\w+)\(", mod[entry].script())
-    primfuncs = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    primfuncs = {  # device kernels: the VM's shape functions run on the host
+        gv.name_hint
+        for gv, f in mod.functions_items()
+        if isinstance(f, tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_host_func"))
+    }
     return list(dict.fromkeys(n for n in names if n in primfuncs))
 
 
@@ -74,7 +83,12 @@ class _Sizes(dict):
     """Symbolic dimensions: the given ones, 4 for any other (pages, tokens: small and valid)."""
 
     def __missing__(self, key: str) -> int:
+        if key in _SHAPE_FUNCTIONS:  # a name lookup tries these locals first
+            raise KeyError(key)
         return 4
+
+
+_SHAPE_FUNCTIONS = {"T": types.SimpleNamespace(max=max, min=min)}  # what a printed shape calls (the image's side)
 
 
 def _shape(buffer, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -84,7 +98,7 @@ def _shape(buffer, sizes: dict[str, int]) -> tuple[int, ...]:
             dims.append(int(d))
         else:
             expr = str(d)
-            dims.append(int(eval(re.sub(r"T\.int(32|64)\((\d+)\)", r"\2", expr), {}, _Sizes(sizes))))
+            dims.append(int(eval(re.sub(r"T\.int(32|64)\((\d+)\)", r"\2", expr), _SHAPE_FUNCTIONS, _Sizes(sizes))))
     return tuple(dims)
 
 
@@ -244,8 +258,10 @@ def launches(host_script: str, func: tirx.PrimFunc, shapes: dict[str, tuple[int,
             for arg in args:
                 if arg.endswith(".data"):
                     name = arg[: -len(".data")]
-                    while name in aliases and name not in shapes:
+                    seen = {name}
+                    while name in aliases and name not in shapes and aliases[name] not in seen:
                         name = aliases[name]
+                        seen.add(name)
                     if name not in shapes:
                         raise ValueError(f"kernel argument {arg} is not a parameter buffer (global scratch)")
                     resolved.append(name)
@@ -335,7 +351,7 @@ def check_kernels(
     scheme = dist.quantization.scheme and dataclasses.replace(dist.quantization.scheme, model_dtype="float32")
     gpu_target, gpu_mod = scheduled_kernels(config, scheme, gpu_target_def)
     cpu_target_def = get_target("cpu")
-    cpu_target, cpu_mod = scheduled_kernels(config, scheme, cpu_target_def)
+    cpu_target, cpu_mod = scheduled_kernels(config, scheme, cpu_target_def, like=gpu_target_def)
     # Lower the OpenCL kernels with this machine as host, so the host code is only read, never run.
     gpu_target = tvm.target.Target(gpu_target, host=cpu_target)
 

@@ -137,7 +137,7 @@ def verify(
     from mobilevlm_mlc.runtime.preprocess import load_image
     from mobilevlm_mlc.runtime.sampling import GenerationConfig
 
-    from .reference import ReferenceMobileVLM
+    from .reference import ReferenceMobileVLM, reference_pixels
 
     model_dir = Path(model_dir)
     picture = load_image(Path(image))
@@ -159,13 +159,14 @@ def verify(
     )
     report = VerifyReport(quantization, against, tokens_required=activations == "float32")
 
-    pixels, ref_pixels = engine.pixels(picture), reference.pixels(picture)
-    report.boundaries.append(compare("pixels", pixels, ref_pixels.numpy(), tolerance))
+    pixels, ref_pixels = engine.pixels(picture), reference.pixels(picture)  # RGB bytes; the reference's CLIP input
+    exact_pixels = reference_pixels(picture, engine.dist.config.image_processor).numpy()  # float32, before any cast
+    report.boundaries.append(compare("pixels", engine.preprocess_image(pixels), exact_pixels, 0.0))  # bit-exact
     ref_features = reference.vision_features(ref_pixels)[0].numpy()
     report.boundaries.append(compare("vision features", engine.vision_features(pixels), ref_features, tolerance))
     image_embeds = engine.image_embed(pixels)
     ref_embeds = reference.image_embeds(ref_pixels)
-    report.boundaries.append(compare("projector output", image_embeds, ref_embeds.numpy(), tolerance))
+    report.boundaries.append(compare("projector output", image_embeds.numpy(), ref_embeds.numpy(), tolerance))
 
     ids = reference.input_ids(Conversation().user_turn(prompt, with_image=True))
     ref_input = reference.input_embeds(ids, ref_embeds)

@@ -17,6 +17,7 @@ from mobilevlm_mlc.targets.toolchain.fatbin import fatbin_entries
 from mobilevlm_mlc.targets.toolchain.library_bin import DeviceCode, LibraryBin, LibraryBinError
 
 from .mlc_contract import MLC_LLM_COMMIT, check_contract
+from .mlc_runtime import TVM_COMMIT, runtime_problems, vm_format
 
 BLOB_SYMBOL = "__tvm_ffi__library_bin"
 
@@ -75,12 +76,23 @@ class LibraryReport:
     device_modules: list[DeviceModule]
     vm_functions: dict[str, int] = field(default_factory=dict)  # Relax VM function -> its arguments
     host_functions: set[str] = field(default_factory=set)  # compiled TIR functions (host side)
-    runtime_functions: list[str] = field(default_factory=list)  # global functions the VM calls (vm.builtin.*, ...)
+    # global functions the VM calls (vm.builtin.*, ...) -> the argument counts it passes them
+    runtime_calls: dict[str, set[int]] = field(default_factory=dict)
+    vm_header: tuple[int, str] = (0, "")  # the VM bytecode's magic and format version
+
+    @property
+    def runtime_functions(self) -> list[str]:
+        return sorted(self.runtime_calls)
 
     @property
     def contract_problems(self) -> list[str]:
         """What MLC's engine would miss in this library (`mlc_contract`)."""
         return check_contract(self.vm_functions, self.host_functions, self.metadata)
+
+    @property
+    def runtime_problems(self) -> list[str]:
+        """What the TVM runtime inside MLC's Android app would lack or refuse (`mlc_runtime`)."""
+        return runtime_problems(self.runtime_calls, self.vm_header)
 
     def to_dict(self) -> dict:
         return {
@@ -96,6 +108,7 @@ class LibraryReport:
             "vm_functions": self.vm_functions,
             "runtime_functions": self.runtime_functions,
             "mlc_contract": {"mlc_llm_commit": MLC_LLM_COMMIT, "missing": self.contract_problems},
+            "mlc4j_runtime": {"tvm_commit": TVM_COMMIT, "problems": self.runtime_problems},
         }
 
 
@@ -114,19 +127,23 @@ def _metadata(vm_payload: bytes) -> dict:
 
 
 _VM_FUNCTION = re.compile(r'^with ib\.function\("([^"]+)", num_inputs=(\d+)\)', re.M)
-_VM_CALL = re.compile(r'emit_call\("([^"]+)"')
+_VM_CALL = re.compile(r'emit_call\("([^"]+)", args=\[(.*?)\](?:, dst=|\))')
 _HOST_FUNCTION = "__tvm_ffi_"  # the symbol prefix of every compiled TIR function
 
 
-def _vm_functions(vm_payload: bytes) -> tuple[dict[str, int], list[str]]:
-    """(VM function -> arity, the dotted global functions it calls) from the serialized bytecode, which
-    TVM reads on any host whatever machine the library is for."""
+def _vm_functions(vm_payload: bytes) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """(VM function -> arity, each dotted global function it calls -> the argument counts it passes)
+    from the serialized bytecode, which TVM reads on any host whatever machine the library is for."""
     import tvm
 
     executable = tvm.get_global_func("ffi.Module.load_from_bytes.relax.VMExecutable")(bytearray(vm_payload))
     text = executable["as_python"]()
     functions = {name: int(arity) for name, arity in _VM_FUNCTION.findall(text)}
-    return functions, sorted({name for name in _VM_CALL.findall(text) if "." in name})
+    calls: dict[str, set[int]] = {}
+    for name, args in _VM_CALL.findall(text):
+        if "." in name:
+            calls.setdefault(name, set()).add(len(re.findall(r"\bib\.\w+\(", args)))
+    return functions, calls
 
 
 def _device_module(kind: str, payload: bytes) -> DeviceModule:
@@ -150,7 +167,8 @@ def inspect_library(path: Path) -> LibraryReport:
         blob = LibraryBin.parse(raw)
         vm = next((p for k, p in blob.modules if k == "relax.VMExecutable"), None)
         meta = _metadata(vm) if vm is not None else {}
-        vm_functions, runtime_functions = _vm_functions(vm) if vm is not None else ({}, [])
+        vm_functions, runtime_calls = _vm_functions(vm) if vm is not None else ({}, {})
+        vm_header = vm_format(vm) if vm is not None else (0, "")
         devices = [_device_module(k, p) for k, p in blob.modules if k not in ("_lib", "relax.VMExecutable")]
     except (
         MobileVLMError,
@@ -167,4 +185,4 @@ def inspect_library(path: Path) -> LibraryReport:
     host = set()  # `__tvm_ffi_<name>`, the system-lib prefix before the name in a static library
     for symbol in (n for o in objects for n in elf_symbols(o) if n.startswith(_HOST_FUNCTION)):
         host.add(symbol[len(_HOST_FUNCTION) :].removeprefix(prefix or ""))
-    return LibraryReport(path, machines, prefix, meta, devices, vm_functions, host, runtime_functions)
+    return LibraryReport(path, machines, prefix, meta, devices, vm_functions, host, runtime_calls, vm_header)

@@ -51,8 +51,18 @@ class Backend(ABC):
         """The two values of an entry point's tuple result (logits, KV cache)."""
 
     @abstractmethod
+    def function(self, name: str):
+        """A global function of the TVM runtime there."""
+
     def builtin(self, name: str):
         """A `vm.builtin.*` function (KV cache, reshape, memory manager)."""
+        return self.function(f"vm.builtin.{name}")
+
+    @staticmethod
+    def view(tensor: tvm.runtime.Tensor, shape: tuple[int, ...], byte_offset: int) -> tvm.runtime.Tensor:
+        """A view of part of a tensor's memory, no copy. Made on this side for a remote tensor too: a
+        remote tensor is a local descriptor of remote memory, which RPC sends as a pointer and offset."""
+        return tensor._create_view(shape, tensor.dtype, byte_offset)
 
     @abstractmethod
     def param_array(self, tensors: list[tvm.runtime.Tensor]) -> object:
@@ -80,8 +90,8 @@ class LocalBackend(Backend):
     def pair(self, result) -> tuple[object, object]:
         return result[0], result[1]
 
-    def builtin(self, name: str):
-        return tvm.get_global_func(f"vm.builtin.{name}")
+    def function(self, name: str):
+        return tvm.get_global_func(name)
 
     def param_array(self, tensors: list[tvm.runtime.Tensor]) -> list[tvm.runtime.Tensor]:
         return tensors
@@ -116,9 +126,6 @@ class RemoteSession(Backend):
     def pair(self, result) -> tuple[object, object]:
         get = self.function("ffi.ArrayGetItem")  # the tuple stays remote
         return get(result, 0), get(result, 1)
-
-    def builtin(self, name: str):
-        return self.function(f"vm.builtin.{name}")
 
     def param_array(self, tensors: list[tvm.runtime.Tensor]) -> object:
         # RPC carries no Python lists: the array is built on the device's side. The caller keeps

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import tvm
 from PIL import Image
 
 from mobilevlm_mlc.errors import MobileVLMError
@@ -104,9 +105,22 @@ class _Turn:
     """One exchange of a chat, kept so that the history can be re-prefilled after dropping older turns."""
 
     message: str
-    image: np.ndarray | None  # its image tokens [n, hidden], if it had an image
+    image: tvm.runtime.Tensor | None  # its image tokens [n, hidden] on the device, if it had an image
     output_token_ids: list[int] = field(default_factory=list)
     size: tuple[int, TurnSize] | None = None  # (answer length it was computed for, the sizes)
+
+
+@dataclass
+class _Generation:
+    """The turn a session is answering."""
+
+    turn: _Turn
+    result: TurnResult
+    config: GenerationConfig
+    sampler: Sampler
+    stream: StreamDecoder
+    size: int  # tokens its prefill feeds
+    rerender: bool
 
 
 class ChatSession:
@@ -120,6 +134,7 @@ class ChatSession:
         self.length = 0  # tokens in the KV cache
         self.pending: list[int] = []  # generated but not yet fed (the turn ended on max_new_tokens)
         self.last: TurnResult | None = None
+        self._generation: _Generation | None = None
 
     def __enter__(self) -> ChatSession:
         return self
@@ -144,7 +159,9 @@ class ChatSession:
         """Its sizes, kept once the turn is history (its answer no longer grows): each turn is rendered
         and tokenized for sizing once, not at every later message."""
         if turn.size is None or turn.size[0] != len(turn.output_token_ids):
-            image_tokens = len(turn.image) - 1 if turn.image is not None else 0  # the placeholder becomes the image
+            image_tokens = (
+                int(turn.image.shape[0]) - 1 if turn.image is not None else 0
+            )  # the placeholder becomes the image
             size = TurnSize(*(len(self._turn_ids(turn, first)) + image_tokens for first in (True, False)))
             turn.size = (len(turn.output_token_ids), size)
         return turn.size[1]
@@ -158,9 +175,30 @@ class ChatSession:
     def send_tokens(
         self, message: str, image: Image.Image | Path | str | None = None, config: GenerationConfig | None = None
     ) -> Iterator[str]:
-        """Like `send`, but yields once per generated token (its text delta, possibly empty), so that
-        callers can advance several sessions a token at a time."""
+        """Like `send`, but yields once per generated token (its text delta, possibly empty)."""
+        engine = self.engine
+        prompt, _ = self._begin(message, image, config, engine.free_kv_tokens())
+        [logits] = engine.prefill([self.seq_id], [prompt])
+        self._prefilled(logits)
+        while True:
+            [token] = engine.sample(logits, [self._generation.sampler])
+            delta = self._accept(token)
+            if delta is None:
+                return
+            yield delta
+            if not self._continues(engine.free_kv_tokens()):
+                return
+            logits = engine.decode([self.seq_id], [token])
+            self._fed()
+
+    # ---- the steps of a turn (`send_tokens` for one session, `run_turns` for several) -----------------
+
+    def _begin(
+        self, message: str, image: Image.Image | Path | str | None, config: GenerationConfig | None, free_tokens: int
+    ) -> tuple[list[tvm.runtime.Tensor], int]:
+        """Plan the turn for `free_tokens` free in the cache; its prompt parts, and the KV cache tokens it takes."""
         engine, config = self.engine, config or GenerationConfig()
+        engine.check_generation(config)
         window = engine.context_window_size
         turn = _Turn(message, engine.image_embed(engine.pixels(image)) if image is not None else None)
         plan = plan_turn(
@@ -170,7 +208,7 @@ class ChatSession:
             len(self.pending),
             window,
             config.max_new_tokens,
-            engine.free_kv_tokens(),
+            free_tokens,
         )
         if plan.rerender:  # the kept history goes into a fresh sequence
             engine.remove_sequence(self.seq_id)
@@ -180,32 +218,80 @@ class ChatSession:
         else:
             history = [turn]
             ids = self.pending + self._turn_ids(turn, first=not self.turns)
-        embeds = engine.input_embeds(ids, [t.image for t in history if t.image is not None])
+        prompt = engine.prompt(ids, [t.image for t in history if t.image is not None])
         self.pending = []
         result = self.last = TurnResult(
             prompt_token_ids=list(ids), output_token_ids=turn.output_token_ids, dropped_turns=plan.dropped
         )
-        logits = engine.prefill(self.seq_id, embeds)
-        if plan.rerender:
-            engine.release_workspace()
-        self.length += len(embeds)
-        self.turns.append(turn)
-        result.first_logits = logits
-        sampler, stream = Sampler(config), StreamDecoder(engine.tokenizer)
-        while True:
-            token = sampler(logits)
-            if token in engine.stop_token_ids:
-                result.finish_reason = "stop"
-                return
-            turn.output_token_ids.append(token)
-            self.pending = [token]  # until it is fed (a caller may stop iterating at the yield)
-            yield stream.push(token)
-            out_of_pages = (
-                self.length % KV_PAGE_SIZE == 0 and engine.free_kv_tokens() == 0
-            )  # shared with other sessions
-            if len(turn.output_token_ids) >= config.max_new_tokens or self.length + 1 >= window or out_of_pages:
-                result.finish_reason = "length"
-                return
-            logits = engine.decode(self.seq_id, token)
-            self.pending = []
-            self.length += 1
+        size = sum(int(part.shape[0]) for part in prompt)
+        self._generation = _Generation(
+            turn, result, config, Sampler(config), StreamDecoder(engine.tokenizer), size, plan.rerender
+        )
+        return prompt, plan.pages * KV_PAGE_SIZE
+
+    def _prefilled(self, logits: tvm.runtime.Tensor) -> None:
+        generation = self._generation
+        if generation.rerender:
+            self.engine.release_workspace()
+        self.length += generation.size
+        self.turns.append(generation.turn)
+        generation.result.first_logits = logits.numpy()[0, -1]  # before the processors change them
+
+    def _accept(self, token: int) -> str | None:
+        """The sampled token: its text delta, or None when it ends the turn (a stop token)."""
+        generation = self._generation
+        if token in self.engine.stop_token_ids:
+            generation.result.finish_reason = "stop"
+            return None
+        generation.turn.output_token_ids.append(token)
+        self.pending = [token]  # until it is fed (a caller may stop iterating at the yield)
+        return generation.stream.push(token)
+
+    def _continues(self, free_tokens: int) -> bool:
+        """Whether the accepted token is fed for another one: not at max_new_tokens, the window's end, or
+        when it would need a page and `free_tokens` (shared with other sessions) is 0."""
+        generation, window = self._generation, self.engine.context_window_size
+        out_of_pages = self.length % KV_PAGE_SIZE == 0 and free_tokens == 0
+        if (
+            len(generation.turn.output_token_ids) >= generation.config.max_new_tokens
+            or self.length + 1 >= window
+            or out_of_pages
+        ):
+            generation.result.finish_reason = "length"
+            return False
+        return True
+
+    def _fed(self) -> None:
+        self.pending = []
+        self.length += 1
+
+
+def run_turns(
+    engine: Engine, requests: list[tuple[ChatSession, str, Image.Image | Path | str | None, GenerationConfig | None]]
+) -> None:
+    """One turn of each session together: all prompts prefilled in `batch_prefill` calls, then each
+    token step of all live sessions in one `batch_decode` call (the engine picks the single-sequence
+    functions when one is left), tokens drawn in one `softmax_with_temperature` call per step."""
+    free, prompts = engine.free_kv_tokens(), []
+    for session, message, image, config in requests:
+        prompt, tokens = session._begin(message, image, config, free)
+        prompts.append(prompt)
+        free -= tokens
+    sessions = [request[0] for request in requests]
+    rows = engine.prefill([s.seq_id for s in sessions], prompts)
+    for session, logits in zip(sessions, rows):
+        session._prefilled(logits)
+    live = [(s, engine.sample(logits, [s._generation.sampler])[0]) for s, logits in zip(sessions, rows)]
+    while live:
+        free, feeding = engine.free_kv_tokens(), []
+        for session, token in live:
+            if session._accept(token) is not None and session._continues(free):
+                free -= KV_PAGE_SIZE if session.length % KV_PAGE_SIZE == 0 else 0  # this step opens a page
+                feeding.append((session, token))
+        if not feeding:
+            return
+        logits = engine.decode([s.seq_id for s, _ in feeding], [t for _, t in feeding])
+        for session, _ in feeding:
+            session._fed()
+        tokens = engine.sample(logits, [s._generation.sampler for s, _ in feeding])
+        live = [(session, token) for (session, _), token in zip(feeding, tokens)]

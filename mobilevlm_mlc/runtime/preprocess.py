@@ -1,5 +1,6 @@
-"""Image preprocessing identical to MobileVLM's: pad to square with the mean colour, then CLIP's
-resize (shortest edge, bicubic) -> centre crop -> rescale 1/255 -> normalize. Output [1, 3, S, S]."""
+"""Images into the driver: read safely, converted to RGB bytes. MobileVLM's preprocessing (pad to a
+square with the mean colour, CLIP's bicubic resize, centre crop, normalize) runs inside the library
+(`model_defs/image_processing.py`), as MLC's engine expects."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.model_defs.config import ImageProcessorConfig
 
 # Pad-to-square makes a side x side canvas of the longer side: that, not width x height, is what an
 # image costs. Bounded by PIL's own decompression-bomb limit (about 9459 x 9459).
@@ -49,29 +49,7 @@ def load_image(path: Path) -> Image.Image:
         raise MobileVLMError(f"{path}: not a readable image ({err})") from None
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-def preprocess(image: Image.Image, config: ImageProcessorConfig, dtype: str = "float32") -> np.ndarray:
+def image_bytes(image: Image.Image) -> np.ndarray:
+    """RGB bytes [1, H, W, 3]: what the library's `image_embed` takes (it pads, resizes and normalizes)."""
     check_image_size(image.size, "image")
-    image = image.convert("RGB")
-    background = tuple(int(x * 255) for x in config.image_mean)
-    image = expand_to_square(image, background)
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_short, new_long = config.resize_shortest_edge, int(config.resize_shortest_edge * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-    crop = config.crop_size
-    left, top = (image.width - crop) // 2, (image.height - crop) // 2
-    array = np.asarray(image, dtype=np.float64)[top : top + crop, left : left + crop]
-    array = (array * (1 / 255)).astype(np.float32)
-    array = (array - np.asarray(config.image_mean, np.float32)) / np.asarray(config.image_std, np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1)[None]).astype(dtype)
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8)[None])

@@ -2,7 +2,9 @@
 
 - `softmax_with_temperature(logits f32[b, 1, v], temperature f32[b]) -> f32[b, 1, v]`: each row's
   softmax of logits / temperature; a temperature at or below 1e-5 means greedy, the probability spread
-  evenly over the row's maxima (`cpp/serve/logit_processor.cc` passes max(temperature, 0)).
+  evenly over the row's maxima (`cpp/serve/logit_processor.cc` passes max(temperature, 0)). A row with
+  a non-finite logit is all NaN, so a broken model is refused by the sampler, never drawn from (the max
+  of a row skips NaN: greedy would otherwise pick a token from it).
 - `alloc_embedding_tensor() -> [prefill_chunk_size, hidden]` in the embeddings' dtype: the buffer the
   engine assembles each prompt in (text and image parts at running offsets); its shape tells the engine
   the hidden size.
@@ -32,7 +34,15 @@ def _softmax_with_temperature(logits: te.Tensor, temperature: te.Tensor) -> te.T
     weights = te.compute((b, v), weight, name="weights")
     k2 = te.reduce_axis((0, v), "k2")
     total = te.compute((b,), lambda i: te.sum(weights[i, k2], axis=k2), name="total")
-    return te.compute((b, 1, v), lambda i, _, j: weights[i, j] / total[i], name="probs")
+    k3 = te.reduce_axis((0, v), "k3")
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
+    broken = te.compute(
+        (b,), lambda i: te.sum(tirx.Select(tirx.isfinite(logits[i, 0, k3]), zero, one), axis=k3), name="non_finite"
+    )
+    nan = tirx.const(float("nan"), "float32")
+    return te.compute(
+        (b, 1, v), lambda i, _, j: tirx.Select(broken[i] > 0, nan, weights[i, j] / total[i]), name="probs"
+    )
 
 
 def attach_sampling_functions(mod: tvm.IRModule, prefill_chunk_size: int, hidden_size: int, dtype: str) -> tvm.IRModule:

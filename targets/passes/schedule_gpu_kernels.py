@@ -21,10 +21,22 @@ class SimtMatmul(dl.gpu.Matmul):
         return super().apply(func, target, tunable)
 
 
+class GatherSafeReduction(dl.gpu.Reduction):
+    """dlight's Reduction rule, declining (as a rule should) a reduction that has no dominant read: it
+    asserts on one instead, e.g. the image resampler's taps, whose input index depends on a table. The
+    rules after it take such a kernel (Fallback: one thread per output, the taps in a loop)."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
+        try:
+            return super().apply(func, target, tunable)
+        except AssertionError:
+            return None
+
+
 def schedule_gpu_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
     """MLC's dlight rules; a kernel a rule schedules inconsistently is rescheduled without that rule
     (GEMV and Reduction both mis-bind LDP's gate epilogue; GeneralReduction schedules it right)."""
-    rules = [SimtMatmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    rules = [SimtMatmul(), dl.gpu.GEMV(), GatherSafeReduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     retries = [[rules[0], *rules[2:]], [rules[0], *rules[3:]]]
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleGPUKernels")

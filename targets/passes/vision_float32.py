@@ -50,8 +50,9 @@ class _WidenToFloat32(PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         new = self.visit_expr_post_order(call)
-        if new.op == _CALL_TIR:  # a kernel with fixed output types: cannot be retyped
-            raise ValueError("the function calls a TIR kernel directly")
+        # a TIR kernel has fixed types: fine for the image preprocessing (uint8 -> float32), not for fp16
+        if new.op == _CALL_TIR and (_is_half(new) or any(_is_half(arg) for arg in new.args[1].fields)):
+            raise ValueError("the function calls an fp16 TIR kernel directly")
         if new.op == _ASTYPE and new.attrs.dtype == "float16":
             return new.args[0]
         return new
