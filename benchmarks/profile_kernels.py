@@ -2,6 +2,7 @@
 a compiled library, timed through the Relax VM's instrument hook (one call, after one untimed call).
 
     python benchmarks/profile_kernels.py DIST LIB decode --context 256
+    python benchmarks/profile_kernels.py DIST LIB decode --context 256 --batch 8   # batch_decode
     python benchmarks/profile_kernels.py DIST LIB prefill --tokens 272
     python benchmarks/profile_kernels.py DIST LIB image
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("entry", choices=["decode", "prefill", "image"])
     parser.add_argument("--context", type=int, default=16, help="tokens in the cache before a decode step")
     parser.add_argument("--tokens", type=int, default=272, help="prefill length (144 image tokens + text)")
+    parser.add_argument("--batch", type=int, default=1, help="decode: sequences per step (> 1: batch_decode)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument(
         "--threads",
@@ -76,16 +78,23 @@ def main() -> None:
             engine.image_embed(np.zeros((1, size, size, 3), np.uint8))
             timer.active = False
             return time.perf_counter() - started
-        seq = engine.add_sequence()
+        batch = args.batch if args.entry == "decode" else 1
+        seqs = [engine.add_sequence() for _ in range(batch)]
         if args.entry == "decode" and args.context:
-            engine.prefill([seq], [[tvm.runtime.tensor(embeds(args.context), engine.device)]])
-        x = tvm.runtime.tensor(embeds(1 if args.entry == "decode" else args.tokens)[None], engine.device)
-        engine.kv.begin_forward([seq], [x.shape[1]])
+            context = [[tvm.runtime.tensor(embeds(args.context), engine.device)]] * batch
+            engine.prefill(seqs, context)
+        if batch > 1:  # [b, 1, hidden] through batch_decode
+            entry, x = "batch_decode", tvm.runtime.tensor(embeds(batch)[:, None], engine.device)
+        else:
+            entry = args.entry
+            x = tvm.runtime.tensor(embeds(1 if args.entry == "decode" else args.tokens)[None], engine.device)
+        engine.kv.begin_forward(seqs, [1] * batch if batch > 1 else [x.shape[1]])
         started, timer.active = time.perf_counter(), True
-        engine.vm[args.entry](x, engine.kv.handle, engine.params)
+        engine.vm[entry](x, engine.kv.handle, engine.params)
         took, timer.active = time.perf_counter() - started, False
         engine.kv.end_forward()
-        engine.remove_sequence(seq)
+        for seq in seqs:
+            engine.remove_sequence(seq)
         return took
 
     engine.vm.set_instrument(timer)

@@ -182,8 +182,11 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
 @pytest.mark.parametrize(
     "kernel,rows,dtype",
     [
-        ("gemm", 1, "float32"),
-        ("gemm", 7, "float32"),
+        ("gemm", 1, "float32"),  # rows <= 8: the skinny path (batch decode)
+        ("gemm", 3, "float32"),
+        ("gemm", 5, "float16"),
+        ("gemm", 8, "float32"),
+        ("gemm", 9, "float32"),  # the unpacked-tile GEMM (prefill)
         ("gemm", 13, "float32"),
         ("gemm", 13, "float16"),
         ("gemv", 1, "float32"),
@@ -192,7 +195,7 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
 )
 def test_int8_matmuls_match_their_emulation(kernel, rows, dtype):
     """x rounded by the reference's `int8_activations` times the dequantized weight, up to fp32
-    summation order (rows not a multiple of the GEMM's 6, an all-zero group, rows of scales 1e-3 to
+    summation order (rows not a multiple of the GEMM's 6 or the skinny path's 4, an all-zero group, rows of scales 1e-3 to
     1e3; fp16 activations and scales read into fp32, the result rounded to fp16); against unrounded x it
     is off by the rounding alone (under 1%, never exact)."""
     k, n = 96, 192

@@ -22,6 +22,7 @@ integer dot products per group in registers, folded into fp32 accumulators after
 from __future__ import annotations
 
 import functools
+import math
 
 import tvm
 from tvm import tirx
@@ -96,31 +97,80 @@ def _quantize_rows(k: int, dtype: str):
     return quantize
 
 
+SKINNY_ROWS = 8  # up to this many rows (a batch_decode step of up to 8 sequences), the skinny path
+SKINNY_BLOCKS = ((2, 4), (4, 2), (8, 1))  # (rows, column vectors) per task, by what fits the 32 vector registers
+
+
+def _skinny_rows(k: int, n: int, dtype: str, block: int, vectors: int):
+    """The macro of the skinny path for up to `block` rows. A task is `vectors` x 16 output columns of
+    one tile, so per packed word it reads whole 64-byte lines and the tasks together read every weight
+    line once, whatever the rows; each word goes straight into `2 * block` `vpdpbusd` per vector (even
+    and odd nibbles for each row), and each row's broadcast activation feeds all `vectors` of them."""
+    groups, tiles = k // 32, n // ROW_TILE
+    C, width = vectors, vectors * LANES
+    parts = ROW_TILE // width
+    B = block
+
+    # fmt: off
+    @T.macro
+    def skinny(x_q, x_scale, x_offset, q_weight, q_scale, y, m):
+        for task in T.parallel(tiles * parts):
+            with T.sblock("skinny"):
+                T.reads()
+                T.writes()
+                acc = T.sblock_alloc_buffer((B, width), "int32", scope="local")
+                out = T.sblock_alloc_buffer((B, width), "float32", scope="local")
+                tile, col = task // parts, task % parts * width
+                for r in T.unroll(B):
+                    for lane in T.vectorized(width):
+                        out[r, lane] = T.float32(0)
+                for g in T.serial(groups):
+                    for r in T.unroll(B):
+                        for lane in T.vectorized(width):
+                            acc[r, lane] = 0
+                    for w in T.unroll(4):
+                        for r in T.unroll(B):
+                            for c in T.unroll(C):
+                                acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(
+                                    acc[r, T.ramp(c * LANES, 1, LANES)],
+                                    q_weight[tile, g * 4 + w, T.ramp(col + c * LANES, 1, LANES)] & T.broadcast(T.uint32(NIBBLES), LANES),
+                                    x_q[r, g * 8 + 2 * w])
+                                acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(
+                                    acc[r, T.ramp(c * LANES, 1, LANES)],
+                                    (q_weight[tile, g * 4 + w, T.ramp(col + c * LANES, 1, LANES)] >> T.broadcast(T.uint32(4), LANES)) & T.broadcast(T.uint32(NIBBLES), LANES),
+                                    x_q[r, g * 8 + 2 * w + 1])
+                    for r in T.unroll(B):
+                        for c in T.unroll(C):
+                            out[r, T.ramp(c * LANES, 1, LANES)] = out[r, T.ramp(c * LANES, 1, LANES)] + _rescale(
+                                acc[r, T.ramp(c * LANES, 1, LANES)], q_scale[tile, g, T.ramp(col + c * LANES, 1, LANES)],
+                                x_scale[r, g], x_offset[r, g])
+                for r in T.unroll(B):
+                    if T.Cast("int64", r) < m:
+                        for lane in T.vectorized(width):
+                            y[0, r, tile * ROW_TILE + col + lane] = T.Cast(dtype, out[r, lane])
+    # fmt: on
+
+    return skinny
+
+
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def int8_quantized_matmul(
     k: int, n: int, dtype: str = "float32", rows: int = 6, column_vectors: int = 2
 ) -> tirx.PrimFunc:
-    """y[1, m, n] = x[1, m, k] @ W^T for any m (prefill), W in the NK64 layout (q4f32_3, or q4f16_3 with
-    `dtype` float16: activations and scales in that dtype, read into fp32), on int8 activations."""
+    """y[1, m, n] = x[1, m, k] @ W^T for any m (prefill, batch decode), W in the NK64 layout (q4f32_3, or
+    q4f16_3 with `dtype` float16: activations and scales in that dtype, read into fp32), on int8
+    activations. Up to `SKINNY_ROWS` rows (a batch of decode tokens) the skinny path streams the packed
+    words once for all rows (`_skinny_rows`) instead of unpacking each tile and padding the rows to the
+    GEMM's blocks."""
     groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
     R, C, width = rows, column_vectors, column_vectors * LANES
     halves = ROW_TILE // width
+    pad = math.lcm(R, SKINNY_ROWS)  # rows are quantized in multiples of both paths' blocks
     quantize = _quantize_rows(k, dtype)
+    skinny2, skinny4, skinny8 = (_skinny_rows(k, n, dtype, b, v) for b, v in SKINNY_BLOCKS)
 
-    # fmt: off
-    @T.prim_func(s_tir=True)
-    def quantized_matmul_int8(var_x: T.handle, q_weight: T.Buffer((tiles, words, ROW_TILE), "uint32"),
-                              q_scale: T.Buffer((tiles, groups, ROW_TILE), dtype), var_y: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(var_x, (1, m, k), dtype)
-        y = T.match_buffer(var_y, (1, m, n), dtype)
-        padded: T.let[T.int64] = (m + R - 1) // R * R
-        x_q = T.alloc_buffer((padded, quads), "int32")
-        x_scale = T.alloc_buffer((padded, groups), "float32")
-        x_offset = T.alloc_buffer((padded, groups), "float32")
-        for row in T.parallel(padded):
-            quantize(x, row, row < m, x_q, x_scale, x_offset)
+    @T.macro
+    def gemm(x_q, x_scale, x_offset, q_weight, q_scale, y, m, padded):
         for tile in T.parallel(tiles):
             with T.sblock("gemm"):
                 T.reads()
@@ -131,7 +181,9 @@ def int8_quantized_matmul(
                 for kw in T.serial(words):
                     for col in T.vectorized(ROW_TILE):
                         w_q[2 * kw, col] = T.reinterpret("int32", q_weight[tile, kw, col] & T.uint32(NIBBLES))
-                        w_q[2 * kw + 1, col] = T.reinterpret("int32", (q_weight[tile, kw, col] >> T.uint32(4)) & T.uint32(NIBBLES))
+                        w_q[2 * kw + 1, col] = T.reinterpret(
+                            "int32", (q_weight[tile, kw, col] >> T.uint32(4)) & T.uint32(NIBBLES)
+                        )
                 for block in T.serial(padded // R):
                     for half in T.serial(halves):
                         for r in T.unroll(R):
@@ -144,18 +196,54 @@ def int8_quantized_matmul(
                             for kq in T.unroll(8):
                                 for c in T.unroll(C):
                                     for r in T.unroll(R):
-                                        acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(acc[r, T.ramp(c * LANES, 1, LANES)],
-                                                                                    w_q[g * 8 + kq, T.ramp(half * width + c * LANES, 1, LANES)],
-                                                                                    x_q[block * R + r, g * 8 + kq])
+                                        acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(
+                                            acc[r, T.ramp(c * LANES, 1, LANES)],
+                                            w_q[g * 8 + kq, T.ramp(half * width + c * LANES, 1, LANES)],
+                                            x_q[block * R + r, g * 8 + kq],
+                                        )
                             for c in T.unroll(C):
                                 for r in T.unroll(R):
-                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[r, T.ramp(c * LANES, 1, LANES)] + _rescale(
-                                        acc[r, T.ramp(c * LANES, 1, LANES)], q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)],
-                                        x_scale[block * R + r, g], x_offset[block * R + r, g])
+                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[
+                                        r, T.ramp(c * LANES, 1, LANES)
+                                    ] + _rescale(
+                                        acc[r, T.ramp(c * LANES, 1, LANES)],
+                                        q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)],
+                                        x_scale[block * R + r, g],
+                                        x_offset[block * R + r, g],
+                                    )
                         for r in T.unroll(R):
                             if block * R + r < m:
                                 for lane in T.vectorized(width):
-                                    y[0, block * R + r, tile * ROW_TILE + half * width + lane] = T.Cast(dtype, out[r, lane])
+                                    y[0, block * R + r, tile * ROW_TILE + half * width + lane] = T.Cast(
+                                        dtype, out[r, lane]
+                                    )
+
+    @T.prim_func(s_tir=True)
+    def quantized_matmul_int8(
+        var_x: T.handle,
+        q_weight: T.Buffer((tiles, words, ROW_TILE), "uint32"),
+        q_scale: T.Buffer((tiles, groups, ROW_TILE), dtype),
+        var_y: T.handle,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (1, m, k), dtype)
+        y = T.match_buffer(var_y, (1, m, n), dtype)
+        padded: T.let[T.int64] = (m + pad - 1) // pad * pad
+        x_q = T.alloc_buffer((padded, quads), "int32")
+        x_scale = T.alloc_buffer((padded, groups), "float32")
+        x_offset = T.alloc_buffer((padded, groups), "float32")
+        for row in T.parallel(m):  # the padding rows' products are computed but never stored
+            quantize(x, row, True, x_q, x_scale, x_offset)
+        if m <= 2:
+            skinny2(x_q, x_scale, x_offset, q_weight, q_scale, y, m)
+        elif m <= 4:
+            skinny4(x_q, x_scale, x_offset, q_weight, q_scale, y, m)
+        elif m <= SKINNY_ROWS:
+            skinny8(x_q, x_scale, x_offset, q_weight, q_scale, y, m)
+        else:
+            gemm(x_q, x_scale, x_offset, q_weight, q_scale, y, m, padded)
+
     # fmt: on
 
     return quantized_matmul_int8
