@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilevlm_mlc.fileio import read_json
-from mobilevlm_mlc.formats.dist import CHAT_CONFIG, load_dist
+from mobilevlm_mlc.formats.dist import CHAT_CONFIG, Dist, load_dist
 from mobilevlm_mlc.formats.library import inspect_library
 
 from .errors import MobileVLMError
@@ -50,7 +50,7 @@ class PackagedModel:
     overrides: dict[str, int]
 
 
-def min_prefill_chunk(dist: Path) -> int:
+def min_prefill_chunk(info: Dist) -> int:
     """The smallest prefill chunk MLC's engine can run an image turn in: it never splits an image's
     embeddings across chunks, so one chunk must hold the image's tokens and the first turn around it
     (BOS, system prompt, roles)."""
@@ -58,9 +58,8 @@ def min_prefill_chunk(dist: Path) -> int:
     from mobilevlm_mlc.runtime.conversation import Conversation, tokenize_with_images
     from mobilevlm_mlc.runtime.tokenizer import Tokenizer
 
-    info = load_dist(dist)
     turn = Conversation(template=dict(info.chat_config["conv_template"])).user_turn("", with_image=True)
-    ids = tokenize_with_images(Tokenizer(dist / TOKENIZER_MODEL), turn, add_bos=True)
+    ids = tokenize_with_images(Tokenizer(info.path / TOKENIZER_MODEL), turn, add_bos=True)
     return len(ids) - 1 + info.config.num_image_tokens
 
 
@@ -78,7 +77,7 @@ def _check_library(where: str, library: Path) -> dict:
     return report.metadata
 
 
-def _overrides(where: str, entry: dict, dist: Path, library_meta: dict, bundled: bool) -> dict[str, int]:
+def _overrides(where: str, entry: dict, info: Dist, library_meta: dict, bundled: bool) -> dict[str, int]:
     """MLC's per-model `overrides`, checked against what the prebuilt library was compiled for."""
     overrides = entry.get("overrides", {})
     if not isinstance(overrides, dict):
@@ -88,7 +87,7 @@ def _overrides(where: str, entry: dict, dist: Path, library_meta: dict, bundled:
         raise MobileVLMError(
             f"{where}: overrides.{unknown[0]} cannot change a prebuilt library; expected only {', '.join(OVERRIDES)}"
         )
-    chat = load_dist(dist).chat_config
+    chat = info.chat_config
     sizes = {}
     for key in OVERRIDES:
         value = overrides.get(key, chat[key])
@@ -102,7 +101,7 @@ def _overrides(where: str, entry: dict, dist: Path, library_meta: dict, bundled:
         raise MobileVLMError(
             f"{where}: prefill_chunk_size {sizes['prefill_chunk_size']} exceeds context_window_size {sizes['context_window_size']}"
         )
-    needed = min_prefill_chunk(dist)
+    needed = min_prefill_chunk(info)
     if sizes["prefill_chunk_size"] < needed:
         raise MobileVLMError(
             f"{where}: prefill_chunk_size is {sizes['prefill_chunk_size']}, expected at least {needed}: MLC's engine "
@@ -117,12 +116,11 @@ def _overrides(where: str, entry: dict, dist: Path, library_meta: dict, bundled:
     return changed
 
 
-def estimated_vram_bytes(dist: Path, library_meta: dict, context_window_size: int) -> int:
+def estimated_vram_bytes(info: Dist, library_meta: dict, context_window_size: int) -> int:
     """Weights, a KV cache of one context window (the app's default), and the largest static workspace
     of the library's functions (`_metadata.memory_usage`, as MLC's engine budgets it)."""
-    info = load_dist(dist)
     text, weights = info.config.text, 0
-    for shard in read_json(dist / "tensor-cache.json", "tensor-cache.json").get("records", []):
+    for shard in read_json(info.path / "tensor-cache.json", "tensor-cache.json").get("records", []):
         weights += int(shard.get("nbytes", 0))
     kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * context_window_size
     workspace = max(library_meta.get("memory_usage", {}).values(), default=0)
@@ -176,8 +174,9 @@ def _read_config(path: Path) -> list[PackagedModel]:
             )
         bundled = bool(entry.get("bundle_weight", False))
         library_meta = _check_library(where, library)
-        overrides = _overrides(where, entry, dist, library_meta, bundled)
-        window = overrides.get("context_window_size", load_dist(dist).config.context_window_size)
+        info = load_dist(dist)  # read once: the overrides, the prefill floor and the VRAM estimate use it
+        overrides = _overrides(where, entry, info, library_meta, bundled)
+        window = overrides.get("context_window_size", info.config.context_window_size)
         vram = entry.get("estimated_vram_bytes")
         result.append(
             PackagedModel(
@@ -186,7 +185,7 @@ def _read_config(path: Path) -> list[PackagedModel]:
                 dist,
                 library,
                 bundled,
-                int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(dist, library_meta, window),
+                int(vram) if isinstance(vram, int) and vram > 0 else estimated_vram_bytes(info, library_meta, window),
                 overrides,
             )
         )
