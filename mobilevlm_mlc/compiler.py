@@ -16,6 +16,7 @@ from mobilevlm_mlc.formats.manifest import dist_identity, record_library
 from mobilevlm_mlc.model_defs.config import MAX_BATCH_SIZE
 from mobilevlm_mlc.model_defs.mobilevlm import MobileVLMForCausalLM
 from mobilevlm_mlc.model_defs.quantization import layout_fallbacks
+from mobilevlm_mlc.targets.passes.attach_gpu_sampler import attach_gpu_sampler
 from mobilevlm_mlc.targets.passes.attach_logit_processor import attach_logit_processor
 from mobilevlm_mlc.targets.passes.attach_sampling_functions import attach_sampling_functions
 from mobilevlm_mlc.targets.passes.attach_variable_bounds import attach_variable_bounds
@@ -75,14 +76,22 @@ def _attach_metadata(mod: tvm.IRModule, meta: dict, like: relax.Function | None 
 
 def export_model(model: MobileVLMForCausalLM, target: tvm.target.Target) -> tuple[tvm.IRModule, list]:
     """The model as a Relax IRModule with MLC's entry points, exported under `target`, and the functions
-    MLC's engine calls beside them (logit processors, softmax with temperature, the embedding buffer)."""
+    MLC's engine calls beside them (logit processors, softmax with temperature, the embedding buffer, and
+    on CUDA / Vulkan / Metal its GPU sampler)."""
     config = model.config
     model.to(config.dtype)
     with target:
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
     mod = attach_logit_processor(mod, target)
     mod = attach_sampling_functions(mod, config.prefill_chunk_size, config.text.hidden_size, config.dtype)
-    bounds = {"seq_len": config.prefill_chunk_size, "batch_size": MAX_BATCH_SIZE}
+    mod = attach_gpu_sampler(mod, target)
+    # MLC's bounds: a sample per sequence, the engine's top-logprobs at most 6 positions per sample
+    bounds = {
+        "seq_len": config.prefill_chunk_size,
+        "batch_size": MAX_BATCH_SIZE,
+        "num_samples": MAX_BATCH_SIZE,
+        "num_positions": 6 * MAX_BATCH_SIZE,
+    }
     return attach_variable_bounds(mod, bounds), named_params
 
 

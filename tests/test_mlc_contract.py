@@ -9,7 +9,7 @@ import pytest
 import tvm
 
 from mobilevlm_mlc.formats.library import inspect_library
-from mobilevlm_mlc.formats.mlc_contract import METADATA_KEYS, TIR_FUNCTIONS, VM_FUNCTIONS
+from mobilevlm_mlc.formats.mlc_contract import GPU_SAMPLER_FUNCTIONS, METADATA_KEYS, TIR_FUNCTIONS, VM_FUNCTIONS
 from mobilevlm_mlc.formats.mlc_runtime import REGISTERED_IN
 
 from .helpers import DEMO_IMAGE, REL_TOL, reference_for, rel_err
@@ -23,6 +23,7 @@ def test_library_reports_the_contract(ldpnet_built):
     assert set(TIR_FUNCTIONS) <= report.host_functions
     assert set(METADATA_KEYS) <= set(report.metadata)
     assert report.contract_problems == []
+    assert not set(GPU_SAMPLER_FUNCTIONS) & set(report.vm_functions)  # on a CPU MLC samples on the host
     assert "vm.builtin.paged_attention_kv_cache_create" in report.runtime_functions
     # all of them registered by the TVM runtime sources mlc4j compiles, with arities it accepts
     assert report.runtime_calls["vm.builtin.paged_attention_kv_cache_create"] == {28}

@@ -18,7 +18,7 @@ from mobilevlm_mlc.compiler import compile_model
 from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.formats.library import inspect_library
-from mobilevlm_mlc.formats.mlc_contract import TIR_FUNCTIONS, VM_FUNCTIONS
+from mobilevlm_mlc.formats.mlc_contract import GPU_SAMPLER_FUNCTIONS, TIR_FUNCTIONS, VM_FUNCTIONS
 from mobilevlm_mlc.targets import get_target
 from mobilevlm_mlc.targets.passes.verify_gpu_kernels import inconsistent_thread_extents
 
@@ -154,6 +154,10 @@ def test_cuda_libraries_embed_nvcc_fatbins(dists, tmp_path, target, machine, ima
         assert kernel in device.kernels, kernel
     assert any(k.startswith("fused_quantized_matmul") for k in device.kernels)
     assert set(VM_FUNCTIONS) <= set(report.vm_functions) and set(TIR_FUNCTIONS) <= report.host_functions
+    assert {name: report.vm_functions.get(name) for name in GPU_SAMPLER_FUNCTIONS} == GPU_SAMPLER_FUNCTIONS
+    assert report.contract_problems == []  # MLC's engine samples on a CUDA device: the GPU sampler is there
+    for kernel in ("argsort", "gpu_2d_continuous_cumsum", "sampler_take_probs", "renormalize_by_top_p"):
+        assert any(k.startswith(kernel) for k in device.kernels), kernel
     blob = out.read_bytes()
     assert b'extern "C" __global__' not in blob  # no CUDA C left to compile on the device
     for name in ENTRY_POINTS:

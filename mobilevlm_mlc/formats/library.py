@@ -87,7 +87,9 @@ class LibraryReport:
     @property
     def contract_problems(self) -> list[str]:
         """What MLC's engine would miss in this library (`mlc_contract`)."""
-        return check_contract(self.vm_functions, self.host_functions, self.metadata)
+        return check_contract(
+            self.vm_functions, self.host_functions, self.metadata, {m.kind for m in self.device_modules}
+        )
 
     @property
     def runtime_problems(self) -> list[str]:

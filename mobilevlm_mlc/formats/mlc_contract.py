@@ -25,6 +25,16 @@ VM_FUNCTIONS: dict[str, int] = {
     "softmax_with_temperature": 2,  # logits f32[b, 1, vocab], temperature f32[b]
     "alloc_embedding_tensor": 0,
 }
+# devices the engine samples on (`Sampler::SupportGPUSampler`); elsewhere it samples on the host
+GPU_SAMPLER_DEVICES = ("cuda", "vulkan", "metal")
+# VM functions its GPU sampler calls there (the first four ICHECKed; renormalize_by_top_p at any top_p < 1)
+GPU_SAMPLER_FUNCTIONS: dict[str, int] = {
+    "multinomial_from_uniform": 3,  # probs f32[b, vocab], uniform samples f32[n], sample rows int32[n]
+    "argsort_probs": 1,  # probs
+    "sample_with_top_p": 5,  # sorted probs, sorted indices, uniform samples, sample rows, top_p f32[b]
+    "sampler_take_probs": 5,  # probs, sorted indices, sample rows, sampled tokens, top-prob offsets
+    "renormalize_by_top_p": 3,  # probs, top_p f32[b], initial pivots f32[b, 3]
+}
 # TIR functions the engine's logit processor calls (ICHECKed when the engine starts)
 TIR_FUNCTIONS = ("apply_logit_bias_inplace", "apply_penalty_inplace", "apply_bitmask_inplace")
 # `_metadata` keys `ModelMetadata::FromJSON` requires (or leaves uninitialized when absent)
@@ -37,11 +47,15 @@ KV_CACHE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_head
 PARAM_KEYS = ("name", "dtype", "shape", "preprocs")
 
 
-def check_contract(vm_functions: dict[str, int], symbols: set[str], metadata: dict[str, Any]) -> list[str]:
+def check_contract(
+    vm_functions: dict[str, int], symbols: set[str], metadata: dict[str, Any], devices: set[str]
+) -> list[str]:
     """What a library lacks for MLC's engine, in words (empty: nothing). `vm_functions` maps its VM
-    functions to their arity, `symbols` holds the names of its compiled TIR functions."""
+    functions to their arity, `symbols` holds the names of its compiled TIR functions, `devices` the
+    kinds of its device code ("cuda", "opencl", ...)."""
     problems = []
-    for name, arity in VM_FUNCTIONS.items():
+    required = VM_FUNCTIONS | (GPU_SAMPLER_FUNCTIONS if devices & set(GPU_SAMPLER_DEVICES) else {})
+    for name, arity in required.items():
         if name not in vm_functions:
             problems.append(f"no function '{name}'")
         elif vm_functions[name] != arity:
