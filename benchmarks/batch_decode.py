@@ -6,6 +6,11 @@ Builds a random-weight checkpoint of the chosen shape (official layout), convert
 then runs `mobilevlm-mlc bench --batch N` for each N in its own process (decode through `batch_decode`
 when N > 1) and `compare`s the results: decode tok/s summed over the batch, and its ratio to batch 1.
 Prefill and image figures are measured by each run too but only decode differs between them.
+
+The peer, in the same run and on the same weights (`--peers`, needs `pip install -e ".[peers]"`):
+llama.cpp's multi-sequence decode (`benchmarks/peers.py`, llama-cpp-python's `llama_decode` with one
+token of each of N sequences per call, as llama.cpp's server batches parallel requests), same context
+length per sequence and the same number of decode steps. `--peers ""` runs ours alone.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "batch")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "batch-decode")
+    parser.add_argument("--peers", default="llama.cpp-Q4_0", help="llama.cpp GGUF types (Q4_0, Q4_K_S), or ''")
     args = parser.parse_args()
 
     from mobilevlm_mlc.check.synthetic import make_checkpoint
@@ -57,7 +63,56 @@ def main() -> None:
             check=True,
         )  # fmt: skip
         results.append(out)
-    subprocess.run([*cli, "compare", *map(str, results), "-o", str(args.out / "chart.png")], check=True)
+    peers = [_peer_results(peer, checkpoint, args) for peer in filter(None, args.peers.split(","))]
+    subprocess.run(
+        [*cli, "compare", *map(str, results + [p for runs in peers for p in runs]), "-o", str(args.out / "chart.png")],
+        check=True,
+    )
+    _print_scaling(results, peers)
+
+
+def _peer_results(peer: str, checkpoint: Path, args: argparse.Namespace) -> list[Path]:
+    """llama.cpp at each batch size, each in its own process, on a GGUF of the same weights."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peers import quantize_gguf, write_gguf_f16
+
+    ftype = peer.removeprefix("llama.cpp-")
+    f16 = args.workdir / f"{args.size}-F16.gguf"
+    if not f16.exists():
+        write_gguf_f16(checkpoint, f16)
+    gguf = f16 if ftype == "F16" else args.workdir / f"{args.size}-{ftype}.gguf"
+    if not gguf.exists():
+        quantize_gguf(f16, gguf, ftype, args.threads)
+    outs = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        out = args.out / f"{peer}-batch-{batch}.json"
+        print(f"== {peer} batch {batch}", flush=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--one", peer, "--batch", str(batch),
+             "--checkpoint", str(checkpoint), "--gguf", str(gguf), "--result", str(out), "--prompt-lengths", "32",
+             "--decode-tokens", str(args.decode_tokens), "--repeat", str(args.repeat), "--threads", str(args.threads)],
+            check=True,
+        )  # fmt: skip
+        outs.append(out)
+    return outs
+
+
+def _print_scaling(ours: list[Path], peers: list[list[Path]]) -> None:
+    """Aggregate decode per batch size: ours, each peer, and ours over the peer, in one table."""
+    import json
+
+    def rate(path: Path) -> float:
+        return json.loads(path.read_text())["decode_tok_s"]["median"]
+
+    base = rate(ours[0])
+    print(
+        "\nbatch  ours tok/s (x batch 1)"
+        + "".join(f"  {json.loads(p[0].read_text())['label'].rsplit(' batch', 1)[0]:>22} (ours/peer)" for p in peers)
+    )
+    for i, path in enumerate(ours):
+        batch = json.loads(path.read_text())["settings"]["batch"]
+        cells = "".join(f"  {rate(p[i]):22.1f} ({rate(path) / rate(p[i]):.2f}x)" for p in peers)
+        print(f"{batch:5d}  {rate(path):10.1f} ({rate(path) / base:.2f}x)" + cells)
 
 
 if __name__ == "__main__":

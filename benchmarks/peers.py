@@ -263,6 +263,65 @@ def bench_llama_cpp(gguf_path: Path, label: str, image_tokens: int, settings: Be
     }
 
 
+def bench_llama_cpp_batched(
+    gguf_path: Path, label: str, image_tokens: int, settings: BenchSettings, batch: int
+) -> dict:
+    """llama.cpp's multi-sequence decode, as its server runs parallel requests: `batch` sequences in one
+    context (one KV stream each), each prefilled with the same context length as ours, then one
+    `llama_decode` per step carrying one token of every sequence. Decode tok/s is the sum over the batch."""
+    import llama_cpp as lc
+
+    context = image_tokens + min(settings.prompt_lengths)
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(gguf_path).encode(), lc.llama_model_default_params())
+    params = lc.llama_context_default_params()
+    params.n_ctx = batch * (context + settings.decode_tokens + 16)
+    params.n_batch = params.n_ubatch = max(context, batch)
+    params.n_seq_max = batch
+    params.kv_unified = False  # each sequence its own KV stream: they share no prefix
+    params.n_threads = params.n_threads_batch = settings.threads or 2
+    ctx = lc.llama_init_from_model(model, params)
+    vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    tokens = lc.llama_batch_init(max(context, batch), 0, 1)
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
+        tokens.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            tokens.token[i], tokens.pos[i], tokens.n_seq_id[i], tokens.logits[i] = token, pos, 1, logits
+            tokens.seq_id[i][0] = seq
+        if lc.llama_decode(ctx, tokens) != 0:
+            raise RuntimeError(f"llama_decode failed ({len(entries)} tokens)")
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, vocab, context).tolist()
+    rates = []
+    try:
+        for _ in range(settings.warmup + settings.repeat):
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            for seq in range(batch):
+                decode([(t, p, seq, p == context - 1) for p, t in enumerate(prompt)])
+            lc.llama_synchronize(ctx)
+            started = time.perf_counter()
+            for step in range(settings.decode_tokens):
+                decode([(3 + step, context + step, seq, True) for seq in range(batch)])
+                lc.llama_get_logits(ctx)  # (the step's logits, as a caller would read them)
+            lc.llama_synchronize(ctx)
+            rates.append(batch * settings.decode_tokens / (time.perf_counter() - started))
+    finally:
+        lc.llama_batch_free(tokens)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    return {
+        "label": label,
+        "engine": "llama.cpp",
+        "quantization": label.split()[1],
+        "decode_tok_s": summary(rates[settings.warmup :]),
+        "settings": settings.to_dict(image_tokens) | {"batch": batch},
+        "llama_cpp_python": lc.__version__,
+    }
+
+
 # ---------------------------------------------------------------- orchestration
 
 
@@ -275,7 +334,13 @@ def run_one(args: argparse.Namespace) -> None:
         from mobilevlm_mlc.convert.checkpoint import load_config
 
         image_tokens = load_config(args.checkpoint).num_image_tokens
-        result = bench_llama_cpp(args.gguf, f"llama.cpp {args.one.split('-', 1)[1]}", image_tokens, settings)
+        label = f"llama.cpp {args.one.split('-', 1)[1]}"
+        if args.batch is not None:
+            result = bench_llama_cpp_batched(
+                args.gguf, f"{label} batch {args.batch}", image_tokens, settings, args.batch
+            )
+        else:
+            result = bench_llama_cpp(args.gguf, label, image_tokens, settings)
     result |= {"schema": SCHEMA, "environment": environment(args.threads), "peak_rss_mib": peak_rss_mib()}
     args.result.write_text(json.dumps(result, indent=2))
 
@@ -300,6 +365,7 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)  # llama.cpp multi-sequence decode
     args = parser.parse_args()
     if args.one:
         run_one(args)

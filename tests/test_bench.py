@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mobilevlm_mlc.demo import DEMO_PROMPT
+from mobilevlm_mlc.formats.dist import TOKENIZER_MODEL, load_dist
 from mobilevlm_mlc.runtime.backend import connect
-from mobilevlm_mlc.runtime.conversation import IMAGE_TOKEN_ID
+from mobilevlm_mlc.runtime.conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
 from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.runtime.sampling import GenerationConfig
+from mobilevlm_mlc.runtime.tokenizer import Tokenizer
 
 from .helpers import cli, cli_error
 
@@ -58,6 +61,12 @@ def test_bench_writes_every_figure_and_the_environment(ldpnet_built, tmp_path):
         "image_tokens": 144,
     }
     assert sorted(result["prefill_tok_s"]) == ["16", "8"]
+    # TTFT prefills the demo prompt's chat turn with its image (it once took the prefill runs' tensors)
+    turn = Conversation(template=dict(load_dist(ldpnet_built.dist).chat_config["conv_template"]))
+    ids = tokenize_with_images(
+        Tokenizer(ldpnet_built.dist / TOKENIZER_MODEL), turn.user_turn(DEMO_PROMPT, with_image=True), add_bos=True
+    )
+    assert result["ttft_tokens"] == len(ids) - 1 + 144 < 144 + 64  # the placeholder becomes 144 image rows
     for figure in [
         result["image_encode_ms"],
         result["decode_tok_s"],

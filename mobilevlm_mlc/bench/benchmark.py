@@ -152,8 +152,8 @@ def bench_engine(
     prefill_tok_s = {}
     for length in settings.prompt_lengths:
         progress(f"prefill {image_tokens}+{length}")
-        prompt = [image_embeds, engine.embed(rng.integers(3, vocab, length).tolist())]
-        runs = timed(lambda p=prompt: prefill(p), settings.repeat, settings.warmup)
+        parts = [image_embeds, engine.embed(rng.integers(3, vocab, length).tolist())]
+        runs = timed(lambda p=parts: prefill(p), settings.repeat, settings.warmup)
         prefill_tok_s[str(length)] = summary([(image_tokens + length) / s for s in runs])
 
     progress(f"decode {settings.decode_tokens}" + (f" x {settings.batch} sequences" if settings.batch > 1 else ""))
@@ -186,7 +186,9 @@ def bench_engine(
 
     def first_token() -> int:
         ids = tokenize_with_images(engine.tokenizer, text, add_bos=True)
-        return int(np.argmax(prefill(engine.prompt(ids, [engine.image_embed(engine.pixels(image))]))))
+        parts = engine.prompt(ids, [engine.image_embed(engine.pixels(image))])
+        first_token.tokens = sum(int(part.shape[0]) for part in parts)
+        return int(np.argmax(prefill(parts)))
 
     ttft = timed(first_token, settings.repeat, settings.warmup)
     return {
@@ -194,6 +196,7 @@ def bench_engine(
         "prefill_tok_s": prefill_tok_s,
         "decode_tok_s": decode_tok_s,
         "ttft_ms": summary([s * 1000 for s in ttft]),
+        "ttft_tokens": first_token.tokens,  # the chat turn of `prompt` with its image, as prefilled
         "settings": settings.to_dict(image_tokens),
     }
 

@@ -64,6 +64,33 @@ _TREE = (
 )
 
 
+CACHE_LINE = 64  # bytes
+
+
+def _prefetcher(head_dim: int, dtype: str):
+    """A macro prefetching one head's keys (kind 0) or values (kind 1) of a page: KEYS x head_dim
+    contiguous elements. Pages sit a whole page of every head apart, so no hardware prefetcher follows
+    a task from one page to the next; the decode kernel asks for the next page while it computes one."""
+    per_line = CACHE_LINE // (tvm.DataType(dtype).bits // 8)
+    lines = KEYS * head_dim // per_line
+
+    @T.macro
+    def prefetch(pages, page, kind, kv_head):
+        for line in T.unroll(lines):
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void",
+                    "llvm.prefetch.p0",
+                    T.address_of(pages[page, kind, kv_head, line * per_line // head_dim, line * per_line % head_dim]),
+                    T.uint32(0),  # read
+                    T.uint32(3),  # keep in all cache levels
+                    T.uint32(1),  # data
+                )
+            )
+
+    return prefetch
+
+
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
     """`batch_decode_paged_kv_cpu` without sliding window; rope must already be applied (the model
@@ -75,6 +102,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
     rows are scored (lanes never mix) and masked; only valid rows' values are read."""
     H_qo, D, group, log2e, page_size = num_qo_heads, head_dim, num_qo_heads // num_kv_heads, math.log2(math.e), KEYS
     chunks = D // KEYS
+    prefetch_block = _prefetcher(D, dtype)
 
     def tree(level: int, vectors, pair: int):
         lo, hi = _TREE[level]
@@ -134,6 +162,9 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                 state[0] = T.float32(-5e4)
                 for kb in T.serial(T.ceildiv(kv_len, KEYS)):
                     page: T.let[T.int32] = page_table_values[begin + kb]
+                    if kb + 1 < T.ceildiv(kv_len, KEYS):
+                        prefetch_block(pages, page_table_values[begin + kb + 1], 0, h // group)
+                        prefetch_block(pages, page_table_values[begin + kb + 1], 1, h // group)
                     for j in T.unroll(KEYS):
                         for lane in T.vectorized(KEYS):
                             partial[j, lane] = T.float32(0)
