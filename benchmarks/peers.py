@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -271,6 +272,7 @@ def bench_llama_cpp_batched(
     `llama_decode` per step carrying one token of every sequence. Decode tok/s is the sum over the batch."""
     import llama_cpp as lc
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its C log goes through this logger
     context = image_tokens + min(settings.prompt_lengths)
     lc.llama_backend_init()
     model = lc.llama_model_load_from_file(str(gguf_path).encode(), lc.llama_model_default_params())

@@ -6,6 +6,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.target.codegen import target_has_features
 
 from mobilevlm_mlc.model_defs.quantization import GroupQuantScheme, Layout
+from mobilevlm_mlc.targets.cpu_kernels.int8_dot import int8_dot
 from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import replace_quantized_matmuls
 from mobilevlm_mlc.targets.passes.inline_dequantize import inline_dequantize
 from mobilevlm_mlc.targets.passes.vision_float32 import vision_in_float32
@@ -19,11 +20,6 @@ from .passes.mark_no_alias import mark_no_alias
 AVX512_KERNELS = CpuKernelConfig()  # x86 tiling (the defaults); Arm's is `android.NEON_KERNELS`
 
 
-def vnni(target: tvm.target.Target) -> bool:
-    """The CPU has AVX-512 VNNI: quantized matmuls then run on int8 activations (`cpu_kernels/int8_matmul`)."""
-    return bool(target_has_features("avx512vnni", target))
-
-
 def fp16_arithmetic(target: tvm.target.Target) -> bool:
     """The CPU computes in fp16 natively (AArch64 `fullfp16`, x86 AVX512-FP16); otherwise an fp16 model's
     vision tower runs in fp32 (`vision_float32`)."""
@@ -34,9 +30,11 @@ def cpu_numerics(target: tvm.target.Target, dtype: str, scheme: GroupQuantScheme
     """What a CPU library records about its arithmetic: the activations of its quantized matmuls
     (`replace_quantized_matmuls` takes exactly the NK64 ones: q4f32_3, q4f16_3), and the dtype its vision
     tower computes in."""
-    int8 = vnni(target) and scheme is not None and scheme.layout is Layout.NK64
+    dot = int8_dot(target)
+    int8 = dot is not None and scheme is not None and scheme.layout is Layout.NK64
     return {
         "quantized_matmul_activations": "int8" if int8 else "model dtype",
+        "int8_dot_product": dot.name if int8 else None,
         "vision_compute_dtype": "float32" if dtype == "float16" and not fp16_arithmetic(target) else dtype,
     }
 
@@ -46,9 +44,10 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = AVX512_KER
     every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
     took, and the KV cache's attention kernels replaced by parallel, vectorized ones. Softmax uses TOPI's
     polynomial exp (vectorizes; libm's `expf` does not): the vision tower's softmax took 400 ms of a
-    2.5 s image encode. With AVX-512 VNNI, NK64 (q4f32_3, q4f16_3) quantized matmuls run on int8
-    activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32."""
-    int8 = [replace_quantized_matmuls] if vnni(target) else []
+    2.5 s image encode. With an int8 dot product (AVX-512 VNNI, AVX-VNNI or AVX2: `int8_dot`), NK64
+    (q4f32_3, q4f16_3) quantized matmuls run on int8 activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32."""
+    dot = int8_dot(target)
+    int8 = [replace_quantized_matmuls(dot)] if dot else []
     vision = [] if fp16_arithmetic(target) else [vision_in_float32]
     return tvm.transform.Sequential(
         vision

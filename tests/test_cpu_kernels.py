@@ -5,6 +5,8 @@ emulation of them."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +19,8 @@ from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_positio
 from mobilevlm_mlc.check.reference import int8_activations
 from mobilevlm_mlc.convert.packing import dequantize_weight, quantize_weight
 from mobilevlm_mlc.model_defs.quantization import QUANTIZATIONS
-from mobilevlm_mlc.targets.cpu import vnni
 from mobilevlm_mlc.targets.cpu_kernels.attention import decode_attention, prefill_attention, prefill_ragged_attention
+from mobilevlm_mlc.targets.cpu_kernels.int8_dot import INT8_DOTS, Int8Dot, int8_dot
 from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import int8_quantized_gemv, int8_quantized_matmul
 from mobilevlm_mlc.targets.cpu_kernels.rope import faster_rope
 
@@ -178,7 +180,27 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
         np.testing.assert_allclose(got[1], expected[1], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.skipif(not vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
+# a CPU of each instruction set, for LLVM (the kernels are built for it whatever this host is)
+DOT_CPUS = {"avx512-vnni": "cascadelake", "avx-vnni": "alderlake", "avx2": "haswell"}
+
+
+HOST_FLAGS = set(
+    next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+)
+
+
+def dot_target(dot: Int8Dot) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": DOT_CPUS[dot.name]})
+
+
+def test_each_cpu_gets_its_best_dot_product():
+    assert [int8_dot(dot_target(d)) for d in INT8_DOTS] == list(INT8_DOTS)
+    assert int8_dot(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) is None  # SSE2 only
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"})
+    assert int8_dot(arm) is None
+
+
+@pytest.mark.parametrize("dot", INT8_DOTS, ids=lambda d: d.name)
 @pytest.mark.parametrize(
     "kernel,rows,dtype",
     [
@@ -187,26 +209,38 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
         ("gemm", 5, "float16"),
         ("gemm", 8, "float32"),
         ("gemm", 9, "float32"),  # the unpacked-tile GEMM (prefill)
-        ("gemm", 13, "float32"),
         ("gemm", 13, "float16"),
         ("gemv", 1, "float32"),
         ("gemv", 1, "float16"),
     ],
 )
-def test_int8_matmuls_match_their_emulation(kernel, rows, dtype):
-    """x rounded by the reference's `int8_activations` times the dequantized weight, up to fp32
-    summation order (rows not a multiple of the GEMM's 6 or the skinny path's 4, an all-zero group, rows of scales 1e-3 to
-    1e3; fp16 activations and scales read into fp32, the result rounded to fp16); against unrounded x it
-    is off by the rounding alone (under 1%, never exact)."""
+def test_int8_matmuls_match_their_emulation(dot, kernel, rows, dtype):
+    """Each instruction set's kernels: their code holds its dot-product instruction (disassembly), and
+    where this CPU has it they run: x rounded by the reference's `int8_activations` times the
+    dequantized weight, up to fp32 summation order (rows not a multiple of the GEMM's or the skinny
+    path's blocks, an all-zero group, rows of scales 1e-3 to 1e3; fp16 activations and scales read
+    into fp32, the result rounded to fp16); against unrounded x it is off by the rounding alone (under
+    1%, never exact)."""
     k, n = 96, 192
+    func = int8_quantized_gemv(k, n, dtype, dot) if kernel == "gemv" else int8_quantized_matmul(k, n, dtype, dot)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=dot_target(dot))
+    instructions = set(re.findall(r"^\s+(?:\{vex\}\s+)?(v[a-z0-9]+)", lib.mod.inspect_source("asm"), re.M))
+    assert any("zmm" in line for line in lib.mod.inspect_source("asm").splitlines()) == (dot.lanes == 16)
+    assert dot.instruction in instructions
+    assert ("vpdpbusd" in instructions) == (dot.name != "avx2")  # AVX2 has no byte dot product
+    assert any(r.startswith("vpmaddubsw") for r in instructions) == (dot.name == "avx2")
+    if dot.cpu_flag not in HOST_FLAGS:
+        pytest.skip(f"compiled and disassembled; this CPU has no {dot.name} to run it")
     rng = np.random.default_rng(rows)
     scheme = QUANTIZATIONS["q4f32_3" if dtype == "float32" else "q4f16_3"].scheme
     q_weight, q_scale = quantize_weight(rng.standard_normal((n, k)).astype(np.float32), scheme)
     weight = dequantize_weight(q_weight, q_scale, scheme).astype(np.float64)
     x = (rng.standard_normal((1, rows, k)) * 10.0 ** rng.uniform(-3, 3, (1, rows, 1))).astype(dtype)
     x[0, 0, 32:64] = 0
-    func = int8_quantized_gemv(k, n, dtype) if kernel == "gemv" else int8_quantized_matmul(k, n, dtype)
-    got = run_kernel(func, [x, q_weight, q_scale], [], [(1, rows, n)], dtype)[0][0].astype(np.float64)
+    got = np.zeros((1, rows, n), dtype)
+    out = tvm.runtime.tensor(got, tvm.cpu())
+    lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, q_weight, q_scale)], out)
+    got = out.numpy()[0].astype(np.float64)
     rounded = int8_activations(torch.from_numpy(x.astype(np.float32))).numpy()[0].astype(np.float64)
     emulated, exact = rounded @ weight.T, x[0].astype(np.float64) @ weight.T
     scale = np.abs(exact).max(axis=1, keepdims=True)  # per row: rows differ by 10^6 in magnitude

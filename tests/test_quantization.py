@@ -19,7 +19,7 @@ from mobilevlm_mlc.model_defs.quantization import DEQUANTIZE_BLOCK, QUANTIZATION
 from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.runtime.sampling import GenerationConfig
 from mobilevlm_mlc.targets import get_target
-from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import VPDPBUSD
+from mobilevlm_mlc.targets.cpu_kernels.int8_dot import int8_dot
 
 from .helpers import DEMO_IMAGE, checkpoint_for
 
@@ -262,20 +262,24 @@ def test_dequantized_weights_are_never_materialized(q4_builds, name):
             assert parallel, f"{fname}: dequantize outside the parallel loop"
     if name == "q4f32_3":  # decode GEMVs read the packed words directly
         assert inlined >= 4
-    if q4_builds[name].int8_activations:  # every quantized matmul (prefill, decode, logits) on VNNI dot products
-        int8 = {fname for fname, func in quantized.items() if VPDPBUSD in func.script()}
+    if q4_builds[name].int8_activations:  # every quantized matmul (prefill, decode, logits) on int8 dot products
+        dot = int8_dot(tvm.target.Target.from_device(tvm.cpu()))
+        int8 = {fname for fname, func in quantized.items() if dot.intrinsic in func.script()}
         # 4 prefill GEMMs, 4 decode GEMVs, lm_head's GEMV (one row) and GEMM (batch_prefill / batch_decode rows)
         assert int8 == set(quantized) and len(int8) == 10
 
 
 # (LLVM triple, mcpu) -> (q4f16_3 record, q4f32_1 record): what each CPU class this project meets can do.
-# AVX-512 VNNI gives int8 activations to the NK64 schemes only; fp16 arithmetic (AVX512-FP16, Arm
-# fullfp16) keeps an fp16 vision tower in fp16.
+# An x86 int8 dot product (AVX-512 VNNI, AVX-VNNI, AVX2) gives int8 activations to the NK64 schemes
+# only; fp16 arithmetic (AVX512-FP16, Arm fullfp16) keeps an fp16 vision tower in fp16.
+NO_INT8 = ("model dtype", None)
 ARITHMETIC = {
-    ("x86_64-linux-gnu", "sapphirerapids"): (("int8", "float16"), ("model dtype", "float32")),
-    ("x86_64-linux-gnu", "znver4"): (("int8", "float32"), ("model dtype", "float32")),
-    ("x86_64-linux-gnu", "znver3"): (("model dtype", "float32"), ("model dtype", "float32")),
-    ("aarch64-linux-android", "cortex-a78"): (("model dtype", "float16"), ("model dtype", "float32")),
+    ("x86_64-linux-gnu", "sapphirerapids"): (("int8", "avx512-vnni", "float16"), (*NO_INT8, "float32")),
+    ("x86_64-linux-gnu", "znver4"): (("int8", "avx512-vnni", "float32"), (*NO_INT8, "float32")),
+    ("x86_64-linux-gnu", "alderlake"): (("int8", "avx-vnni", "float32"), (*NO_INT8, "float32")),
+    ("x86_64-linux-gnu", "znver3"): (("int8", "avx2", "float32"), (*NO_INT8, "float32")),
+    ("x86_64-linux-gnu", "x86-64"): ((*NO_INT8, "float32"), (*NO_INT8, "float32")),
+    ("aarch64-linux-android", "cortex-a78"): ((*NO_INT8, "float16"), (*NO_INT8, "float32")),
 }
 
 
@@ -283,14 +287,15 @@ ARITHMETIC = {
 def test_cpu_build_records_its_arithmetic(triple, mcpu):
     """The build record `compile` writes, for CPUs of known features."""
     target = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
-    for name, (activations, vision) in zip(("q4f16_3", "q4f32_1"), ARITHMETIC[triple, mcpu]):
+    for name, expected in zip(("q4f16_3", "q4f32_1"), ARITHMETIC[triple, mcpu]):
         q = QUANTIZATIONS[name]
         record = get_target("cpu").build_info(target, q.model_dtype, q.scheme)
-        assert (record["quantized_matmul_activations"], record["vision_compute_dtype"]) == (activations, vision), name
+        keys = ("quantized_matmul_activations", "int8_dot_product", "vision_compute_dtype")
+        assert tuple(record[key] for key in keys) == expected, name
 
 
 def test_host_libraries_record_what_they_run(q4_builds):
-    """The engine takes int8 activations from the record; the NK64 builds of a VNNI host have them, the rest not."""
+    """The engine takes int8 activations from the record; the NK64 builds of a host with an int8 dot product (AVX2 or better) have them, the rest not."""
     int8 = {name for name, engine in q4_builds.items() if engine.int8_activations}
     assert int8 in (set(), {"q4f16_3", "q4f32_3"})
 

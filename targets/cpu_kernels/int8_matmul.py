@@ -1,15 +1,18 @@
-"""Quantized matmuls on AVX-512 VNNI: 4-bit weights times 8-bit activations, integer dot products.
+"""Quantized matmuls on int8 dot products: 4-bit weights times 8-bit activations, integer arithmetic.
 
-A prefill matmul is compute-bound, and fp32 FMAs are its ceiling: 16 multiply-adds per instruction.
-`vpdpbusd` does 64 (unsigned bytes times signed bytes, summed in fours into 32-bit lanes), so, as
-llama.cpp does for Q4_0 x Q8_0, the activations are quantized per row and per group of 32 (the weight's
-group) to int8, and each group's integer dot product is scaled back in fp32:
+A prefill matmul is compute-bound, and fp32 FMAs are its ceiling: 16 multiply-adds per 512-bit
+instruction. A byte dot product (`vpdpbusd`) does 64, so, as llama.cpp does for Q4_0 x Q8_0, the
+activations are quantized per row and per group of 32 (the weight's group) to int8, and each group's
+integer dot product is scaled back in fp32:
 
     y[m, n] = sum_g  s_w[n, g] * (s_x[m, g] * sum_j q_w * q_x  -  7 * s_x[m, g] * sum_j q_x)
 
 (q_w in [0, 14] is the stored nibble, the weight being (q_w - 7) * s_w.) Decode uses them too: its
 GEMV is bound by memory, but two cores unpacking to fp32 (AND, convert, two FMAs per 16 weights) are
-barely faster than the memory, while a word's even and odd nibbles go straight into two `vpdpbusd`.
+barely faster than the memory, while a word's even and odd nibbles go straight into two dot products.
+
+The kernels are one design for every x86 level; the dot-product step (`int8_dot.Int8Dot`: AVX-512
+VNNI, AVX-VNNI, AVX2) and the register blocks sized for its vector width are what differ.
 
 Activations are packed in the weights' nibble order (per word of 8 K values: the even K's 4 bytes, then
 the odd K's), so a word needs AND, shift, AND and no shuffles. The GEMM (prefill: any number of rows)
@@ -30,29 +33,24 @@ from tvm.script import tirx as T
 
 from mobilevlm_mlc.model_defs.quantization import QUANTIZED_MATMUL, ROW_TILE
 
-LANES = 16  # 32-bit lanes of a 512-bit vector: 16 output columns, each 4 bytes of K
-VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+from .int8_dot import Int8Dot
+
 NIBBLES = 0x0F0F0F0F  # a packed word's even nibbles (K = 0, 2, 4, 6 of its 8) as 4 bytes; >> 4 gives the odd
 
 
-def _dot4(acc: tirx.PrimExpr, weight_bytes: tirx.PrimExpr, activations: tirx.PrimExpr) -> tirx.PrimExpr:
-    """acc + per lane the sum of 4 (unsigned weight byte x signed activation byte) products: `vpdpbusd`
-    on 16 lanes, the 4 activation bytes (one int32) broadcast to all of them."""
-    return T.call_llvm_pure_intrin(
-        "int32x16",
-        VPDPBUSD,
-        acc,
-        T.reinterpret("int8x64", weight_bytes),
-        T.reinterpret("int8x64", T.broadcast(activations, LANES)),
-    )
+def _nibbles(word: tirx.PrimExpr, odd: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
+    """A vector of packed words' even (`odd` 0) or odd (1) nibbles as bytes; `odd` is an unrolled loop
+    variable, so the shift is a constant."""
+    shift = T.broadcast(T.Cast("uint32", odd * 4), lanes)
+    return (word >> shift) & T.broadcast(T.uint32(NIBBLES), lanes)
 
 
 def _rescale(
-    total: tirx.PrimExpr, weight_scale: tirx.PrimExpr, x_scale: tirx.PrimExpr, x_offset: tirx.PrimExpr
+    total: tirx.PrimExpr, weight_scale: tirx.PrimExpr, x_scale: tirx.PrimExpr, x_offset: tirx.PrimExpr, lanes: int
 ) -> tirx.PrimExpr:
-    """One group's integer dot products (16 lanes) in fp32: s_w * (s_x * total - 7 * s_x * sum q_x)."""
-    return T.Cast("float32x16", weight_scale) * (
-        T.Cast("float32x16", total) * T.broadcast(x_scale, LANES) + T.broadcast(x_offset, LANES)
+    """One group's integer dot products in fp32: s_w * (s_x * total - 7 * s_x * sum q_x)."""
+    return T.Cast(f"float32x{lanes}", weight_scale) * (
+        T.Cast(f"float32x{lanes}", total) * T.broadcast(x_scale, lanes) + T.broadcast(x_offset, lanes)
     )
 
 
@@ -98,21 +96,27 @@ def _quantize_rows(k: int, dtype: str):
 
 
 SKINNY_ROWS = 8  # up to this many rows (a batch_decode step of up to 8 sequences), the skinny path
-SKINNY_BLOCKS = ((2, 4), (4, 4), (8, 4))  # (rows, column vectors) per pass: measured fastest streaming from DRAM
+# register blocks by the size of the vector register file, measured fastest streaming from DRAM:
+# skinny (rows, column vectors per pass, rows accumulated at once) for 2, 4 and 8 rows; GEMM (rows,
+# column vectors)
+SKINNY_BLOCKS = {32: ((2, 4, 2), (4, 4, 4), (8, 4, 4)), 16: ((2, 4, 2), (4, 2, 4), (8, 2, 4))}
+GEMM_BLOCKS = {32: (6, 2), 16: (3, 2)}
+GEMV_VECTORS = 4  # column vectors per GEMV pass: even and odd accumulators for each
 
 
-def _skinny_rows(k: int, n: int, dtype: str, block: int, vectors: int):
+def _skinny_rows(k: int, n: int, dtype: str, dot: Int8Dot, block: int, vectors: int, row_block: int):
     """The macro of the skinny path for up to `block` rows. A task is one 64-column tile, read once as
     one stream whatever the rows: for each group it takes the group's 4 packed words (1 KiB, contiguous)
-    in `ROW_TILE / (16 * vectors)` passes of `vectors` column vectors, so the rows' integer accumulators
-    of one pass fit the 32 vector registers; each word goes straight into `2 * block` `vpdpbusd` per
-    vector (even and odd nibbles for each row), and each row's broadcast activation feeds all `vectors`
-    of them. (Tasks of a column slice each, as before, read every fourth cache line of a tile: the
-    hardware prefetchers do not follow that, and 8 rows streamed at 6.6 GB/s instead of 20+.)"""
+    in passes of `vectors` column vectors, `row_block` rows at a time, so the integer accumulators of
+    one pass fit the vector registers (8 rows x 4 vectors at once spilled them); each word goes straight
+    into `2 * row_block` dot products per vector (even and odd nibbles for each row), and each row's
+    broadcast activation feeds all `vectors` of them. (Tasks of a column
+    slice each read every fourth cache line of a tile: the hardware prefetchers do not follow that, and
+    8 rows streamed at 6.6 GB/s instead of 16.)"""
     groups, tiles = k // 32, n // ROW_TILE
-    C, width = vectors, vectors * LANES
-    passes = ROW_TILE // width
-    B = block
+    L, A, C = dot.lanes, dot.acc_lanes, vectors
+    width = C * L
+    passes, B, RB = ROW_TILE // width, block, row_block
 
     # fmt: off
     @T.macro
@@ -121,32 +125,30 @@ def _skinny_rows(k: int, n: int, dtype: str, block: int, vectors: int):
             with T.sblock("skinny"):
                 T.reads()
                 T.writes()
-                acc = T.sblock_alloc_buffer((B, width), "int32", scope="local")
+                acc = T.sblock_alloc_buffer((RB, C * A), dot.acc_dtype, scope="local")
                 out = T.sblock_alloc_buffer((B, ROW_TILE), "float32", scope="local")
                 for r in T.unroll(B):
                     for lane in T.vectorized(ROW_TILE):
                         out[r, lane] = T.float32(0)
                 for g in T.serial(groups):
                     for p in T.unroll(passes):
-                        for r in T.unroll(B):
-                            for lane in T.vectorized(width):
-                                acc[r, lane] = 0
-                        for w in T.unroll(4):
-                            for r in T.unroll(B):
+                        for h in T.unroll(B // RB):
+                            for r in T.unroll(RB):
+                                for lane in T.vectorized(C * A):
+                                    acc[r, lane] = T.Cast(dot.acc_dtype, 0)
+                            for w in T.unroll(4):
+                                for r in T.unroll(RB):
+                                    for c in T.unroll(C):
+                                        for odd in T.unroll(2):
+                                            acc[r, T.ramp(c * A, 1, A)] = dot.accumulate(
+                                                acc[r, T.ramp(c * A, 1, A)],
+                                                _nibbles(q_weight[tile, g * 4 + w, T.ramp(p * width + c * L, 1, L)], odd, L),
+                                                x_q[h * RB + r, g * 8 + 2 * w + odd])
+                            for r in T.unroll(RB):
                                 for c in T.unroll(C):
-                                    acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(
-                                        acc[r, T.ramp(c * LANES, 1, LANES)],
-                                        q_weight[tile, g * 4 + w, T.ramp(p * width + c * LANES, 1, LANES)] & T.broadcast(T.uint32(NIBBLES), LANES),
-                                        x_q[r, g * 8 + 2 * w])
-                                    acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(
-                                        acc[r, T.ramp(c * LANES, 1, LANES)],
-                                        (q_weight[tile, g * 4 + w, T.ramp(p * width + c * LANES, 1, LANES)] >> T.broadcast(T.uint32(4), LANES)) & T.broadcast(T.uint32(NIBBLES), LANES),
-                                        x_q[r, g * 8 + 2 * w + 1])
-                        for r in T.unroll(B):
-                            for c in T.unroll(C):
-                                out[r, T.ramp(p * width + c * LANES, 1, LANES)] = out[r, T.ramp(p * width + c * LANES, 1, LANES)] + _rescale(
-                                    acc[r, T.ramp(c * LANES, 1, LANES)], q_scale[tile, g, T.ramp(p * width + c * LANES, 1, LANES)],
-                                    x_scale[r, g], x_offset[r, g])
+                                    out[h * RB + r, T.ramp(p * width + c * L, 1, L)] = out[h * RB + r, T.ramp(p * width + c * L, 1, L)] + _rescale(
+                                        dot.finish(acc[r, T.ramp(c * A, 1, A)]), q_scale[tile, g, T.ramp(p * width + c * L, 1, L)],
+                                        x_scale[h * RB + r, g], x_offset[h * RB + r, g], L)
                 for r in T.unroll(B):
                     if T.Cast("int64", r) < m:
                         for lane in T.vectorized(ROW_TILE):
@@ -157,21 +159,22 @@ def _skinny_rows(k: int, n: int, dtype: str, block: int, vectors: int):
 
 
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
-def int8_quantized_matmul(
-    k: int, n: int, dtype: str = "float32", rows: int = 6, column_vectors: int = 2
-) -> tirx.PrimFunc:
+def int8_quantized_matmul(k: int, n: int, dtype: str, dot: Int8Dot) -> tirx.PrimFunc:
     """y[1, m, n] = x[1, m, k] @ W^T for any m (prefill, batch decode), W in the NK64 layout (q4f32_3, or
     q4f16_3 with `dtype` float16: activations and scales in that dtype, read into fp32), on int8
     activations. Up to `SKINNY_ROWS` rows (a batch of decode tokens) the skinny path streams the packed
     words once for all rows (`_skinny_rows`) instead of unpacking each tile and padding the rows to the
     GEMM's blocks."""
     groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
-    R, C, width = rows, column_vectors, column_vectors * LANES
+    L, A = dot.lanes, dot.acc_lanes
+    R, C = GEMM_BLOCKS[dot.registers]
+    width = C * L
     halves = ROW_TILE // width
     pad = math.lcm(R, SKINNY_ROWS)  # rows are quantized in multiples of both paths' blocks
     quantize = _quantize_rows(k, dtype)
-    skinny2, skinny4, skinny8 = (_skinny_rows(k, n, dtype, b, v) for b, v in SKINNY_BLOCKS)
+    skinny2, skinny4, skinny8 = (_skinny_rows(k, n, dtype, dot, *block) for block in SKINNY_BLOCKS[dot.registers])
 
+    # fmt: off
     @T.macro
     def gemm(x_q, x_scale, x_offset, q_weight, q_scale, y, m, padded):
         for tile in T.parallel(tiles):
@@ -179,14 +182,12 @@ def int8_quantized_matmul(
                 T.reads()
                 T.writes()
                 w_q = T.sblock_alloc_buffer((quads, ROW_TILE), "int32")  # the tile's nibbles as bytes, x_q's order
-                acc = T.sblock_alloc_buffer((R, width), "int32", scope="local")
+                acc = T.sblock_alloc_buffer((R, C * A), dot.acc_dtype, scope="local")
                 out = T.sblock_alloc_buffer((R, width), "float32", scope="local")
                 for kw in T.serial(words):
                     for col in T.vectorized(ROW_TILE):
                         w_q[2 * kw, col] = T.reinterpret("int32", q_weight[tile, kw, col] & T.uint32(NIBBLES))
-                        w_q[2 * kw + 1, col] = T.reinterpret(
-                            "int32", (q_weight[tile, kw, col] >> T.uint32(4)) & T.uint32(NIBBLES)
-                        )
+                        w_q[2 * kw + 1, col] = T.reinterpret("int32", (q_weight[tile, kw, col] >> T.uint32(4)) & T.uint32(NIBBLES))
                 for block in T.serial(padded // R):
                     for half in T.serial(halves):
                         for r in T.unroll(R):
@@ -194,32 +195,24 @@ def int8_quantized_matmul(
                                 out[r, lane] = T.float32(0)
                         for g in T.serial(groups):
                             for r in T.unroll(R):
-                                for lane in T.vectorized(width):
-                                    acc[r, lane] = 0
+                                for lane in T.vectorized(C * A):
+                                    acc[r, lane] = T.Cast(dot.acc_dtype, 0)
                             for kq in T.unroll(8):
                                 for c in T.unroll(C):
                                     for r in T.unroll(R):
-                                        acc[r, T.ramp(c * LANES, 1, LANES)] = _dot4(
-                                            acc[r, T.ramp(c * LANES, 1, LANES)],
-                                            w_q[g * 8 + kq, T.ramp(half * width + c * LANES, 1, LANES)],
-                                            x_q[block * R + r, g * 8 + kq],
-                                        )
+                                        acc[r, T.ramp(c * A, 1, A)] = dot.accumulate(
+                                            acc[r, T.ramp(c * A, 1, A)],
+                                            w_q[g * 8 + kq, T.ramp(half * width + c * L, 1, L)],
+                                            x_q[block * R + r, g * 8 + kq])
                             for c in T.unroll(C):
                                 for r in T.unroll(R):
-                                    out[r, T.ramp(c * LANES, 1, LANES)] = out[
-                                        r, T.ramp(c * LANES, 1, LANES)
-                                    ] + _rescale(
-                                        acc[r, T.ramp(c * LANES, 1, LANES)],
-                                        q_scale[tile, g, T.ramp(half * width + c * LANES, 1, LANES)],
-                                        x_scale[block * R + r, g],
-                                        x_offset[block * R + r, g],
-                                    )
+                                    out[r, T.ramp(c * L, 1, L)] = out[r, T.ramp(c * L, 1, L)] + _rescale(
+                                        dot.finish(acc[r, T.ramp(c * A, 1, A)]), q_scale[tile, g, T.ramp(half * width + c * L, 1, L)],
+                                        x_scale[block * R + r, g], x_offset[block * R + r, g], L)
                         for r in T.unroll(R):
                             if block * R + r < m:
                                 for lane in T.vectorized(width):
-                                    y[0, block * R + r, tile * ROW_TILE + half * width + lane] = T.Cast(
-                                        dtype, out[r, lane]
-                                    )
+                                    y[0, block * R + r, tile * ROW_TILE + half * width + lane] = T.Cast(dtype, out[r, lane])
 
     @T.prim_func(s_tir=True)
     def quantized_matmul_int8(
@@ -246,22 +239,23 @@ def int8_quantized_matmul(
             skinny8(x_q, x_scale, x_offset, q_weight, q_scale, y, m)
         else:
             gemm(x_q, x_scale, x_offset, q_weight, q_scale, y, m, padded)
-
     # fmt: on
 
     return quantized_matmul_int8
 
 
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
-def int8_quantized_gemv(k: int, n: int, dtype: str = "float32") -> tirx.PrimFunc:
+def int8_quantized_gemv(k: int, n: int, dtype: str, dot: Int8Dot) -> tirx.PrimFunc:
     """y[1, 1, n] = x[1, 1, k] @ W^T (decode, the last token's logits), W in the NK64 layout, on int8
     activations. Decode is memory-bound, but at 30-40 GB/s two cores of fp32 unpacking (AND, convert,
     two FMAs per 16 weights) are not much faster than the memory: here a loaded word costs AND, shift,
-    AND and two `vpdpbusd` (its even and odd nibbles), and a group's 4 words one rescale per 16 rows.
-    A task is one 64-row tile, read once as one stream; even and odd nibbles accumulate apart (two
-    dependency chains per 16 rows)."""
+    AND and two dot products (its even and odd nibbles), and a group's 4 words one rescale per vector.
+    A task is one 64-row tile, read once as one stream (in passes of `GEMV_VECTORS` vectors where the
+    vectors are narrow); even and odd nibbles accumulate apart (two dependency chains per vector)."""
     groups, quads, tiles, words = k // 32, k // 4, n // ROW_TILE, k // 8
-    C = ROW_TILE // LANES
+    L, A = dot.lanes, dot.acc_lanes
+    V = min(GEMV_VECTORS, ROW_TILE // L)
+    passes = ROW_TILE // (V * L)
     quantize = _quantize_rows(k, dtype)
 
     # fmt: off
@@ -278,34 +272,28 @@ def int8_quantized_gemv(k: int, n: int, dtype: str = "float32") -> tirx.PrimFunc
             with T.sblock("gemv"):
                 T.reads()
                 T.writes()
-                even = T.sblock_alloc_buffer((C, LANES), "int32", scope="local")
-                odd = T.sblock_alloc_buffer((C, LANES), "int32", scope="local")
-                out = T.sblock_alloc_buffer((C, LANES), "float32", scope="local")
-                for c in T.unroll(C):
-                    for lane in T.vectorized(LANES):
-                        out[c, lane] = T.float32(0)
+                acc = T.sblock_alloc_buffer((2, V * A), dot.acc_dtype, scope="local")  # even, odd
+                out = T.sblock_alloc_buffer((ROW_TILE,), "float32", scope="local")
+                for lane in T.vectorized(ROW_TILE):
+                    out[lane] = T.float32(0)
                 for g in T.serial(groups):
-                    for c in T.unroll(C):
-                        for lane in T.vectorized(LANES):
-                            even[c, lane] = 0
-                            odd[c, lane] = 0
-                    for w in T.unroll(4):
-                        for c in T.unroll(C):
-                            even[c, T.ramp(0, 1, LANES)] = _dot4(
-                                even[c, T.ramp(0, 1, LANES)],
-                                q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] & T.broadcast(T.uint32(NIBBLES), LANES),
-                                x_q[0, g * 8 + 2 * w])
-                            odd[c, T.ramp(0, 1, LANES)] = _dot4(
-                                odd[c, T.ramp(0, 1, LANES)],
-                                (q_weight[tile, g * 4 + w, T.ramp(c * LANES, 1, LANES)] >> T.broadcast(T.uint32(4), LANES)) & T.broadcast(T.uint32(NIBBLES), LANES),
-                                x_q[0, g * 8 + 2 * w + 1])
-                    for c in T.unroll(C):
-                        out[c, T.ramp(0, 1, LANES)] = out[c, T.ramp(0, 1, LANES)] + _rescale(
-                            even[c, T.ramp(0, 1, LANES)] + odd[c, T.ramp(0, 1, LANES)], q_scale[tile, g, T.ramp(c * LANES, 1, LANES)],
-                            x_scale[0, g], x_offset[0, g])
-                for c in T.unroll(C):
-                    for lane in T.vectorized(LANES):
-                        y[0, 0, tile * ROW_TILE + c * LANES + lane] = T.Cast(dtype, out[c, lane])
+                    for p in T.unroll(passes):
+                        for odd in T.unroll(2):
+                            for lane in T.vectorized(V * A):
+                                acc[odd, lane] = T.Cast(dot.acc_dtype, 0)
+                        for w in T.unroll(4):
+                            for c in T.unroll(V):
+                                for odd in T.unroll(2):
+                                    acc[odd, T.ramp(c * A, 1, A)] = dot.accumulate(
+                                        acc[odd, T.ramp(c * A, 1, A)],
+                                        _nibbles(q_weight[tile, g * 4 + w, T.ramp((p * V + c) * L, 1, L)], odd, L),
+                                        x_q[0, g * 8 + 2 * w + odd])
+                        for c in T.unroll(V):
+                            out[T.ramp((p * V + c) * L, 1, L)] = out[T.ramp((p * V + c) * L, 1, L)] + _rescale(
+                                dot.finish(acc[0, T.ramp(c * A, 1, A)] + acc[1, T.ramp(c * A, 1, A)]),
+                                q_scale[tile, g, T.ramp((p * V + c) * L, 1, L)], x_scale[0, g], x_offset[0, g], L)
+                for lane in T.vectorized(ROW_TILE):
+                    y[0, 0, tile * ROW_TILE + lane] = T.Cast(dtype, out[lane])
     # fmt: on
 
     return quantized_gemv_int8
@@ -334,17 +322,21 @@ def _nk64_matmul(func: tirx.PrimFunc) -> tuple[int, int, str, bool] | None:
     return k, n, str(x.dtype), isinstance(rows, tirx.IntImm)
 
 
-@tvm.transform.module_pass(opt_level=0, name="ReplaceQuantizedMatmuls")
-def replace_quantized_matmuls(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Every NK64 quantized matmul becomes one of the int8 kernels above, same parameters: over a
-    symbolic row count (prefill) the GEMM, over one row (decode, logits) the GEMV. They are opaque to
+def replace_quantized_matmuls(dot: Int8Dot) -> tvm.transform.Pass:
+    """Every NK64 quantized matmul becomes one of the int8 kernels above on `dot`, same parameters: over
+    a symbolic row count (prefill) the GEMM, over one row (decode, logits) the GEMV. They are opaque to
     fusion, so an elementwise tail (residual add) runs as a kernel of its own."""
-    for gv, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc) or not gv.name_hint.startswith(QUANTIZED_MATMUL):
-            continue
-        shape = _nk64_matmul(func)
-        if shape is not None:
-            k, n, dtype, one_row = shape
-            kernel = int8_quantized_gemv(k, n, dtype) if one_row else int8_quantized_matmul(k, n, dtype)
-            mod[gv] = kernel.with_attr("global_symbol", gv.name_hint)
-    return mod
+
+    @tvm.transform.module_pass(opt_level=0, name="ReplaceQuantizedMatmuls")
+    def replace(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc) or not gv.name_hint.startswith(QUANTIZED_MATMUL):
+                continue
+            shape = _nk64_matmul(func)
+            if shape is not None:
+                k, n, dtype, one_row = shape
+                make = int8_quantized_gemv if one_row else int8_quantized_matmul
+                mod[gv] = make(k, n, dtype, dot).with_attr("global_symbol", gv.name_hint)
+        return mod
+
+    return replace
