@@ -52,7 +52,12 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = AVX512_KER
     return tvm.transform.Sequential(
         vision
         + int8
-        + [relax.transform.FuseTransposeMatmul(), relax.transform.FastMathTransform(), replace_attention, replace_rope]
+        + [
+            relax.transform.FuseTransposeMatmul(),
+            relax.transform.FastMathTransform(),
+            replace_attention(config.prefetch_kv_pages),
+            replace_rope,
+        ]
         + cpu_generic.library_dispatch_passes(target)
         + cpu_generic.legalize_passes(target)
         + [schedule_cpu_kernels(config), inline_dequantize, mark_no_alias]

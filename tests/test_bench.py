@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mobilevlm_mlc.bench.benchmark import VECTOR_FEATURES
 from mobilevlm_mlc.demo import DEMO_PROMPT
 from mobilevlm_mlc.formats.dist import TOKENIZER_MODEL, load_dist
+from mobilevlm_mlc.formats.library import inspect_library
 from mobilevlm_mlc.runtime.backend import connect
 from mobilevlm_mlc.runtime.conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
 from mobilevlm_mlc.runtime.engine import Engine
@@ -49,6 +51,12 @@ def test_bench_writes_every_figure_and_the_environment(ldpnet_built, tmp_path):
     assert result["label"] == "mobilevlm-mlc cpu q0f32"
     env = result["environment"]
     assert env["threads"] == 2 and env["cores"] >= 1 and env["cpu"] and env["tvm"] == "0.27.0.post1"
+    flags = next(
+        line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features"))
+    )
+    assert env["cpu_features"] == [f for f in VECTOR_FEATURES if f in flags.split(":", 1)[1].split()]
+    assert result["build"] == inspect_library(ldpnet_built.lib).metadata["build"]  # q0f32: no int8 kernels
+    assert result["build"]["int8_dot_product"] is None
     assert len(env["git_commit"] or "0" * 40) == 40
     assert result["model_config"]["projector_type"] == "ldpnet"
     assert result["settings"] == {

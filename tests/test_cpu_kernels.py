@@ -75,14 +75,16 @@ def run_decode(func, q, pages, indptr, values, last, sm_scale):
     return out.numpy(), lse.numpy()
 
 
-@pytest.mark.parametrize("kv_heads,qo_heads", [(4, 4), (2, 8)])
-def test_decode_attention_matches_numpy_and_tvm(kv_heads, qo_heads):
+@pytest.mark.parametrize("kv_heads,qo_heads,prefetch", [(4, 4, True), (2, 8, True), (2, 8, False)])
+def test_decode_attention_matches_numpy_and_tvm(kv_heads, qo_heads, prefetch):
     lengths, dim, page_size, sm_scale = [1, 16, 17, 70, 0], 64, 16, 64**-0.5
     q, pages, indptr, values, last = paged_case(lengths, kv_heads, qo_heads, dim, page_size)
     for b, n in enumerate(lengths):  # stale rows past a sequence's end (scored in their own lanes, masked)
         if n % page_size:
             pages[values[indptr[b + 1] - 1], :, :, n % page_size :] = np.nan
-    ours = run_decode(decode_attention(kv_heads, qo_heads, dim, "float32"), q, pages, indptr, values, last, sm_scale)
+    ours = run_decode(
+        decode_attention(kv_heads, qo_heads, dim, "float32", prefetch), q, pages, indptr, values, last, sm_scale
+    )
     theirs = run_decode(
         _attention_decode_cpu(kv_heads, qo_heads, dim, "float32", False, {}, page_size),
         q,

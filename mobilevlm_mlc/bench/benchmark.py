@@ -53,6 +53,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the vector features that choose kernels (x86 `flags`, AArch64 `Features` in /proc/cpuinfo)
+VECTOR_FEATURES = (
+    "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_int8", "asimd", "asimddp", "i8mm", "fphp", "sve",
+)  # fmt: skip
+
+
+def cpu_features() -> list[str]:
+    """Which of `VECTOR_FEATURES` this CPU has: every result says what its kernels could use."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), [])
+    return [feature for feature in VECTOR_FEATURES if feature in flags]
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -68,6 +85,7 @@ def environment(threads: int | None) -> dict:
 
     return {
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "threads": threads,
         "machine": platform.machine(),
@@ -252,6 +270,7 @@ def run_bench(
         "engine": "mobilevlm-mlc",
         "target": build.get("target"),
         "quantization": engine.dist.quantization.name,
+        "build": build,  # the library's record: its target, TVM, CPU arithmetic (int8 dot product) or CUDA archs
         "model_config": engine.dist.chat_config["model_config"],
         "environment": environment_info
         | {"threads": settings.threads, "rpc": f"{rpc[0]} key={rpc[1]}" if rpc else None},

@@ -92,7 +92,9 @@ def _prefetcher(head_dim: int, dtype: str):
 
 
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
-def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str) -> tirx.PrimFunc:
+def decode_attention(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, prefetch: bool = True
+) -> tirx.PrimFunc:
     """`batch_decode_paged_kv_cpu` without sliding window; rope must already be applied (the model
     uses `RopeMode.NORMAL`: q and k are rotated before the append, `rotary_mode` is 0). A task is one
     (sequence, head); a step is one page of `KEYS` keys (the cache's page size): each key's dot product
@@ -162,7 +164,7 @@ def decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype:
                 state[0] = T.float32(-5e4)
                 for kb in T.serial(T.ceildiv(kv_len, KEYS)):
                     page: T.let[T.int32] = page_table_values[begin + kb]
-                    if kb + 1 < T.ceildiv(kv_len, KEYS):
+                    if prefetch and kb + 1 < T.ceildiv(kv_len, KEYS):
                         prefetch_block(pages, page_table_values[begin + kb + 1], 0, h // group)
                         prefetch_block(pages, page_table_values[begin + kb + 1], 1, h // group)
                     for j in T.unroll(KEYS):
@@ -418,10 +420,18 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     return batch_prefill_ragged_kv
 
 
-@tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
-def replace_attention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+def replace_attention(prefetch: bool) -> tvm.transform.Pass:
     """Swap TVM's serial CPU attention kernels (decode, prefill over pages, prefill over the chunk) for
-    the ones above, sized from the module's own."""
+    the ones above, sized from the module's own; `prefetch`: decode asks for each head's next page."""
+
+    @tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
+    def replace(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return _replace_attention(mod, prefetch)
+
+    return replace
+
+
+def _replace_attention(mod: tvm.IRModule, prefetch: bool) -> tvm.IRModule:
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
@@ -434,7 +444,7 @@ def replace_attention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm
             if (
                 int(source.shape[3]) == KEYS and dim % KEYS == 0
             ):  # a page per step (the engine's page size); else TVM's stays
-                mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype)
+                mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype, prefetch)
         elif symbol == PREFILL_ATTENTION:
             mod[gv] = prefill_attention(int(source.shape[2]), heads, dim, dtype, int(source.shape[3]))
         elif symbol == RAGGED_ATTENTION:
