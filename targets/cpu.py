@@ -15,6 +15,7 @@ from .base import BuildTarget
 from .cpu_kernels.attention import DECODE_ATTENTION, replace_attention
 from .cpu_kernels.rope import replace_rope
 from .cpu_kernels.schedule_rules import CpuKernelConfig, schedule_cpu_kernels
+from .cpu_kernels.silu import legalize_silu
 from .passes.mark_no_alias import mark_no_alias
 
 AVX512_KERNELS = CpuKernelConfig()  # x86 tiling (the defaults); Arm's is `android.NEON_KERNELS`
@@ -59,6 +60,7 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = AVX512_KER
             replace_rope,
         ]
         + cpu_generic.library_dispatch_passes(target)
+        + [relax.transform.LegalizeOps({"relax.nn.silu": legalize_silu})]  # the rest as TVM's, below
         + cpu_generic.legalize_passes(target)
         + [schedule_cpu_kernels(config), inline_dequantize, mark_no_alias]
         + cpu_generic.dataflow_lower_passes(target)

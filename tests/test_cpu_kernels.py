@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from tvm import relax
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
@@ -23,6 +24,7 @@ from mobilevlm_mlc.targets.cpu_kernels.attention import decode_attention, prefil
 from mobilevlm_mlc.targets.cpu_kernels.int8_dot import INT8_DOTS, Int8Dot, int8_dot
 from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import int8_quantized_gemv, int8_quantized_matmul
 from mobilevlm_mlc.targets.cpu_kernels.rope import faster_rope
+from mobilevlm_mlc.targets.cpu_kernels.silu import legalize_silu
 
 TARGET = tvm.target.Target.from_device(tvm.cpu())
 
@@ -282,3 +284,25 @@ def test_rope_matches_tvm_and_only_replaces_the_default_variant(dtype, kv_heads)
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
         assert np.array_equal(results[0][2], qkv[:, heads + kv_heads :].astype(np.float32))  # v copied
         assert np.array_equal(results[0][0], qkv[:, :heads].astype(np.float32)) == (apply_rope == 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_silu_vectorizes_and_matches_numpy(dtype):
+    """`cpu_pipeline`'s SiLU (TOPI's polynomial exp, in fp32): no libm call per element, and equal to
+    x / (1 + e^-x) within fp32 rounding (fp16: the result's rounding)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 5632), dtype))
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(relax.op.nn.silu(x)))
+    mod = relax.transform.LegalizeOps({"relax.nn.silu": legalize_silu})(bb.finalize())
+    lib = tvm.compile(mod, target=TARGET)
+    [kernels] = [m for m in lib.mod.imports if m.kind == "llvm"]
+    assert "llvm.exp." not in kernels.inspect_source("ll")  # TVM's sigmoid: an exp LLVM lowers to libm per element
+    values = np.random.default_rng(0).uniform(-30, 30, (1, 4, 5632)).astype(dtype)
+    values[0, 0, :4] = [-100, 100, 0, -0.0]
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(values, tvm.cpu())).numpy().astype(np.float64)
+    wide = values.astype(np.float64)
+    expected = wide / (1 + np.exp(-wide))
+    tiny = float(np.finfo(dtype).tiny)  # below the smallest normal number the dtype flushes or rounds away
+    np.testing.assert_allclose(got, expected, rtol=2e-6 if dtype == "float32" else 1e-3, atol=tiny)
