@@ -18,7 +18,15 @@ from .cpu_kernels.schedule_rules import CpuKernelConfig, schedule_cpu_kernels
 from .cpu_kernels.silu import legalize_silu
 from .passes.mark_no_alias import mark_no_alias
 
-AVX512_KERNELS = CpuKernelConfig()  # x86 tiling (the defaults); Arm's is `android.NEON_KERNELS`
+# x86 register blocking by vector width; Arm's is `android.NEON_KERNELS`
+AVX512_KERNELS = CpuKernelConfig()  # 32 zmm: GEMM 6 rows x 2 vectors of 16, GEMV 4 vectors of 16 rows
+AVX2_KERNELS = CpuKernelConfig(lanes=8, gemv_row_vectors=8)  # 16 ymm: GEMM 6 x 2 of 8 (12 accumulators)
+
+
+def x86_kernels(target: tvm.target.Target) -> CpuKernelConfig:
+    """The tiling for the CPU's widest vectors: AVX-512's 32 x 512-bit registers, else AVX2's 16 x 256-bit
+    (16-lane vectors there would be split by LLVM into pairs: 24 accumulators for 16 registers)."""
+    return AVX512_KERNELS if target_has_features("avx512f", target) else AVX2_KERNELS
 
 
 def fp16_arithmetic(target: tvm.target.Target) -> bool:
@@ -40,13 +48,14 @@ def cpu_numerics(target: tvm.target.Target, dtype: str, scheme: GroupQuantScheme
     }
 
 
-def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig = AVX512_KERNELS) -> tvm.transform.Pass:
+def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig | None = None) -> tvm.transform.Pass:
     """TVM's CPU pipeline with our passes: `x @ W.T` folded into one matmul (W^T never materialized),
     every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
     took, and the KV cache's attention kernels replaced by parallel, vectorized ones. Softmax uses TOPI's
     polynomial exp (vectorizes; libm's `expf` does not): the vision tower's softmax took 400 ms of a
     2.5 s image encode. With an int8 dot product (AVX-512 VNNI, AVX-VNNI or AVX2: `int8_dot`), NK64
     (q4f32_3, q4f16_3) quantized matmuls run on int8 activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32."""
+    config = config or x86_kernels(target)
     dot = int8_dot(target)
     int8 = [replace_quantized_matmuls(dot)] if dot else []
     vision = [] if fp16_arithmetic(target) else [vision_in_float32]

@@ -20,6 +20,7 @@ from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_positio
 from mobilevlm_mlc.check.reference import int8_activations
 from mobilevlm_mlc.convert.packing import dequantize_weight, quantize_weight
 from mobilevlm_mlc.model_defs.quantization import QUANTIZATIONS
+from mobilevlm_mlc.targets.cpu import x86_kernels
 from mobilevlm_mlc.targets.cpu_kernels.attention import decode_attention, prefill_attention, prefill_ragged_attention
 from mobilevlm_mlc.targets.cpu_kernels.int8_dot import INT8_DOTS, Int8Dot, int8_dot
 from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import int8_quantized_gemv, int8_quantized_matmul
@@ -197,8 +198,10 @@ def dot_target(dot: Int8Dot) -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": DOT_CPUS[dot.name]})
 
 
-def test_each_cpu_gets_its_best_dot_product():
+def test_each_cpu_gets_its_best_dot_product_and_tiling():
     assert [int8_dot(dot_target(d)) for d in INT8_DOTS] == list(INT8_DOTS)
+    # fp32 kernels tiled for the widest vectors: 16 lanes with 32 zmm, 8 with AVX2's 16 ymm
+    assert [x86_kernels(dot_target(d)).lanes for d in INT8_DOTS] == [16, 8, 8]
     assert int8_dot(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) is None  # SSE2 only
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"})
     assert int8_dot(arm) is None

@@ -3,11 +3,14 @@ kernels against the reference with the same (fake-quantized) weights, and what q
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tvm
 from PIL import Image
 
+from mobilevlm_mlc import compiler
 from mobilevlm_mlc.check.kernel_check import scheduled_kernels
 from mobilevlm_mlc.check.reference import ReferenceMobileVLM
 from mobilevlm_mlc.check.synthetic import make_checkpoint
@@ -203,7 +206,34 @@ def test_q4_kernels_match_fake_quantized_reference(q4_builds, workspace, name):
     Tolerance by activation precision (see mobilevlm_mlc/verify.py): 1e-4 relative for fp32, 2e-2 for
     fp16 and for int8 matmul activations (emulated by the reference; their roundings flip under fp32
     noise, so only the first token must agree)."""
-    engine = q4_builds[name]
+    _check_against_fake_quantized(q4_builds[name], workspace, name)
+
+
+# the `cpu` build for an x86 CPU of each narrower level (this host runs their code where it has the ISA)
+NARROWER_X86 = {"avx-vnni": ("alderlake", "avx_vnni"), "avx2": ("haswell", "avx2")}
+
+
+@pytest.mark.parametrize("dot", list(NARROWER_X86))
+def test_narrower_x86_builds_match_the_reference(workspace, monkeypatch, dot):
+    """The whole model built as for an Alder Lake (AVX-VNNI) or a Haswell / Zen 3 (AVX2): int8 matmuls on
+    that dot product and fp32 kernels tiled for 16 ymm registers, run here against the same reference."""
+    mcpu, flag = NARROWER_X86[dot]
+    if flag not in open("/proc/cpuinfo").read().split():
+        pytest.skip(f"this CPU has no {flag} to run a {mcpu} build")
+    cpu = get_target("cpu")
+    narrower = dataclasses.replace(
+        cpu, make_target=lambda: tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": mcpu})
+    )
+    monkeypatch.setattr(compiler, "get_target", lambda name: narrower if name == "cpu" else get_target(name))
+    dist = convert(checkpoint_for(workspace, "ldpnet"), workspace / f"ldpnet-q4f16_3-{dot}", "q4f16_3", progress=False)
+    lib = workspace / f"ldpnet-q4f16_3-{dot}.so"
+    compile_model(dist, "cpu", lib)
+    engine = Engine(dist, lib)
+    assert engine.metadata["build"]["int8_dot_product"] == dot and engine.int8_activations
+    _check_against_fake_quantized(engine, workspace, "q4f16_3")
+
+
+def _check_against_fake_quantized(engine: Engine, workspace, name: str) -> None:
     reference = ReferenceMobileVLM(checkpoint_for(workspace, "ldpnet"))
     reference.fake_quantize(QUANTIZATIONS[name].scheme, engine.int8_activations)
     image = Image.open(DEMO_IMAGE)
