@@ -1,6 +1,12 @@
 """This project against its peers, in one run, on the same random weights and prompt lengths:
-mobilevlm-mlc (`cpu` builds), PyTorch eager (transformers; fp32, bf16) and llama.cpp (llama-cpp-python
-built with native CPU flags; GGUF written from the same weights as F16, quantized to Q4_0 and Q4_K_S).
+mobilevlm-mlc (`cpu` builds), PyTorch eager (transformers; fp32, bf16), llama.cpp (llama-cpp-python
+built with native CPU flags; GGUF written from the same weights as F16, quantized to Q4_0 and Q4_K_S)
+and ONNX Runtime GenAI int4 (peer `onnxruntime-genai-int4`: its model builder's `-p int4 -e cpu`
+MatMulNBits model of the same decoder, written as a Llama folder). The builder needs transformers >= 5,
+so ONNX Runtime GenAI lives in its own environment (`--ort-venv`, default `.venv-ort`):
+
+    python3 -m venv .venv-ort && .venv-ort/bin/pip install torch==2.13.0 onnxruntime-genai \
+        "transformers>=5" onnx_ir onnx safetensors
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -e ".[bench,peers]"
     python benchmarks/peers.py --size 1.7b --threads 2 --out benchmarks/results/peers-1.7b
@@ -324,6 +330,68 @@ def bench_llama_cpp_batched(
     }
 
 
+# ---------------------------------------------------------------- ONNX Runtime GenAI
+
+
+def write_hf_llama(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint's MobileLLaMA decoder as a plain `LlamaForCausalLM` folder (config, safetensors,
+    tokenizer): what ONNX Runtime GenAI's model builder reads. The vision tower and projector are left out."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from mobilevlm_mlc.convert.checkpoint import CheckpointTensors, load_config
+
+    text = load_config(checkpoint).text
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = CheckpointTensors(checkpoint)
+    decoder = [
+        n for n in tensors.names() if n.startswith(("model.layers.", "model.embed_tokens", "model.norm", "lm_head"))
+    ]
+    save_file({n: tensors.get(n).astype(np.float32) for n in decoder}, str(out / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": text.rope_theta,
+        "vocab_size": text.vocab_size,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (checkpoint / name).exists():
+            shutil.copy(checkpoint / name, out / name)
+    return out
+
+
+def bench_ort_genai(venv_python: Path, model_dir: Path, image_tokens: int, settings: BenchSettings) -> dict:
+    """`ort_genai_peer.py run` in ONNX Runtime GenAI's own environment; its figures as a `bench` result."""
+    out = subprocess.run(
+        [str(venv_python), str(ROOT / "benchmarks" / "ort_genai_peer.py"), "run", str(model_dir),
+         "--image-tokens", str(image_tokens), "--prompt-lengths", ",".join(map(str, settings.prompt_lengths)),
+         "--decode-tokens", str(settings.decode_tokens), "--repeat", str(settings.repeat), "--warmup", str(settings.warmup)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "label": "onnxruntime-genai int4",
+        "engine": "onnxruntime-genai",
+        "quantization": "int4 (MatMulNBits, builder -p int4 -e cpu)",
+        **figures,
+        "settings": settings.to_dict(image_tokens),
+    }
+
+
 # ---------------------------------------------------------------- orchestration
 
 
@@ -347,6 +415,28 @@ def run_one(args: argparse.Namespace) -> None:
     args.result.write_text(json.dumps(result, indent=2))
 
 
+def _ort_genai_result(checkpoint: Path, args: argparse.Namespace, out: Path) -> Path:
+    """ONNX Runtime GenAI on the same decoder weights: the Llama folder, its builder's int4 model (both
+    kept in the workdir), then the run, in the environment `--ort-venv` names."""
+    from mobilevlm_mlc.convert.checkpoint import load_config
+
+    python = args.ort_venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"error: --ort-venv {args.ort_venv}: no Python there (see this script's docstring)")
+    model = args.workdir / f"{args.size}-ort-int4"
+    if not (model / "genai_config.json").exists():
+        hf = write_hf_llama(checkpoint, args.workdir / f"{args.size}-hf-llama")
+        script = ROOT / "benchmarks" / "ort_genai_peer.py"
+        subprocess.run(
+            [str(python), str(script), "build", str(hf), str(model), "--threads", str(args.threads)], check=True
+        )
+    settings = BenchSettings(tuple(args.prompt_lengths), args.decode_tokens, args.repeat, args.threads, args.warmup)
+    result = bench_ort_genai(python, model, load_config(checkpoint).num_image_tokens, settings)
+    result |= {"schema": SCHEMA, "environment": environment(args.threads), "peak_rss_mib": None}
+    out.write_text(json.dumps(result, indent=2))
+    return out
+
+
 def main() -> None:
     from mobilevlm_mlc.demo import DEMO_IMAGE, DEMO_PROMPT
 
@@ -364,6 +454,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
     parser.add_argument("--image", type=Path, default=DEMO_IMAGE)
     parser.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument(
+        "--ort-venv",
+        type=Path,
+        default=ROOT / ".venv-ort",
+        help="ONNX Runtime GenAI's environment (peer onnxruntime-genai-int4)",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -426,6 +522,10 @@ def main() -> None:
     f16 = args.workdir / f"{args.size}-F16.gguf"
     for peer in filter(None, args.peers.split(",")):
         out = args.out / f"{peer}.json"
+        if peer == "onnxruntime-genai-int4":
+            print(f"== {peer}", flush=True)
+            results.append(_ort_genai_result(checkpoint, args, out))
+            continue
         extra = []
         if peer.startswith("llama.cpp-"):
             ftype = peer.split("-", 1)[1]
