@@ -6,7 +6,7 @@ MatMulNBits model of the same decoder, written as a Llama folder). The builder n
 so ONNX Runtime GenAI lives in its own environment (`--ort-venv`, default `.venv-ort`):
 
     python3 -m venv .venv-ort && .venv-ort/bin/pip install torch==2.13.0 onnxruntime-genai \
-        "transformers>=5" onnx_ir onnx safetensors
+        "transformers>=5" onnx_ir onnx safetensors sentencepiece protobuf
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install -e ".[bench,peers]"
     python benchmarks/peers.py --size 1.7b --threads 2 --out benchmarks/results/peers-1.7b
