@@ -20,20 +20,39 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mobilevlm_mlc import arguments as argtypes
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+PEERS = ("llama.cpp-F16", "llama.cpp-Q4_0", "llama.cpp-Q4_K_S")
+
+
+def _batches(value: str) -> list[int]:
+    return [argtypes.integer(1, 64)(b) for b in value.split(",")]  # `bench --batch`'s range
+
+
+def _peers(value: str) -> list[str]:
+    peers = [p for p in value.split(",") if p]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r} (expected some of {', '.join(PEERS)})")
+    return peers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1.7b")
     parser.add_argument("--quantization", default="q4f16_3")
-    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--batches", type=_batches, default=_batches("1,2,4,8"), help="batch sizes, 1 to 64")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "batch")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "batch-decode")
-    parser.add_argument("--peers", default="llama.cpp-Q4_0", help="llama.cpp GGUF types (Q4_0, Q4_K_S), or ''")
+    parser.add_argument(
+        "--peers", type=_peers, default=_peers("llama.cpp-Q4_0"), help=f"some of {', '.join(PEERS)}, or ''"
+    )
     args = parser.parse_args()
 
     from mobilevlm_mlc.check.synthetic import make_checkpoint
@@ -52,7 +71,7 @@ def main() -> None:
         convert(checkpoint, dist, args.quantization, progress=False)
     compile_model(dist, "cpu", lib)
     results = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         out = args.out / f"batch-{batch}.json"
         print(f"== batch {batch}", flush=True)
         cli = [sys.executable, "-m", "mobilevlm_mlc.cli"]
@@ -63,7 +82,7 @@ def main() -> None:
             check=True,
         )  # fmt: skip
         results.append(out)
-    peers = [_peer_results(peer, checkpoint, args) for peer in filter(None, args.peers.split(","))]
+    peers = [_peer_results(peer, checkpoint, args) for peer in args.peers]
     subprocess.run(
         [*cli, "compare", *map(str, results + [p for runs in peers for p in runs]), "-o", str(args.out / "chart.png")],
         check=True,
@@ -74,17 +93,11 @@ def main() -> None:
 def _peer_results(peer: str, checkpoint: Path, args: argparse.Namespace) -> list[Path]:
     """llama.cpp at each batch size, each in its own process, on a GGUF of the same weights."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from peers import quantize_gguf, write_gguf_f16
+    from peers import gguf_for
 
-    ftype = peer.removeprefix("llama.cpp-")
-    f16 = args.workdir / f"{args.size}-F16.gguf"
-    if not f16.exists():
-        write_gguf_f16(checkpoint, f16)
-    gguf = f16 if ftype == "F16" else args.workdir / f"{args.size}-{ftype}.gguf"
-    if not gguf.exists():
-        quantize_gguf(f16, gguf, ftype, args.threads)
+    gguf = gguf_for(checkpoint, args.workdir, args.size, peer.removeprefix("llama.cpp-"), args.threads)
     outs = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         out = args.out / f"{peer}-batch-{batch}.json"
         print(f"== {peer} batch {batch}", flush=True)
         subprocess.run(

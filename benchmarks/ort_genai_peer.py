@@ -6,7 +6,7 @@ project's reference cannot use), so it imports nothing from this project: it pri
 of figures that `peers.py` completes into a `bench` result.
 
     VENV/bin/python benchmarks/ort_genai_peer.py build HF_DIR MODEL_DIR --threads 2
-    VENV/bin/python benchmarks/ort_genai_peer.py run MODEL_DIR --context 176 --prompt-lengths 128 ...
+    VENV/bin/python benchmarks/ort_genai_peer.py run MODEL_DIR --image-tokens 144 --prompt-lengths 128 ...
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def run(
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
+    vocab = json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"]
     rng = np.random.default_rng(0)
 
     def generator(max_length: int) -> og.Generator:
@@ -56,7 +57,7 @@ def run(
 
     prefill = {}
     for length in prompt_lengths:
-        tokens = rng.integers(3, 32000, image_tokens + length).astype(np.int32)
+        tokens = rng.integers(3, vocab, image_tokens + length).astype(np.int32)
         rates = []
         for i in range(warmup + repeat):
             gen = generator(len(tokens) + 1)
@@ -65,7 +66,7 @@ def run(
             if i >= warmup:
                 rates.append(len(tokens) / (time.perf_counter() - started))
         prefill[str(length)] = _figure(rates)
-    context = rng.integers(3, 32000, image_tokens + min(prompt_lengths)).astype(np.int32)
+    context = rng.integers(3, vocab, image_tokens + min(prompt_lengths)).astype(np.int32)
     rates = []
     for i in range(warmup + repeat):
         gen = generator(len(context) + decode_tokens + 1)

@@ -234,6 +234,18 @@ def quantize_gguf(f16: Path, out: Path, ftype: str, threads: int) -> Path:
     return out
 
 
+def gguf_for(checkpoint: Path, workdir: Path, size: str, ftype: str, threads: int) -> Path:
+    """The GGUF of `checkpoint`'s decoder in `ftype` (F16, or llama.cpp's own quantization of it), made
+    once in `workdir` and reused."""
+    f16 = workdir / f"{size}-F16.gguf"
+    if not f16.exists():
+        write_gguf_f16(checkpoint, f16)
+    if ftype == "F16":
+        return f16
+    out = workdir / f"{size}-{ftype}.gguf"
+    return out if out.exists() else quantize_gguf(f16, out, ftype, threads)
+
+
 def bench_llama_cpp(gguf_path: Path, label: str, image_tokens: int, settings: BenchSettings) -> dict:
     from llama_cpp import Llama
 
@@ -421,8 +433,6 @@ def _ort_genai_result(checkpoint: Path, args: argparse.Namespace, out: Path) -> 
     from mobilevlm_mlc.convert.checkpoint import load_config
 
     python = args.ort_venv / "bin" / "python"
-    if not python.exists():
-        raise SystemExit(f"error: --ort-venv {args.ort_venv}: no Python there (see this script's docstring)")
     model = args.workdir / f"{args.size}-ort-int4"
     if not (model / "genai_config.json").exists():
         hf = write_hf_llama(checkpoint, args.workdir / f"{args.size}-hf-llama")
@@ -465,6 +475,8 @@ def main() -> None:
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)  # llama.cpp multi-sequence decode
     args = parser.parse_args()
+    if "onnxruntime-genai-int4" in args.peers.split(",") and not (args.ort_venv / "bin" / "python").exists():
+        parser.error(f"--ort-venv {args.ort_venv}: no Python there for peer onnxruntime-genai-int4 (see the docstring)")
     if args.one:
         run_one(args)
         return
@@ -519,7 +531,6 @@ def main() -> None:
         )
         results.append(out)
         bytes_per_token[out] = decoder_bytes_per_token(dist=dist)
-    f16 = args.workdir / f"{args.size}-F16.gguf"
     for peer in filter(None, args.peers.split(",")):
         out = args.out / f"{peer}.json"
         if peer == "onnxruntime-genai-int4":
@@ -528,12 +539,7 @@ def main() -> None:
             continue
         extra = []
         if peer.startswith("llama.cpp-"):
-            ftype = peer.split("-", 1)[1]
-            if not f16.exists():
-                write_gguf_f16(checkpoint, f16)
-            gguf_path = f16 if ftype == "F16" else args.workdir / f"{args.size}-{ftype}.gguf"
-            if not gguf_path.exists():
-                quantize_gguf(f16, gguf_path, ftype, args.threads)
+            gguf_path = gguf_for(checkpoint, args.workdir, args.size, peer.split("-", 1)[1], args.threads)
             extra = ["--gguf", str(gguf_path)]
             bytes_per_token[out] = decoder_bytes_per_token(gguf=gguf_path)
         print(f"== {peer}", flush=True)

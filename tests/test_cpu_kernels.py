@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
+from mobilevlm_mlc.bench.benchmark import cpu_features
 from mobilevlm_mlc.check.reference import int8_activations
 from mobilevlm_mlc.convert.packing import dequantize_weight, quantize_weight
 from mobilevlm_mlc.model_defs.quantization import QUANTIZATIONS
@@ -189,9 +189,7 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
 DOT_CPUS = {"avx512-vnni": "cascadelake", "avx-vnni": "alderlake", "avx2": "haswell"}
 
 
-HOST_FLAGS = set(
-    next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-)
+HOST_FLAGS = set(cpu_features())  # /proc/cpuinfo, as bench records it
 
 
 def dot_target(dot: Int8Dot) -> tvm.target.Target:

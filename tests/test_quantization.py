@@ -11,6 +11,7 @@ import tvm
 from PIL import Image
 
 from mobilevlm_mlc import compiler
+from mobilevlm_mlc.bench.benchmark import cpu_features
 from mobilevlm_mlc.check.kernel_check import scheduled_kernels
 from mobilevlm_mlc.check.reference import ReferenceMobileVLM
 from mobilevlm_mlc.check.synthetic import make_checkpoint
@@ -218,7 +219,7 @@ def test_narrower_x86_builds_match_the_reference(workspace, monkeypatch, dot):
     """The whole model built as for an Alder Lake (AVX-VNNI) or a Haswell / Zen 3 (AVX2): int8 matmuls on
     that dot product and fp32 kernels tiled for 16 ymm registers, run here against the same reference."""
     mcpu, flag = NARROWER_X86[dot]
-    if flag not in open("/proc/cpuinfo").read().split():
+    if flag not in cpu_features():
         pytest.skip(f"this CPU has no {flag} to run a {mcpu} build")
     cpu = get_target("cpu")
     narrower = dataclasses.replace(

@@ -43,14 +43,17 @@ def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]
     return samples
 
 
-def cpu_model() -> str:
+def _cpuinfo(*keys: str) -> str | None:
+    """The first /proc/cpuinfo value under one of `keys` (None where there is no such file or key)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(keys)), None)
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # the vector features that choose kernels (x86 `flags`, AArch64 `Features` in /proc/cpuinfo)
@@ -62,11 +65,7 @@ VECTOR_FEATURES = (
 
 def cpu_features() -> list[str]:
     """Which of `VECTOR_FEATURES` this CPU has: every result says what its kernels could use."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith(("flags", "Features"))), [])
+    flags = (_cpuinfo("flags", "Features") or "").split()
     return [feature for feature in VECTOR_FEATURES if feature in flags]
 
 

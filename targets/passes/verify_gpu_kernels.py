@@ -10,9 +10,7 @@ from tvm import s_tir, tirx
 from mobilevlm_mlc.targets.base import KernelCheckError
 
 _BINDING = re.compile(r'^( *)for .* in T\.thread_binding\((.+), thread="(\w+\.[xyz])"\)')
-_LAUNCH = re.compile(
-    r'T\.launch_thread\("threadIdx\.[xyz]", T\.int64\((\d+)\)\)|T\.launch_thread\("threadIdx\.[xyz]", (\d+)\)'
-)
+_LAUNCH = re.compile(r'T\.launch_thread\("threadIdx\.[xyz]", (?:T\.int64\()?(\d+)')  # constant extents
 
 
 def inconsistent_thread_extents(func: tirx.PrimFunc, script: str | None = None) -> str | None:
@@ -58,7 +56,7 @@ def verify_gpu_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
             if "T.launch_thread(" in text:
                 # TOPI's hand-written kernels (sort, scan) launch threads themselves, sized from the
                 # target; TVM's verifier cannot read them, so their thread counts are checked here
-                launches = [int(a or b) for a, b in _LAUNCH.findall(text)]
+                launches = [int(extent) for extent in _LAUNCH.findall(text)]
                 if max(launches, default=0) > limits["max_threads_per_block"]:
                     raise KernelCheckError(f"kernel {gv.name_hint} launches {max(launches)} threads ({limits})")
             elif not s_tir.analysis.verify_gpu_code(func, limits):
