@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from mobilevlm_mlc.bench.benchmark import set_threads
 from mobilevlm_mlc.runtime.engine import Engine
+from mobilevlm_mlc.runtime.threads import use_threads
 
 
 class KernelTimer:
@@ -60,7 +60,7 @@ def main() -> None:
         help="TVM's pool threads (its own default can be fewer than the cores: 1 on some VMs)",
     )
     args = parser.parse_args()
-    set_threads(args.threads)
+    use_threads(args.threads)
 
     engine = Engine(args.dist, args.lib)
     rng = np.random.default_rng(0)

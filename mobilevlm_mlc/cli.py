@@ -182,7 +182,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         )
     write_result(result, args.output)
     fmt = lambda s: f"{s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})"  # noqa: E731
-    print(f"{result['label']}  [{result['environment']['cpu']}, threads {settings.threads or 'default'}]")
+    print(
+        f"{result['label']}  [{result['environment']['cpu']}, threads {result['environment']['threads'] or 'remote default'}]"
+    )
     print(f"  image encode  {fmt(result['image_encode_ms'])} ms")
     for length, s in result["prefill_tok_s"].items():
         print(f"  prefill {result['settings']['image_tokens']}+{length:<5} {fmt(s)} tok/s")

@@ -23,6 +23,7 @@ import numpy as np
 
 from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.model_defs.config import KV_PAGE_SIZE
+from mobilevlm_mlc.runtime.threads import use_threads
 
 SCHEMA = "mobilevlm-mlc-bench/1"
 
@@ -105,12 +106,6 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def set_threads(threads: int | None) -> None:
-    """TVM's thread pool reads TVM_NUM_THREADS when it starts (first parallel kernel)."""
-    if threads:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
 @dataclass
@@ -241,7 +236,7 @@ def run_bench(
     from mobilevlm_mlc.runtime.backend import connect
     from mobilevlm_mlc.runtime.engine import Engine
 
-    set_threads(settings.threads)
+    threads = None if rpc else use_threads(settings.threads)  # a remote device's pool is its own
     session = connect(*rpc) if rpc else None
     started = time.perf_counter()
     engine_tokens = None  # the KV cache: one context window, or room for every sequence of the batch
@@ -262,7 +257,7 @@ def run_bench(
     load_s = time.perf_counter() - started
     figures = bench_engine(engine, image, prompt, settings, progress or (lambda _: None))
     build = engine.metadata.get("build", {})
-    environment_info = session.environment() if session else environment(settings.threads)
+    environment_info = session.environment() if session else environment(threads)
     return {
         "schema": SCHEMA,
         "label": label or f"mobilevlm-mlc {build.get('target', '?')} {engine.dist.quantization.name}",
@@ -272,7 +267,7 @@ def run_bench(
         "build": build,  # the library's record: its target, TVM, CPU arithmetic (int8 dot product) or CUDA archs
         "model_config": engine.dist.chat_config["model_config"],
         "environment": environment_info
-        | {"threads": settings.threads, "rpc": f"{rpc[0]} key={rpc[1]}" if rpc else None},
+        | {"threads": threads if threads else settings.threads, "rpc": f"{rpc[0]} key={rpc[1]}" if rpc else None},
         "load_s": load_s,
         **figures,
         "peak_rss_mib": session.peak_rss_mib() if session else peak_rss_mib(),

@@ -19,6 +19,8 @@ from tvm.runtime import ShapeTuple
 from mobilevlm_mlc.errors import MobileVLMError, first_line
 from mobilevlm_mlc.targets.toolchain.elf import host_machine
 
+from .threads import use_threads
+
 DEVICE_KINDS = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
 
 
@@ -72,8 +74,9 @@ class Backend(ABC):
 class LocalBackend(Backend):
     """The library runs in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self.machine = host_machine()
+        self.threads = use_threads(threads)
 
     def device(self, name: str) -> tvm.runtime.Device:
         device = tvm.device(*parse_device(name))
