@@ -23,7 +23,6 @@ import numpy as np
 
 from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.model_defs.config import KV_PAGE_SIZE
-from mobilevlm_mlc.runtime.threads import use_threads
 
 SCHEMA = "mobilevlm-mlc-bench/1"
 
@@ -235,6 +234,7 @@ def run_bench(
     """The `bench` command: load the library (here, or on an RPC device) and benchmark it."""
     from mobilevlm_mlc.runtime.backend import connect
     from mobilevlm_mlc.runtime.engine import Engine
+    from mobilevlm_mlc.runtime.threads import use_threads
 
     threads = None if rpc else use_threads(settings.threads)  # a remote device's pool is its own
     session = connect(*rpc) if rpc else None
