@@ -5,8 +5,10 @@ PYTHON ?= python3
 
 .PHONY: install install-test system-deps demo lint test test-fast
 
-# Debian packages the tests use: the AArch64 cross linker (orin-cuda) and PoCL (check-kernels).
-SYSTEM_DEPS = g++-aarch64-linux-gnu pocl-opencl-icd
+# Debian packages the tests use: the AArch64 cross linker (orin-cuda, arm64-linux), PoCL (check-kernels
+# of OpenCL builds) and qemu-user (Arm code run here); apt's arm64 architecture lets the emulation
+# download its AArch64 Python (mobilevlm_mlc/emulation/sysroot.py). Root, once.
+SYSTEM_DEPS = g++-aarch64-linux-gnu pocl-opencl-icd qemu-user
 
 install:
 	$(PYTHON) -m pip install -q -e .
@@ -15,8 +17,10 @@ install-test: system-deps
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 system-deps:
-	@command -v aarch64-linux-gnu-g++ >/dev/null && test -e /etc/OpenCL/vendors/pocl.icd || \
-		{ apt-get update -q && apt-get install -y -q --no-install-recommends $(SYSTEM_DEPS); }
+	@command -v aarch64-linux-gnu-g++ >/dev/null && test -e /etc/OpenCL/vendors/pocl.icd && \
+		command -v qemu-aarch64 >/dev/null && dpkg --print-foreign-architectures | grep -qx arm64 || \
+		{ dpkg --add-architecture arm64 && apt-get update -q && \
+		apt-get install -y -q --no-install-recommends $(SYSTEM_DEPS); }
 
 demo: install
 	mobilevlm-mlc demo

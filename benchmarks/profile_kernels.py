@@ -57,7 +57,7 @@ def main() -> None:
         "--threads",
         type=int,
         default=os.cpu_count(),
-        help="TVM's pool threads (its own default can be fewer than the cores: 1 on some VMs)",
+        help="TVM's pool threads (default: one per physical core, or TVM_NUM_THREADS)",
     )
     args = parser.parse_args()
     use_threads(args.threads)

@@ -72,7 +72,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from .compiler import compile_model
     from .targets import get_target
 
-    report = compile_model(args.dist_dir, args.target, args.output)
+    report = compile_model(args.dist_dir, args.target, args.output, args.cpu)
     print(
         f"compiled {args.dist_dir} for {report['target']} -> {report['output']} "
         f"(export {report['export_s']:.1f} s, build {report['build_s']:.1f} s)"
@@ -98,6 +98,9 @@ def cmd_targets(args: argparse.Namespace) -> None:
         print(
             f"{target.name:<16}{target.library_suffix:<6}default {target.default_quantization:<9}{target.description}\n{'':<16}{status}"
         )
+        for name, preset in target.cpus.items():
+            runs = "" if target.emulated_triple is None else f", emulated on qemu -cpu {preset.emulator}"
+            print(f"{'':<16}--cpu {name:<12}{preset.mcpu}: {preset.board}{runs}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -142,9 +145,17 @@ def cmd_check_kernels(args: argparse.Namespace) -> None:
 
     only = args.kernels.split(",") if args.kernels else None
     print(
-        f"{'kernel':<64} {'status':<9} {'rel err':>8}  (OpenCL on PoCL vs the CPU build, fp32 variant; tolerance {TOLERANCE:.0e})"
+        f"{'kernel':<64} {'status':<9} {'rel err':>8}  ({args.target} vs this host's CPU build, fp32 variant; tolerance {TOLERANCE:.0e})"
     )
-    results = check_kernels(args.dist_dir, args.target, entries=args.entries.split(","), only=only, progress=show)
+    results = check_kernels(
+        args.dist_dir,
+        args.target,
+        entries=args.entries.split(","),
+        only=only,
+        progress=show,
+        cpu=args.cpu,
+        say=lambda step: print(f"[check-kernels] {step}", file=sys.stderr, flush=True),
+    )
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "MISMATCH", "skipped")}
     print(f"{counts['ok']} ok, {counts['MISMATCH']} mismatched, {counts['skipped']} skipped")
     if args.output_json:
@@ -194,6 +205,26 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"  peak RSS      {result['peak_rss_mib']:.0f} MiB")
     if args.output:
         print(f"-> {args.output}")
+
+
+def cmd_emulate(args: argparse.Namespace) -> None:
+    from .emulation import emulated_device
+    from .targets import get_target
+
+    say = lambda step: print(f"[emulate] {step}", file=sys.stderr, flush=True)  # noqa: E731
+    host, _, port = args.rpc_tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise MobileVLMError(f"--rpc-tracker {args.rpc_tracker!r}: expected HOST:PORT")
+    device = emulated_device(get_target(args.target), args.cpu, say, args.rpc_tracker, args.rpc_key)
+    with device:
+        print(
+            f"an emulated {args.target} device (qemu-aarch64 -cpu {device.cpu}) serves TVM RPC on 127.0.0.1:{device.port}, "
+            f"registered with {args.rpc_tracker} under key {args.rpc_key!r}; Ctrl-C stops it",
+            flush=True,
+        )
+        while device.running():
+            time.sleep(1)
+    raise MobileVLMError(f"the emulated RPC server exited: {device.last_line()}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -251,6 +282,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
         tokens=args.tokens,
         workdir=args.workdir,
         quantization=args.quantization,
+        target=args.target,
+        cpu=args.cpu,
+        progress=lambda step: print(f"[verify] {step}", file=sys.stderr, flush=True),
     )
     print(report.table())
     if not report.ok:
@@ -261,6 +295,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import demo
 
     demo(Path(args.workdir), args.projector, args.prompt, args.max_new_tokens)
+
+
+CPU_HELP = "the core an Arm target is built for (`mobilevlm-mlc targets` lists each target's presets)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="dist folder -> compiled library for a target")
     p.add_argument("dist_dir", type=argtypes.path)
     p.add_argument("--target", type=argtypes.target, default="cpu")
+    p.add_argument("--cpu", default=None, help=CPU_HELP)
     p.add_argument("-o", "--output", type=argtypes.path, required=True)
     p.set_defaults(func=cmd_compile)
 
@@ -295,9 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("check-kernels", help="run an OpenCL build's kernels on this CPU (PoCL) against the CPU build")
+    p = sub.add_parser(
+        "check-kernels",
+        help="run a phone build's kernels here (OpenCL on PoCL, Arm CPU under qemu-user) against the CPU build",
+    )
     p.add_argument("dist_dir", type=argtypes.path)
     p.add_argument("--target", type=argtypes.target, default="android-adreno")
+    p.add_argument("--cpu", default=None, help=CPU_HELP)
     p.add_argument("--entries", default="decode,image_embed", help="entry points whose kernels are checked")
     p.add_argument("--kernels", default=None, help="comma-separated kernel names instead")
     p.add_argument("--output-json", type=argtypes.path, default=None)
@@ -333,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=argtypes.path, default=None, help="PNG chart")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser(
+        "emulate",
+        help="an emulated Arm device (qemu-user) serving TVM RPC, registered with a tracker, as a phone would be",
+    )
+    p.add_argument("--target", type=argtypes.target, default="arm64-linux")
+    p.add_argument("--cpu", default=None, help=CPU_HELP)
+    p.add_argument("--rpc-tracker", required=True, help="HOST:PORT of the TVM RPC tracker to register with")
+    p.add_argument("--rpc-key", required=True, type=argtypes.text, help="the key `bench --rpc-key` asks for")
+    p.set_defaults(func=cmd_emulate)
+
     p = sub.add_parser("targets", help="list the build targets and whether this TVM can build each")
     p.set_defaults(func=cmd_targets)
 
@@ -352,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=argtypes.text, default=DEMO_PROMPT)
     p.add_argument("--tokens", type=argtypes.positive, default=16, help="greedy tokens that must agree")
     p.add_argument("--quantization", default="q0f32")
+    p.add_argument(
+        "--target",
+        type=argtypes.target,
+        default="cpu",
+        help="cpu (this host) or arm64-linux (run under qemu-user: the AArch64 code itself)",
+    )
+    p.add_argument("--cpu", default=None, help=CPU_HELP)
     p.add_argument(
         "--workdir", type=argtypes.path, default=None, help="where to keep the converted weights and library"
     )

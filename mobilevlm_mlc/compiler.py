@@ -126,13 +126,17 @@ def system_lib_prefix(dist: Dist) -> str:
     return f"{stem}_" if stem.startswith("mobilevlm") else f"mobilevlm_{stem}_"
 
 
-def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
-    """Build the library for `target_name` at `output`; returns a small report (times, functions)."""
+def compile_model(dist_dir: Path, target_name: str, output: Path, cpu: str | None = None) -> dict:
+    """Build the library for `target_name` (on its `--cpu` preset `cpu`) at `output`; returns a small
+    report (times, functions)."""
     dist = load_dist(dist_dir)
     try:
         build_target = get_target(target_name)
+        preset = build_target.cpu(cpu)
     except KeyError as err:
         raise MobileVLMError(str(err.args[0])) from None
+    except ValueError as err:
+        raise MobileVLMError(str(err)) from None
     output = Path(output)
     if output.suffix != build_target.library_suffix:
         raise MobileVLMError(f"{output}: target '{target_name}' writes a '{build_target.library_suffix}' library")
@@ -146,9 +150,11 @@ def compile_model(dist_dir: Path, target_name: str, output: Path) -> dict:
     check_output_file(output, "library")
     identity = dist_identity(dist)  # refuses a dist without a manifest before any work
     started = time.perf_counter()
-    target = build_target.tvm_target()
+    target = build_target.tvm_target(cpu)
     scheme = dist.quantization.scheme
     build = build_target.build_info(target, dist.config.dtype, scheme)
+    if preset:
+        build |= {"cpu": cpu or build_target.default_cpu, "mcpu": preset.mcpu}
     model = MobileVLMForCausalLM(dist.config, scheme, build_target.image_coefficient_dtype)
     fallbacks = layout_fallbacks(model, scheme) if scheme else {}
     if fallbacks:  # linears whose shape the scheme's layout cannot tile (stored NK, model-dtype activations)

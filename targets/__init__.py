@@ -1,4 +1,4 @@
-"""Build configurations, one module per deployment target (`cpu`, `android`, `cuda`, `vulkan`, on `base`;
+"""Build configurations, one module per deployment target (`cpu`, `android`, `arm_linux`, `cuda`, `vulkan`, on `base`;
 `gpu` is the pipeline the GPU ones share). `get_target(name)` looks one up. A target describes itself
 (`BuildTarget.describe_build`, `kernel_renames`), so the CLI and the checks hold no per-target code.
 `passes/`, `cpu_kernels/` and `toolchain/` are what the pipelines are made of. Imports `model_defs` only."""
@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 from .android import ANDROID_ADRENO, ANDROID_CPU
-from .base import BuildTarget, KernelCheckError
+from .arm_linux import ARM64_LINUX
+from .base import ArmCpu, BuildTarget, KernelCheckError
 from .cpu import HOST_CPU
 from .cuda import CUDA, ORIN_CUDA
 from .vulkan import VULKAN
 
-TARGETS: dict[str, BuildTarget] = {t.name: t for t in (HOST_CPU, ANDROID_CPU, ANDROID_ADRENO, ORIN_CUDA, CUDA, VULKAN)}
+TARGETS: dict[str, BuildTarget] = {
+    t.name: t for t in (HOST_CPU, ANDROID_CPU, ANDROID_ADRENO, ARM64_LINUX, ORIN_CUDA, CUDA, VULKAN)
+}
 
 
 def get_target(name: str) -> BuildTarget:
@@ -20,4 +23,4 @@ def get_target(name: str) -> BuildTarget:
     return TARGETS[name]
 
 
-__all__ = ["TARGETS", "BuildTarget", "KernelCheckError", "get_target"]
+__all__ = ["TARGETS", "ArmCpu", "BuildTarget", "KernelCheckError", "get_target"]

@@ -7,7 +7,7 @@ import tvm
 
 from mobilevlm_mlc.targets.cpu_kernels.schedule_rules import CpuKernelConfig
 
-from .base import BuildTarget
+from .base import ArmCpu, BuildTarget
 from .cpu import CPU_KERNEL_RENAMES, cpu_numerics, cpu_pipeline
 from .gpu import gpu_pipeline
 
@@ -15,6 +15,14 @@ from .gpu import gpu_pipeline
 ADRENO_MAX_UNROLL_STEP = 16
 
 ANDROID_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a78"}
+
+# phone cores (Snapdragon 888: 1 x Cortex-X1, 3 x A78, 4 x A55), all Armv8.2 with dotprod and fp16: QEMU's
+# cortex-a76 has the same extensions
+PHONE_CPUS = {
+    "cortex-a78": ArmCpu("cortex-a78", "cortex-a76", "Snapdragon 888 / 8 Gen 1 performance cores"),
+    "cortex-x1": ArmCpu("cortex-x1", "cortex-a76", "Snapdragon 888's prime core"),
+    "cortex-a55": ArmCpu("cortex-a55", "cortex-a76", "efficiency cores of most phones since 2018"),
+}
 
 # 32 NEON registers of 4 fp32: a 16-lane vector is 4 of them, so fewer accumulators than on AVX-512
 # (GEMM 4 rows x 1 vector = 16 registers; GEMV 4 vectors = 16, one NK64 tile). Not measured on a phone.
@@ -37,8 +45,10 @@ ANDROID_ADRENO = BuildTarget(
 
 ANDROID_CPU = BuildTarget(
     name="android-cpu",
-    description="Arm CPU (LLVM aarch64-linux-android, cortex-a78: NEON, dotprod, fp16), .tar system lib",
-    make_target=lambda: tvm.target.Target(ANDROID_HOST),
+    description="Arm CPU of a phone (LLVM aarch64-linux-android, cortex-a78: NEON, dotprod, fp16), .tar system lib",
+    make_target=lambda mcpu, mtriple=None: tvm.target.Target(
+        {**ANDROID_HOST, "mcpu": mcpu, "mtriple": mtriple or ANDROID_HOST["mtriple"]}
+    ),
     default_quantization="q4f16_3",
     quantizations=("q4f16_3", "q4f32_3", "q4f16_1", "q4f32_1", "q0f16", "q0f32"),
     pipeline=functools.partial(cpu_pipeline, config=NEON_KERNELS),
@@ -46,4 +56,6 @@ ANDROID_CPU = BuildTarget(
     numerics=cpu_numerics,
     kernel_renames=CPU_KERNEL_RENAMES,
     system_lib=True,
+    cpus=PHONE_CPUS,
+    emulated_triple="aarch64-linux-gnu",  # the same code on glibc: `check-kernels --target android-cpu`
 )

@@ -19,10 +19,20 @@ class KernelCheckError(Exception):
 
 
 @dataclass(frozen=True)
+class ArmCpu:
+    """A `--cpu` preset of an Arm target: the core LLVM tunes and selects instructions for, and the QEMU
+    CPU model that runs that code here (one with the same extensions the kernels use: dotprod, fp16)."""
+
+    mcpu: str
+    emulator: str  # `qemu-aarch64 -cpu` model; "max" (every extension) only where QEMU has none close
+    board: str
+
+
+@dataclass(frozen=True)
 class BuildTarget:
     name: str
     description: str
-    make_target: Callable[[], tvm.target.Target]
+    make_target: Callable[..., tvm.target.Target]  # (mcpu, mtriple) for targets with `cpus`
     default_quantization: str
     quantizations: tuple[str, ...]
     pipeline: Callable[[tvm.target.Target], tvm.transform.Pass]
@@ -38,6 +48,20 @@ class BuildTarget:
     # kernels this target's pipeline swaps for its own, TVM's name -> ours (`check-kernels` pairs them up)
     kernel_renames: dict[str, str] = field(default_factory=dict)
     float64: bool = True  # the device computes in fp64 (Adreno's OpenCL and most Vulkan devices do not)
+    cpus: dict[str, ArmCpu] = field(default_factory=dict)  # `--cpu` presets, the default first
+    # this target's code built for this LLVM triple runs here under qemu-user (Android's bionic does not)
+    emulated_triple: str | None = None
+
+    @property
+    def default_cpu(self) -> str | None:
+        return next(iter(self.cpus), None)
+
+    def cpu(self, name: str | None) -> ArmCpu | None:
+        """The `--cpu` preset `name` (None: the default); a ValueError naming the choices otherwise."""
+        if name is None or name in self.cpus:
+            return self.cpus.get(name or self.default_cpu)
+        choices = f"expected one of {', '.join(self.cpus)}" if self.cpus else "it has no --cpu presets"
+        raise ValueError(f"--cpu {name!r}: not a CPU of target '{self.name}' ({choices})")
 
     @property
     def image_coefficient_dtype(self) -> str:
@@ -48,8 +72,13 @@ class BuildTarget:
     def library_suffix(self) -> str:
         return ".tar" if self.system_lib else ".so"
 
-    def tvm_target(self) -> tvm.target.Target:
-        return self.make_target()
+    def tvm_target(self, cpu: str | None = None, emulated: bool = False) -> tvm.target.Target:
+        """The TVM target, for the `--cpu` preset `cpu` where the target has presets; `emulated`: the
+        same code for the triple that runs here under qemu-user."""
+        preset = self.cpu(cpu)
+        if preset is None:
+            return self.make_target()
+        return self.make_target(preset.mcpu, self.emulated_triple if emulated else None)
 
     def relax_pipeline(self, target: tvm.target.Target) -> tvm.transform.Pass:
         with target:

@@ -303,6 +303,19 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
         ),
         (["compile", dist, "--target", "bogus", "-o", tmp / "x.so"], "unknown target 'bogus'"),
         (["compile", dist, "--target", "cpu", "-o", tmp / "x.tar"], "writes a '.so' library"),
+        (["compile", dist, "--target", "cpu", "--cpu", "rpi5", "-o", tmp / "x.so"], "it has no --cpu presets"),
+        (
+            ["compile", dist, "--target", "arm64-linux", "--cpu", "m1", "-o", tmp / "x.so"],
+            "--cpu 'm1': not a CPU of target 'arm64-linux' (expected one of cortex-a78, orin, rpi5",
+        ),
+        (["verify", ckpt, "--target", "android-cpu"], "an Android system library runs only inside an app"),
+        (["verify", ckpt, "--target", "cuda"], "a GPU library needs its GPU"),
+        (["check-kernels", dist, "--target", "cuda"], "generates cuda code for this machine's own runtime"),
+        (
+            ["emulate", "--target", "cpu", "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"],
+            "does not run under qemu-user",
+        ),
+        (["emulate", "--rpc-tracker", "nohost", "--rpc-key", "k"], "--rpc-tracker 'nohost': expected HOST:PORT"),
         (["compile", dist, "--target", "cpu", "-o", tmp / "folder.so"], "is a folder; expected a file path"),
         (
             ["compile", dist, "--target", "cpu", "-o", tmp / ("x" * 300 + ".so")],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
@@ -186,72 +186,96 @@ def test_ragged_prefill_attention_matches_numpy_and_tvm():
 
 
 # a CPU of each instruction set, for LLVM (the kernels are built for it whatever this host is)
-DOT_CPUS = {"avx512-vnni": "cascadelake", "avx-vnni": "alderlake", "avx2": "haswell"}
+DOT_CPUS = {
+    "avx512-vnni": ("x86_64-pc-linux-gnu", "cascadelake"),
+    "avx-vnni": ("x86_64-pc-linux-gnu", "alderlake"),
+    "avx2": ("x86_64-pc-linux-gnu", "haswell"),
+    "neon-dotprod": ("aarch64-linux-gnu", "cortex-a78"),
+}
 
 
 HOST_FLAGS = set(cpu_features())  # /proc/cpuinfo, as bench records it
 
 
 def dot_target(dot: Int8Dot) -> tvm.target.Target:
-    return tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": DOT_CPUS[dot.name]})
+    triple, mcpu = DOT_CPUS[dot.name]
+    return tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})
 
 
 def test_each_cpu_gets_its_best_dot_product_and_tiling():
     assert [int8_dot(dot_target(d)) for d in INT8_DOTS] == list(INT8_DOTS)
     # fp32 kernels tiled for the widest vectors: 16 lanes with 32 zmm, 8 with AVX2's 16 ymm
-    assert [x86_kernels(dot_target(d)).lanes for d in INT8_DOTS] == [16, 8, 8]
+    assert [x86_kernels(dot_target(d)).lanes for d in INT8_DOTS[:3]] == [16, 8, 8]
     assert int8_dot(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) is None  # SSE2 only
-    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"})
-    assert int8_dot(arm) is None
+    armv8_0 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"})
+    assert int8_dot(armv8_0) is None  # Raspberry Pi 4: no dotprod
+    phone = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-android", "mcpu": "cortex-a55"})
+    assert int8_dot(phone).name == "neon-dotprod"
 
 
-@pytest.mark.parametrize("dot", INT8_DOTS, ids=lambda d: d.name)
-@pytest.mark.parametrize(
-    "kernel,rows,dtype",
-    [
-        ("gemm", 1, "float32"),  # rows <= 8: the skinny path (batch decode)
-        ("gemm", 3, "float32"),
-        ("gemm", 5, "float16"),
-        ("gemm", 8, "float32"),
-        ("gemm", 9, "float32"),  # the unpacked-tile GEMM (prefill)
-        ("gemm", 13, "float16"),
-        ("gemv", 1, "float32"),
-        ("gemv", 1, "float16"),
-    ],
-)
-def test_int8_matmuls_match_their_emulation(dot, kernel, rows, dtype):
-    """Each instruction set's kernels: their code holds its dot-product instruction (disassembly), and
-    where this CPU has it they run: x rounded by the reference's `int8_activations` times the
-    dequantized weight, up to fp32 summation order (rows not a multiple of the GEMM's or the skinny
-    path's blocks, an all-zero group, rows of scales 1e-3 to 1e3; fp16 activations and scales read
-    into fp32, the result rounded to fp16); against unrounded x it is off by the rounding alone (under
-    1%, never exact)."""
-    k, n = 96, 192
-    func = int8_quantized_gemv(k, n, dtype, dot) if kernel == "gemv" else int8_quantized_matmul(k, n, dtype, dot)
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=dot_target(dot))
-    instructions = set(re.findall(r"^\s+(?:\{vex\}\s+)?(v[a-z0-9]+)", lib.mod.inspect_source("asm"), re.M))
-    assert any("zmm" in line for line in lib.mod.inspect_source("asm").splitlines()) == (dot.lanes == 16)
-    assert dot.instruction in instructions
-    assert ("vpdpbusd" in instructions) == (dot.name != "avx2")  # AVX2 has no byte dot product
-    assert any(r.startswith("vpmaddubsw") for r in instructions) == (dot.name == "avx2")
-    if dot.cpu_flag not in HOST_FLAGS:
-        pytest.skip(f"compiled and disassembled; this CPU has no {dot.name} to run it")
+def int8_case(kernel: str, rows: int, dtype: str, k: int = 96, n: int = 192):
+    """Random x (rows of scales 1e-3 to 1e3, an all-zero group) and NK64 weights for `kernel`, and the
+    two answers: x rounded by the reference's `int8_activations` times the dequantized weight, and
+    unrounded x times it."""
     rng = np.random.default_rng(rows)
     scheme = QUANTIZATIONS["q4f32_3" if dtype == "float32" else "q4f16_3"].scheme
     q_weight, q_scale = quantize_weight(rng.standard_normal((n, k)).astype(np.float32), scheme)
     weight = dequantize_weight(q_weight, q_scale, scheme).astype(np.float64)
     x = (rng.standard_normal((1, rows, k)) * 10.0 ** rng.uniform(-3, 3, (1, rows, 1))).astype(dtype)
     x[0, 0, 32:64] = 0
-    got = np.zeros((1, rows, n), dtype)
-    out = tvm.runtime.tensor(got, tvm.cpu())
-    lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, q_weight, q_scale)], out)
-    got = out.numpy()[0].astype(np.float64)
     rounded = int8_activations(torch.from_numpy(x.astype(np.float32))).numpy()[0].astype(np.float64)
-    emulated, exact = rounded @ weight.T, x[0].astype(np.float64) @ weight.T
+    return (x, q_weight, q_scale), rounded @ weight.T, x[0].astype(np.float64) @ weight.T
+
+
+def check_int8_result(got: np.ndarray, emulated: np.ndarray, exact: np.ndarray, dtype: str) -> None:
+    """Equal to the emulation up to fp32 summation order; off the unrounded product by the rounding alone
+    (under 1%, never exact)."""
+    got = got[0].astype(np.float64)
     scale = np.abs(exact).max(axis=1, keepdims=True)  # per row: rows differ by 10^6 in magnitude
     tolerance = 1e-5 if dtype == "float32" else 1e-3  # fp16 output: half an ulp is 2^-11 of the value
     assert np.all(np.abs(got - emulated) <= tolerance * scale)
     assert np.all(np.abs(got - exact) < 1e-2 * scale) and np.all(np.abs(got - exact).max(axis=1) > 0)
+
+
+def int8_kernel(kernel: str, rows: int, dtype: str, dot: Int8Dot, k: int = 96, n: int = 192) -> tirx.PrimFunc:
+    return int8_quantized_gemv(k, n, dtype, dot) if kernel == "gemv" else int8_quantized_matmul(k, n, dtype, dot)
+
+
+INT8_CASES = [
+    ("gemm", 1, "float32"),  # rows <= 8: the skinny path (batch decode)
+    ("gemm", 3, "float32"),
+    ("gemm", 5, "float16"),
+    ("gemm", 8, "float32"),
+    ("gemm", 9, "float32"),  # the unpacked-tile GEMM (prefill)
+    ("gemm", 13, "float16"),
+    ("gemv", 1, "float32"),
+    ("gemv", 1, "float16"),
+]
+
+
+@pytest.mark.parametrize("dot", INT8_DOTS, ids=lambda d: d.name)
+@pytest.mark.parametrize("kernel,rows,dtype", INT8_CASES)
+def test_int8_matmuls_match_their_emulation(dot, kernel, rows, dtype):
+    """Each instruction set's kernels: their code holds its dot-product instruction (disassembly), and
+    where this CPU has it they run against the emulation of their rounding (rows not a multiple of the
+    GEMM's or the skinny path's blocks; fp16 activations and scales read into fp32, the result rounded to
+    fp16). The Arm kernels run under qemu-user in `test_arm.py`."""
+    lib = tvm.compile(tvm.IRModule({"main": int8_kernel(kernel, rows, dtype, dot)}), target=dot_target(dot))
+    asm = lib.mod.inspect_source("asm")
+    instructions = set(re.findall(r"^\s+(?:\{vex\}\s+)?([a-z][a-z0-9.]*)", asm, re.M))
+    assert dot.instruction in instructions
+    if dot.name == "neon-dotprod":
+        assert "sdot" in instructions and not instructions & {"usdot", "smmla"}  # Armv8.2 dotprod only
+        pytest.skip("compiled and disassembled; run under qemu-user in test_arm.py")
+    assert any("zmm" in line for line in asm.splitlines()) == (dot.lanes == 16)
+    assert ("vpdpbusd" in instructions) == (dot.name != "avx2")  # AVX2 has no byte dot product
+    assert any(r.startswith("vpmaddubsw") for r in instructions) == (dot.name == "avx2")
+    if dot.cpu_flag not in HOST_FLAGS:
+        pytest.skip(f"compiled and disassembled; this CPU has no {dot.name} to run it")
+    (x, q_weight, q_scale), emulated, exact = int8_case(kernel, rows, dtype)
+    out = tvm.runtime.tensor(np.zeros((1, rows, 192), dtype), tvm.cpu())
+    lib(*[tvm.runtime.tensor(a, tvm.cpu()) for a in (x, q_weight, q_scale)], out)
+    check_int8_result(out.numpy(), emulated, exact, dtype)
 
 
 @pytest.mark.parametrize("dtype,kv_heads", [("float32", 4), ("float16", 2)])

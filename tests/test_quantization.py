@@ -301,8 +301,8 @@ def test_dequantized_weights_are_never_materialized(q4_builds, name):
 
 
 # (LLVM triple, mcpu) -> (q4f16_3 record, q4f32_1 record): what each CPU class this project meets can do.
-# An x86 int8 dot product (AVX-512 VNNI, AVX-VNNI, AVX2) gives int8 activations to the NK64 schemes
-# only; fp16 arithmetic (AVX512-FP16, Arm fullfp16) keeps an fp16 vision tower in fp16.
+# An int8 dot product (AVX-512 VNNI, AVX-VNNI, AVX2, Arm dotprod) gives int8 activations to the NK64
+# schemes only; fp16 arithmetic (AVX512-FP16, Arm fullfp16) keeps an fp16 vision tower in fp16.
 NO_INT8 = ("model dtype", None)
 ARITHMETIC = {
     ("x86_64-linux-gnu", "sapphirerapids"): (("int8", "avx512-vnni", "float16"), (*NO_INT8, "float32")),
@@ -310,7 +310,9 @@ ARITHMETIC = {
     ("x86_64-linux-gnu", "alderlake"): (("int8", "avx-vnni", "float32"), (*NO_INT8, "float32")),
     ("x86_64-linux-gnu", "znver3"): (("int8", "avx2", "float32"), (*NO_INT8, "float32")),
     ("x86_64-linux-gnu", "x86-64"): ((*NO_INT8, "float32"), (*NO_INT8, "float32")),
-    ("aarch64-linux-android", "cortex-a78"): ((*NO_INT8, "float16"), (*NO_INT8, "float32")),
+    ("aarch64-linux-android", "cortex-a78"): (("int8", "neon-dotprod", "float16"), (*NO_INT8, "float32")),
+    ("aarch64-linux-gnu", "neoverse-n1"): (("int8", "neon-dotprod", "float16"), (*NO_INT8, "float32")),
+    ("aarch64-linux-gnu", "cortex-a72"): ((*NO_INT8, "float32"), (*NO_INT8, "float32")),  # Armv8.0
 }
 
 

@@ -107,9 +107,12 @@ def test_target_and_quantization_mismatches(dists, tmp_path):
 
 def test_targets_command_lists_every_target():
     out = subprocess.run(["mobilevlm-mlc", "targets"], capture_output=True, text=True, check=True).stdout
-    for name in ("cpu", "android-cpu", "android-adreno", "orin-cuda", "cuda", "vulkan"):
+    for name in ("cpu", "android-cpu", "android-adreno", "arm64-linux", "orin-cuda", "cuda", "vulkan"):
         assert any(line.startswith(name + " ") for line in out.splitlines()), name
     assert "no 'vulkan' code generator" in out
+    # the Arm targets' --cpu presets, each with the QEMU model its code runs on here
+    assert "--cpu rpi5        cortex-a76: Raspberry Pi 5 (Cortex-A76), emulated on qemu -cpu cortex-a76" in out
+    assert "--cpu graviton3   neoverse-v1: AWS Graviton3" in out and "emulated on qemu -cpu max" in out
 
 
 DECODE_KERNELS = (

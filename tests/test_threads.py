@@ -11,8 +11,10 @@ from mobilevlm_mlc.runtime.threads import physical_cores
 POOL_SIZE = """
 import tvm
 from mobilevlm_mlc.runtime.backend import LocalBackend
-backend = LocalBackend({threads})
-print(backend.threads, tvm.get_global_func("runtime.NumThreads")())
+from mobilevlm_mlc.runtime.threads import use_threads
+said = use_threads({threads})
+LocalBackend()
+print(said, tvm.get_global_func("runtime.NumThreads")())
 """
 
 

@@ -79,7 +79,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def environment(threads: int | None) -> dict:
+def environment(threads: int | None = None) -> dict:
     import tvm
 
     return {
@@ -257,7 +257,7 @@ def run_bench(
     load_s = time.perf_counter() - started
     figures = bench_engine(engine, image, prompt, settings, progress or (lambda _: None))
     build = engine.metadata.get("build", {})
-    environment_info = session.environment() if session else environment(threads)
+    environment_info = session.environment() if session else environment()
     return {
         "schema": SCHEMA,
         "label": label or f"mobilevlm-mlc {build.get('target', '?')} {engine.dist.quantization.name}",
@@ -267,7 +267,7 @@ def run_bench(
         "build": build,  # the library's record: its target, TVM, CPU arithmetic (int8 dot product) or CUDA archs
         "model_config": engine.dist.chat_config["model_config"],
         "environment": environment_info
-        | {"threads": threads if threads else settings.threads, "rpc": f"{rpc[0]} key={rpc[1]}" if rpc else None},
+        | {"threads": threads or settings.threads, "rpc": f"{rpc[0]} key={rpc[1]}" if rpc else None},
         "load_s": load_s,
         **figures,
         "peak_rss_mib": session.peak_rss_mib() if session else peak_rss_mib(),

@@ -1,11 +1,17 @@
-"""`check-kernels`: run a GPU build's OpenCL kernels on this CPU through PoCL and compare each with the
-same kernel of the CPU build, before any phone is touched.
+"""`check-kernels`: run a phone build's kernels on this machine and compare each with the same kernel of
+this host's CPU build, before any phone is touched. Two kinds of device code run here:
 
-Both builds are made from the dist's model in an fp32 variant (PoCL on x86 has no `cl_khr_fp16`):
-same schedule rules, same quantized layout, fp32 activations and scales. For every kernel checked,
-the scheduled PrimFunc is lowered as `relax.build` lowers it; the launches (grid, block, arguments)
-are read off the lowered host function, the OpenCL C is built by PoCL and run with pyopencl on
-random inputs; the CPU build's PrimFunc of the same name runs on the same inputs through TVM.
+- OpenCL (`android-adreno`), through PoCL: the scheduled PrimFunc is lowered as `relax.build` lowers
+  it, the launches (grid, block, arguments) are read off the lowered host function, and the OpenCL C is
+  built by PoCL and run with pyopencl.
+- AArch64 (`android-cpu`, `arm64-linux`), under qemu-user: the kernels are compiled with the target's
+  own flags and schedules for `aarch64-linux-gnu` (a bionic binary cannot run here), cross-linked into one
+  library and run on an emulated device of the target's `--cpu` over TVM RPC (`emulation`).
+
+Both builds are made from the dist's model in an fp32 variant (PoCL on x86 has no `cl_khr_fp16`; the
+Arm build's fp16 arithmetic is checked whole, against PyTorch, by `verify --target arm64-linux`): same
+quantized layout, fp32 activations and scales, so one kernel computes what the other does (the int8
+matmuls on both sides round the same activations). Every kernel gets the same random inputs on both.
 """
 
 from __future__ import annotations
@@ -49,11 +55,17 @@ class KernelResult:
 
 
 def scheduled_kernels(
-    config, scheme, build_target: BuildTarget, like: BuildTarget | None = None
+    config,
+    scheme,
+    build_target: BuildTarget,
+    like: BuildTarget | None = None,
+    cpu: str | None = None,
+    emulated: bool = False,
 ) -> tuple[tvm.target.Target, tvm.IRModule]:
-    """The model exported for `build_target` and run through its Relax pipeline (kernels scheduled);
-    with `like`, computing what `like`'s build computes (its image resampler precision)."""
-    target = build_target.tvm_target()
+    """The model exported for `build_target` (its `--cpu` preset `cpu`; `emulated`: for the triple that
+    runs here under qemu-user) and run through its Relax pipeline (kernels scheduled); with `like`,
+    computing what `like`'s build computes (its image resampler precision)."""
+    target = build_target.tvm_target(cpu, emulated)
     precision = (like or build_target).image_coefficient_dtype
     mod, _ = export_model(MobileVLMForCausalLM(config, scheme, precision), target)
     with target:
@@ -327,6 +339,110 @@ def _compare(cpu: dict[str, np.ndarray], gpu: dict[str, np.ndarray]) -> float:
     return worst
 
 
+class PoclRunner:
+    """OpenCL kernels on PoCL, one program per kernel."""
+
+    def __init__(self, build_target: BuildTarget, cpu: str | None, device_target, cpu_target, say) -> None:
+        del build_target, cpu, say
+        try:
+            import pyopencl as cl
+        except ImportError:
+            raise MobileVLMError(
+                "check-kernels needs pyopencl and an OpenCL CPU driver: pip install pyopencl pocl-binary-distribution"
+            ) from None
+        platforms = cl.get_platforms()
+        if not platforms:
+            raise MobileVLMError(
+                "no OpenCL platform found (install Debian's pocl-opencl-icd or pip's pocl-binary-distribution)"
+            )
+        self.context = cl.Context(platforms[0].get_devices()[:1])
+        self.queue = cl.CommandQueue(self.context)
+        # lowered with this machine as host, so the host code is only read, never run
+        self.target = tvm.target.Target(device_target, host=cpu_target)
+
+    def __enter__(self) -> PoclRunner:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        pass
+
+    def prepare(self, kernels: dict[str, tirx.PrimFunc]) -> None:
+        del kernels  # each is built when it runs
+
+    def run(self, name: str, func: tirx.PrimFunc, inputs: dict) -> tuple[dict[str, np.ndarray] | str, int]:
+        """(outputs, launches), or (why it was skipped, 0)."""
+        host_script, source = lower_for_opencl(func, self.target)
+        shapes = {k: v.shape for k, v in inputs.items() if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in inputs.items() if not isinstance(v, np.ndarray)}
+        try:
+            launch_list = launches(host_script, func, shapes, scalars)
+        except (ValueError, KeyError, NameError, TypeError) as err:
+            return f"launch not reproducible here: {err}", 0
+        if "half" in source and "cl_khr_fp16" in source:
+            return "uses fp16 (PoCL on x86 has no cl_khr_fp16)", 0
+        return run_opencl(self.context, self.queue, source, launch_list, inputs), len(launch_list)
+
+
+class EmulatedArmRunner:
+    """AArch64 kernels in one cross-linked library on an emulated device of the target's `--cpu`."""
+
+    def __init__(self, build_target: BuildTarget, cpu: str | None, device_target, cpu_target, say) -> None:
+        from mobilevlm_mlc.emulation import emulated_device
+
+        del cpu_target
+        self.build_target, self.target = build_target, device_target
+        self.device = emulated_device(build_target, cpu, say)
+        self.module = None
+
+    def __enter__(self) -> EmulatedArmRunner:
+        self.device.start()
+        self.session = self.device.session()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.device.close()
+
+    def prepare(self, kernels: dict[str, tirx.PrimFunc]) -> None:
+        """Compile every kernel into one library, upload it and load it on the device."""
+        import tempfile
+
+        from tvm.support import cc
+
+        mod = tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in kernels.items()})
+        lib = tvm.compile(mod, target=self.target)
+        with tempfile.TemporaryDirectory(prefix="mobilevlm-kernels-") as scratch:
+            path = Path(scratch) / "kernels.so"
+            lib.export_library(
+                str(path), fcompile=cc.cross_compiler(self.build_target.linker or "aarch64-linux-gnu-g++")
+            )
+            self.module = self.session.load_library(path)
+
+    def run(self, name: str, func: tirx.PrimFunc, inputs: dict) -> tuple[dict[str, np.ndarray] | str, int]:
+        device = self.session.device("cpu")
+        args, tensors = [], {}
+        for pname, _ in _param_buffers(func):
+            value = inputs[pname]
+            if isinstance(value, np.ndarray):
+                tensors[pname] = tvm.runtime.tensor(value.copy(), device)
+                args.append(tensors[pname])
+            else:
+                args.append(value)
+        self.module[name](*args)
+        return {k: t.numpy() for k, t in tensors.items()}, 1
+
+
+def _runner_for(build_target: BuildTarget) -> type[PoclRunner] | type[EmulatedArmRunner]:
+    """How `build_target`'s device code runs here: PoCL for OpenCL, qemu-user for AArch64 code."""
+    if build_target.codegen == "opencl":
+        return PoclRunner
+    if build_target.codegen == "llvm" and build_target.emulated_triple:
+        return EmulatedArmRunner
+    raise MobileVLMError(
+        f"check-kernels runs OpenCL kernels (PoCL) and Arm CPU kernels (qemu-user); target "
+        f"'{build_target.name}' generates {build_target.codegen} code for this machine's own runtime"
+    )
+
+
 def check_kernels(
     dist_dir: Path,
     target_name: str = "android-adreno",
@@ -334,29 +450,24 @@ def check_kernels(
     only: Iterable[str] | None = None,
     seed: int = 0,
     progress: Callable[[KernelResult], None] | None = None,
+    cpu: str | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[KernelResult]:
-    try:
-        import pyopencl as cl
-    except ImportError:
-        raise MobileVLMError(
-            "check-kernels needs pyopencl and an OpenCL CPU driver: pip install pyopencl pocl-binary-distribution"
-        ) from None
     dist = load_dist(dist_dir)
-    gpu_target_def = get_target(target_name)
-    if gpu_target_def.codegen != "opencl":
-        raise MobileVLMError(
-            f"check-kernels runs OpenCL kernels; target '{target_name}' generates {gpu_target_def.codegen}"
-        )
+    device_def = get_target(target_name)
+    try:
+        device_def.cpu(cpu)
+    except ValueError as err:
+        raise MobileVLMError(str(err)) from None
+    runner_class = _runner_for(device_def)
     config = dataclasses.replace(dist.config, dtype="float32")
     scheme = dist.quantization.scheme and dataclasses.replace(dist.quantization.scheme, model_dtype="float32")
-    gpu_target, gpu_mod = scheduled_kernels(config, scheme, gpu_target_def)
-    cpu_target_def = get_target("cpu")
-    cpu_target, cpu_mod = scheduled_kernels(config, scheme, cpu_target_def, like=gpu_target_def)
-    # Lower the OpenCL kernels with this machine as host, so the host code is only read, never run.
-    gpu_target = tvm.target.Target(gpu_target, host=cpu_target)
+    device_target, device_mod = scheduled_kernels(config, scheme, device_def, cpu=cpu, emulated=True)
+    cpu_def = get_target("cpu")
+    cpu_target, cpu_mod = scheduled_kernels(config, scheme, cpu_def, like=device_def)
 
     names = list(only) if only else []
-    functions = {gv.name_hint for gv in gpu_mod.get_global_vars()}
+    functions = {gv.name_hint for gv in device_mod.get_global_vars()}
     unknown = [name for name in names if name not in functions]
     if unknown:
         raise MobileVLMError(
@@ -366,54 +477,47 @@ def check_kernels(
         for entry in entries:
             if entry not in functions:
                 raise MobileVLMError(f"--entries: '{entry}' is not an entry point of the model")
-            names += kernels_called(gpu_mod, entry)
+            names += kernels_called(device_mod, entry)
         if "decode" in entries:
             names += KV_CACHE_DECODE_KERNELS
         names = list(dict.fromkeys(names))
-    platforms = cl.get_platforms()
-    if not platforms:
-        raise MobileVLMError(
-            "no OpenCL platform found (install Debian's pocl-opencl-icd or pip's pocl-binary-distribution)"
-        )
-    context = cl.Context(platforms[0].get_devices()[:1])
-    queue = cl.CommandQueue(context)
-    rng = np.random.default_rng(seed)
-    results = []
-    sizes = {"seq_len": 1, "batch_size": 1, "B": 1}
-    gpu_names = {g.name_hint for g in gpu_mod.get_global_vars()}
+    device_names = {g.name_hint for g in device_mod.get_global_vars()}
     cpu_names = {g.name_hint for g in cpu_mod.get_global_vars()}
-    for name in names:
-        started = time.perf_counter()
-        cpu_name = cpu_target_def.kernel_renames.get(name, name)
-        if name not in gpu_names or cpu_name not in cpu_names:
-            result = KernelResult(name, "skipped", detail="not in both builds")
-        else:
-            result = _check_one(
-                name, gpu_mod[name], cpu_mod[cpu_name], gpu_target, cpu_target, context, queue, rng, sizes
-            )
-        result.seconds = time.perf_counter() - started
-        results.append(result)
-        if progress:
-            progress(result)
+    # each kernel by the name it has in each build (a pipeline may swap TVM's kernel for its own)
+    pairs = {
+        name: (device_def.kernel_renames.get(name, name), cpu_def.kernel_renames.get(name, name)) for name in names
+    }
+    present = {n: p for n, p in pairs.items() if p[0] in device_names and p[1] in cpu_names}
+    rng = np.random.default_rng(seed)
+    sizes = {"seq_len": 1, "batch_size": 1, "B": 1}
+    results = []
+    with runner_class(device_def, cpu, device_target, cpu_target, say) as runner:
+        runner.prepare({device: device_mod[device] for device, _ in present.values()})
+        for name in names:
+            started = time.perf_counter()
+            if name not in present:
+                result = KernelResult(name, "skipped", detail="not in both builds")
+            else:
+                device_name, cpu_name = present[name]
+                result = _check_one(
+                    name, device_name, device_mod[device_name], cpu_mod[cpu_name], cpu_target, runner, rng, sizes
+                )
+            result.seconds = time.perf_counter() - started
+            results.append(result)
+            if progress:
+                progress(result)
     return results
 
 
-def _check_one(name, gpu_func, cpu_func, gpu_target, cpu_target, context, queue, rng, sizes) -> KernelResult:
+def _check_one(name, device_name, device_func, cpu_func, cpu_target, runner, rng, sizes) -> KernelResult:
     inputs = make_inputs(name, cpu_func, rng, sizes)
-    host_script, source = lower_for_opencl(gpu_func, gpu_target)
-    shapes = {k: v.shape for k, v in inputs.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in inputs.items() if not isinstance(v, np.ndarray)}
-    try:
-        launch_list = launches(host_script, gpu_func, shapes, scalars)
-    except (ValueError, KeyError, NameError, TypeError) as err:
-        return KernelResult(name, "skipped", detail=f"launch not reproducible here: {err}")
-    if "half" in source and "cl_khr_fp16" in source:
-        return KernelResult(name, "skipped", detail="uses fp16 (PoCL on x86 has no cl_khr_fp16)")
     expected = run_cpu(cpu_func, cpu_target, inputs)
     written = [k for k, v in expected.items() if not np.array_equal(v, inputs[k])]
     if not written:  # nothing to compare would make any kernel pass
         return KernelResult(name, "skipped", detail="the CPU kernel wrote no output on these inputs")
-    got = run_opencl(context, queue, source, launch_list, inputs)
+    got, count = runner.run(device_name, device_func, inputs)
+    if isinstance(got, str):
+        return KernelResult(name, "skipped", detail=got)
     error = _compare(expected, got)
     status = "ok" if error <= TOLERANCE else "MISMATCH"
-    return KernelResult(name, status, len(launch_list), error, detail=f"outputs {', '.join(written)}")
+    return KernelResult(name, status, count, error, detail=f"outputs {', '.join(written)}")

@@ -19,10 +19,13 @@ continuation (the fp32 model's own greedy tokens): cosine similarity, max abs er
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from mobilevlm_mlc.errors import MobileVLMError
 
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 2e-2}  # by the decoder's activation precision
 
@@ -129,24 +132,50 @@ def verify(
     workdir: Path | None = None,
     quantization: str = "q0f32",
     teacher_tokens: int = 64,
+    target: str = "cpu",
+    cpu: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
+    """Build `model_dir` for `target` and compare it with the reference. A library of a target that runs
+    here under emulation (`arm64-linux`) runs on an emulated device of its `--cpu` (`emulation`)."""
     from mobilevlm_mlc.compiler import compile_model
     from mobilevlm_mlc.convert.converter import convert
-    from mobilevlm_mlc.runtime.conversation import Conversation
+    from mobilevlm_mlc.emulation import runs_on
     from mobilevlm_mlc.runtime.engine import Engine
     from mobilevlm_mlc.runtime.preprocess import load_image
-    from mobilevlm_mlc.runtime.sampling import GenerationConfig
+    from mobilevlm_mlc.targets import get_target
 
-    from .reference import ReferenceMobileVLM, reference_pixels
-
+    say = progress or (lambda _: None)
+    build_target = get_target(target)
+    if build_target.codegen != "llvm" or build_target.system_lib:
+        raise MobileVLMError(
+            f"--target {target}: verify runs CPU shared libraries (cpu, arm64-linux); "
+            + (
+                "an Android system library runs only inside an app: check-kernels --target android-cpu runs its kernels here"
+                if build_target.system_lib
+                else "a GPU library needs its GPU"
+            )
+        )
     model_dir = Path(model_dir)
     picture = load_image(Path(image))
     with tempfile.TemporaryDirectory(prefix="mobilevlm-verify-") as scratch:
         work = Path(workdir) if workdir else Path(scratch)
         dist = convert(model_dir, work / f"dist-{quantization}", quantization, progress=False)
-        lib = work / f"lib-{quantization}-cpu.so"
-        compile_model(dist, "cpu", lib)
-        engine = Engine(dist, lib)
+        lib = work / f"lib-{quantization}-{target}{build_target.library_suffix}"
+        compile_model(dist, target, lib, cpu)
+        with runs_on(build_target, cpu, say) as remote:
+            engine = Engine(dist, lib, remote=remote)
+            return _compare_with_reference(engine, model_dir, picture, prompt, tokens, quantization, teacher_tokens)
+
+
+def _compare_with_reference(
+    engine, model_dir: Path, picture, prompt: str, tokens: int, quantization: str, teacher_tokens: int
+) -> VerifyReport:
+    from mobilevlm_mlc.runtime.conversation import Conversation
+    from mobilevlm_mlc.runtime.sampling import GenerationConfig
+
+    from .reference import ReferenceMobileVLM, reference_pixels
+
     scheme = engine.dist.quantization.scheme
     reference = ReferenceMobileVLM(model_dir)
     dtype = engine.dist.config.dtype

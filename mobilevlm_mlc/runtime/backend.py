@@ -74,9 +74,9 @@ class Backend(ABC):
 class LocalBackend(Backend):
     """The library runs in this process."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self) -> None:
         self.machine = host_machine()
-        self.threads = use_threads(threads)
+        use_threads()  # --threads, where a command takes it, sized the pool before this
 
     def device(self, name: str) -> tvm.runtime.Device:
         device = tvm.device(*parse_device(name))

@@ -1,5 +1,5 @@
-"""The one step of the int8 quantized matmuls that differs between x86 instruction sets: unsigned
-weight bytes times signed activation bytes, summed in fours into each 32-bit output lane.
+"""The one step of the int8 quantized matmuls that differs between instruction sets: weight bytes
+(nibbles 0..15) times signed activation bytes, summed in fours into each 32-bit output lane.
 
 A kernel accumulates one quantization group (32 inputs: 8 steps of 4 bytes per lane) with
 `accumulate`, then `finish` turns the accumulator into int32 lanes for the group's fp32 rescale:
@@ -10,6 +10,9 @@ A kernel accumulates one quantization group (32 inputs: 8 steps of 4 bytes per l
   in int16 (a pair is at most 2 x 15 x 127 = 3810, 8 of them 30480 < 2^15: no overflow) and one
   `vpmaddwd` by 1 per group sums the int16 pairs into int32. 2 + 1/8 instructions per step where VNNI
   takes 1, as llama.cpp's AVX2 Q4_0 x Q8_0 does.
+- Arm dotprod (Armv8.2-A; Cortex-A76/A78, Neoverse N1, Snapdragon 888's cores): `sdot` on 128-bit
+  vectors (4 lanes), signed by signed bytes; the nibbles 0..15 are the same bytes read as signed. i8mm's
+  `usdot` would compute the same sums, so the kernels take `sdot` on every dotprod CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Int8Dot:
         """acc + the products of `weight_bytes` (one vector of packed unsigned bytes) with the 4 signed
         bytes `activations` (one int32) repeated across the vector."""
         lanes = self.lanes
-        weights = T.reinterpret(f"int8x{4 * lanes}", weight_bytes)
+        weights = T.reinterpret(f"int8x{4 * lanes}", weight_bytes)  # unsigned for x86, 0..15 either way
         x = T.reinterpret(f"int8x{4 * lanes}", T.broadcast(activations, lanes))
         if self.int16_pairs:
             return acc + T.call_llvm_pure_intrin(f"int16x{2 * lanes}", self.intrinsic, weights, x)
@@ -63,7 +66,8 @@ class Int8Dot:
 AVX512_VNNI = Int8Dot("avx512-vnni", "avx512vnni", "avx512_vnni", 16, 32, "llvm.x86.avx512.vpdpbusd.512", "vpdpbusd")
 AVX_VNNI = Int8Dot("avx-vnni", "avxvnni", "avx_vnni", 8, 16, "llvm.x86.avx512.vpdpbusd.256", "vpdpbusd")  # VEX
 AVX2 = Int8Dot("avx2", "avx2", "avx2", 8, 16, "llvm.x86.avx2.pmadd.ub.sw", "vpmaddubsw", int16_pairs=True)
-INT8_DOTS = (AVX512_VNNI, AVX_VNNI, AVX2)  # best first
+NEON_DOTPROD = Int8Dot("neon-dotprod", "dotprod", "asimddp", 4, 32, "llvm.aarch64.neon.sdot", "sdot")
+INT8_DOTS = (AVX512_VNNI, AVX_VNNI, AVX2, NEON_DOTPROD)  # best first (a CPU has x86's or Arm's)
 
 
 def int8_dot(target: tvm.target.Target) -> Int8Dot | None:

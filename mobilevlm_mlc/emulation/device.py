@@ -1,0 +1,122 @@
+"""An Arm device on this machine: TVM's own RPC server, run by the AArch64 Python of the sysroot under
+qemu-user on a named CPU model, listening on 127.0.0.1. The engine reaches it as it reaches a phone or a
+Jetson (`runtime.backend.RemoteSession`): the library is uploaded, loaded and run there, weights copied
+into its memory. Registered with an RPC tracker under a key, it is what `bench --rpc-tracker` measures;
+without one, `session()` connects to it directly.
+
+Emulated speed means nothing (every instruction is translated); what runs there is the Arm code itself,
+and an instruction the named CPU lacks stops it with SIGILL, as on the board.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tvm import rpc
+
+from mobilevlm_mlc.errors import MobileVLMError, first_line
+from mobilevlm_mlc.runtime.backend import RemoteSession
+
+from .sysroot import Sysroot
+
+# TVM's rpc_server starts its serving loop in a child Python (`sys.executable -m tvm.exec.popen_worker`);
+# without binfmt_misc an AArch64 binary cannot be exec'd here, so the child is started through a script
+# that runs it under qemu-user on the same CPU model
+BOOT = "import runpy, sys; sys.executable = sys.argv[1]; sys.argv[1:2] = []; runpy.run_module('tvm.exec.rpc_server', run_name='__main__')"
+READY_LINE = "bind to"  # TVM's rpc_server logs "bind to HOST:PORT" once it listens
+START_TIMEOUT_S = 300  # the emulated `import tvm` takes 20-60 s on two cores; more beside a busy suite
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmulatedDevice:
+    """`with EmulatedDevice(sysroot, "cortex-a76") as device: device.session()` — the server stops, with
+    every session process it forked, when the block ends."""
+
+    def __init__(self, sysroot: Sysroot, cpu: str, tracker: str | None = None, key: str | None = None) -> None:
+        if (tracker is None) != (key is None):
+            raise ValueError("a tracker and a key go together")
+        self.sysroot, self.cpu, self.tracker, self.key = sysroot, cpu, tracker, key
+        self.port = free_port()
+        self._scratch = tempfile.TemporaryDirectory(prefix="mobilevlm-emulated-rpc-")
+        self._log = open(Path(self._scratch.name) / "server.log", "wb")  # open as long as the server
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def _python_script(self) -> Path:
+        """An executable that runs the emulated Python with its arguments (the server's `sys.executable`)."""
+        script = Path(self._scratch.name) / "python3.11"
+        command = " ".join(shlex.quote(part) for part in self.sysroot.command(self.cpu))
+        script.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        script.chmod(0o755)
+        return script
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> EmulatedDevice:
+        args = ["--host", "127.0.0.1", "--port", str(self.port)]  # tvm.exec.rpc_server's (BOOT runs it)
+        args += ["--port-end", str(self.port + 1)]
+        if self.tracker:
+            args += ["--tracker", self.tracker, "--key", self.key]
+        self._proc = subprocess.Popen(
+            self.sysroot.command(self.cpu, "-c", BOOT, str(self._python_script()), *args),
+            env=self.sysroot.environment(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # one process group: the server and the sessions it forks
+        )
+        deadline = time.monotonic() + timeout_s
+        while READY_LINE not in self.log:
+            if self._proc.poll() is not None:
+                raise MobileVLMError(f"the emulated RPC server exited ({self._proc.returncode}): {self.last_line()}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise MobileVLMError(f"the emulated RPC server did not listen within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        return self
+
+    def last_line(self) -> str:
+        """The server's last log line (why it stopped)."""
+        lines = [line for line in self.log.splitlines() if line.strip()]
+        return lines[-1] if lines else "no output"
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def session(self) -> RemoteSession:
+        """A session on this device, connected directly (not through the tracker)."""
+        try:
+            session = rpc.connect("127.0.0.1", self.port, session_timeout=0)
+        except (RuntimeError, OSError) as err:
+            raise MobileVLMError(f"no session from the emulated RPC server: {first_line(err)}") from None
+        return RemoteSession(session, f"qemu-aarch64 -cpu {self.cpu}", f"127.0.0.1:{self.port}")
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGTERM)
+                self._proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._log.close()
+        self._scratch.cleanup()
+
+    def __enter__(self) -> EmulatedDevice:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""Arm CPU code executed here, under qemu-user on a named CPU model (QEMU's cortex-a76: Armv8.2 with
+dotprod and fp16, as the Cortex-A78 default): the int8 `sdot` kernels against the emulation of their
+rounding, the whole `arm64-linux` model against the PyTorch reference, `verify --target arm64-linux` as a
+user runs it, and `check-kernels --target android-cpu`. One emulated device serves the tests that take
+`arm_device` (the emulated `import tvm` costs 20-60 s)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm.support import cc
+
+from mobilevlm_mlc.check.kernel_check import check_kernels
+from mobilevlm_mlc.compiler import compile_model
+from mobilevlm_mlc.convert.converter import convert
+from mobilevlm_mlc.emulation import emulated_device
+from mobilevlm_mlc.runtime.engine import Engine
+from mobilevlm_mlc.targets import get_target
+from mobilevlm_mlc.targets.cpu_kernels.int8_dot import NEON_DOTPROD
+
+from .helpers import checkpoint_for
+from .test_cpu_kernels import INT8_CASES, check_int8_result, dot_target, int8_case, int8_kernel
+from .test_quantization import _check_against_fake_quantized
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def arm_device():
+    """An emulated arm64-linux device (its default --cpu, cortex-a78: QEMU cortex-a76), one per module."""
+    with emulated_device(get_target("arm64-linux")) as device:
+        yield device
+
+
+def test_int8_kernels_run_on_arm(arm_device):
+    """Every int8 kernel shape of the x86 test, built for the Cortex-A78 (`sdot`), run on the emulated
+    Armv8.2 CPU: equal to the emulation of its rounding, as the x86 kernels are."""
+    session = arm_device.session()
+    kernels = {
+        f"{kernel}_{rows}_{dtype}": int8_kernel(kernel, rows, dtype, NEON_DOTPROD) for kernel, rows, dtype in INT8_CASES
+    }
+    mod = tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in kernels.items()})
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "int8.so"
+        tvm.compile(mod, target=dot_target(NEON_DOTPROD)).export_library(
+            str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++")
+        )
+        lib = session.load_library(path)
+    device = session.device("cpu")
+    for kernel, rows, dtype in INT8_CASES:
+        (x, q_weight, q_scale), emulated, exact = int8_case(kernel, rows, dtype)
+        out = tvm.runtime.tensor(np.zeros((1, rows, 192), dtype), device)
+        lib[f"{kernel}_{rows}_{dtype}"](*[tvm.runtime.tensor(a, device) for a in (x, q_weight, q_scale)], out)
+        check_int8_result(out.numpy(), emulated, exact, dtype)
+
+
+def test_arm64_linux_model_matches_the_reference(arm_device, workspace):
+    """The default model's `arm64-linux` q4f16_3 library (int8 `sdot` matmuls, fp16 arithmetic) run on
+    the emulated device against the reference with the same weights and the same int8 rounding."""
+    dist = convert(checkpoint_for(workspace, "ldpnet"), workspace / "ldpnet-q4f16_3-arm", "q4f16_3", progress=False)
+    lib = workspace / "ldpnet-q4f16_3-arm64.so"
+    report = compile_model(dist, "arm64-linux", lib)
+    assert report["build"] | {"tvm": None} == {
+        "target": "arm64-linux",
+        "tvm": None,
+        "quantized_matmul_activations": "int8",
+        "int8_dot_product": "neon-dotprod",
+        "vision_compute_dtype": "float16",
+        "cpu": "cortex-a78",
+        "mcpu": "cortex-a78",
+    }
+    engine = Engine(dist, lib, remote=arm_device.session())
+    assert engine.int8_activations
+    _check_against_fake_quantized(engine, workspace, "q4f16_3")
+
+
+def test_verify_arm64_linux_from_the_command_line(workspace):
+    """`verify --target arm64-linux` as a user runs it (q0f32: fp32 tolerances, 16 greedy tokens equal)."""
+    ckpt = checkpoint_for(workspace, "ldpnet")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mobilevlm_mlc.cli", "verify", str(ckpt), "--target", "arm64-linux"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "emulated AArch64 RPC server up (qemu-aarch64 -cpu cortex-a76)" in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "greedy tokens: 16/16 leading tokens agree  ok" in lines and lines[-1] == "PASS"
+    for boundary in ("pixels", "vision features", "projector output", "first-token logits"):
+        [row] = [line for line in lines if line.startswith(boundary)]
+        assert row.endswith("ok") and ("0e+00" in row if boundary == "pixels" else "1e-04" in row), row
+
+
+def test_check_kernels_android_cpu(workspace):
+    """Every kernel of the android-cpu build's decode and image_embed, compiled for glibc with the same
+    flags, run under emulation against this host's CPU build: all matched, or skipped with a reason."""
+    dist = convert(checkpoint_for(workspace, "ldpnet"), workspace / "ldpnet-q4f16_3-kc", "q4f16_3", progress=False)
+    results = check_kernels(dist, "android-cpu", entries=("decode", "image_embed"))
+    by_status = {s: [r for r in results if r.status == s] for s in ("ok", "MISMATCH", "skipped")}
+    assert not by_status["MISMATCH"], [(r.name, r.max_rel_error) for r in by_status["MISMATCH"]]
+    assert all(r.detail for r in by_status["skipped"])
+    names = {r.name for r in by_status["ok"]}
+    assert {"batch_decode_paged_kv", "fused_rope"} <= names  # the KV cache's kernels, through their renames
+    assert any(name.startswith("quantized_matmul") for name in names)  # the int8 sdot GEMV
+    assert len(by_status["ok"]) >= 0.8 * len(results)
