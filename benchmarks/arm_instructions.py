@@ -64,23 +64,20 @@ LLAMA_CPP = {
 
 
 def innermost_sdot_loop(asm: str) -> list[str]:
-    """The instructions of the loop (header label to its backward branch) holding the most `sdot`s."""
+    """The instructions of the smallest loop (a label to a backward branch to it) holding `sdot`s."""
     lines = asm.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L\w+):", line))}
     best: list[str] = []
-    for i, line in enumerate(lines):
-        m = re.match(r"^(\.LBB\w+):.*Loop Header", line)
-        if not m:
-            continue
-        label = m.group(1)
-        ends = [j for j in range(i + 1, len(lines)) if re.search(rf"\b{re.escape(label)}\b", lines[j])]
-        if not ends:
+    for j, line in enumerate(lines):
+        m = re.match(r"^\s+(?:b(?:\.\w+)?|cbn?z|tbn?z)\s.*?(\.L\w+)\s*$", line.split("//")[0])
+        if not m or labels.get(m.group(1), j) >= j:
             continue
         body = [
-            line.split("//")[0].strip()
-            for line in lines[i + 1 : ends[-1] + 1]
-            if re.match(r"^\s+[a-z]", line) and not line.strip().startswith(".")
+            text.split("//")[0].strip()
+            for text in lines[labels[m.group(1)] + 1 : j + 1]
+            if re.match(r"^\s+[a-z]", text) and not text.strip().startswith(".")
         ]
-        if sum(op.split()[0] == "sdot" for op in body) > sum(op.split()[0] == "sdot" for op in best):
+        if any(op.split()[0] == "sdot" for op in body) and (not best or len(body) < len(best)):
             best = body
     return best
 
