@@ -1,11 +1,12 @@
 """Arm CPU code executed here, under qemu-user on a named CPU model (QEMU's cortex-a76: Armv8.2 with
 dotprod and fp16, as the Cortex-A78 default): the int8 `sdot` kernels against the emulation of their
 rounding, the whole `arm64-linux` model against the PyTorch reference, `verify --target arm64-linux` as a
-user runs it, and `check-kernels --target android-cpu`. One emulated device serves the tests that take
+user runs it, `check-kernels --target android-cpu`, and `bench` on an emulated device behind a tracker. One emulated device serves the tests that take
 `arm_device` (the emulated `import tvm` costs 20-60 s)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -20,15 +21,24 @@ from mobilevlm_mlc.check.kernel_check import check_kernels
 from mobilevlm_mlc.compiler import compile_model
 from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.emulation import emulated_device
+from mobilevlm_mlc.emulation.device import free_port
 from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.targets import get_target
 from mobilevlm_mlc.targets.cpu_kernels.int8_dot import NEON_DOTPROD
 
-from .helpers import checkpoint_for
+from .helpers import checkpoint_for, cli
 from .test_cpu_kernels import INT8_CASES, check_int8_result, dot_target, int8_case, int8_kernel
 from .test_quantization import _check_against_fake_quantized
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def arm_build(workspace) -> tuple[Path, Path, dict]:
+    """The default model at q4f16_3 compiled for arm64-linux (its default --cpu): (dist, library, report)."""
+    dist = convert(checkpoint_for(workspace, "ldpnet"), workspace / "ldpnet-q4f16_3-arm", "q4f16_3", progress=False)
+    lib = workspace / "ldpnet-q4f16_3-arm64.so"
+    return dist, lib, compile_model(dist, "arm64-linux", lib)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +70,10 @@ def test_int8_kernels_run_on_arm(arm_device):
         check_int8_result(out.numpy(), emulated, exact, dtype)
 
 
-def test_arm64_linux_model_matches_the_reference(arm_device, workspace):
+def test_arm64_linux_model_matches_the_reference(arm_device, arm_build, workspace):
     """The default model's `arm64-linux` q4f16_3 library (int8 `sdot` matmuls, fp16 arithmetic) run on
     the emulated device against the reference with the same weights and the same int8 rounding."""
-    dist = convert(checkpoint_for(workspace, "ldpnet"), workspace / "ldpnet-q4f16_3-arm", "q4f16_3", progress=False)
-    lib = workspace / "ldpnet-q4f16_3-arm64.so"
-    report = compile_model(dist, "arm64-linux", lib)
+    dist, lib, report = arm_build
     assert report["build"] | {"tvm": None} == {
         "target": "arm64-linux",
         "tvm": None,
@@ -110,3 +118,66 @@ def test_check_kernels_android_cpu(workspace):
     assert {"batch_decode_paged_kv", "fused_rope"} <= names  # the KV cache's kernels, through their renames
     assert any(name.startswith("quantized_matmul") for name in names)  # the int8 sdot GEMV
     assert len(by_status["ok"]) >= 0.8 * len(results)
+
+
+def test_bench_an_emulated_device_through_a_tracker(arm_build, ldpnet_built, tmp_path):
+    """The path a phone takes: `emulate` registers an emulated device with a TVM RPC tracker, `bench
+    --rpc-tracker` runs the arm64-linux library there, and `compare` puts it beside this host's build.
+    The emulated figures mean nothing; the test checks that they are real runs, labelled as remote."""
+    dist, lib, _ = arm_build
+    port = free_port()
+    tracker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    emulate = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mobilevlm_mlc.cli",
+            "emulate",
+            "--rpc-tracker",
+            f"127.0.0.1:{port}",
+            "--rpc-key",
+            "arm64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        announced = emulate.stdout.readline()  # printed once the emulated server listens
+        assert "registered with 127.0.0.1:" in announced and "'arm64'" in announced, emulate.stderr.read()
+        settings = ["--prompt-lengths", "8", "--decode-tokens", "4", "--repeat", "1", "--warmup", "0"]
+        remote = tmp_path / "arm.json"
+        proc = cli(
+            "bench", dist, "--lib", lib, *settings, "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "arm64",
+            "--label", "arm64-linux (emulated)", "-o", remote,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        local = tmp_path / "host.json"
+        proc = cli("bench", ldpnet_built.dist, "--lib", ldpnet_built.lib, *settings, "--label", "host", "-o", local)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        emulate.terminate()
+        emulate.wait(timeout=60)
+        tracker.terminate()
+        tracker.wait(timeout=30)
+    result = json.loads(remote.read_text())
+    assert result["environment"]["rpc_key"] == "arm64" and result["environment"]["cpu"] is None
+    assert result["build"]["int8_dot_product"] == "neon-dotprod" and result["decode_tok_s"]["median"] > 0
+    compared = cli("compare", remote, local)
+    assert compared.returncode == 0, compared.stderr
+    assert "RPC device 'arm64' via 127.0.0.1:" in compared.stdout and "arm64-linux (emulated)" in compared.stdout
+    assert emulate.returncode in (143, -15)  # SIGTERM ended it, its emulated server with it

@@ -76,6 +76,13 @@ def value(result: dict, path: str) -> float | None:
     return float(node["median"]) if isinstance(node, dict) and "median" in node else None
 
 
+def machine(env: dict) -> str:
+    """Where a result was measured: this host's CPU and threads, or the RPC device's tracker key."""
+    if env.get("rpc_key"):
+        return f"RPC device '{env['rpc_key']}' via {env.get('rpc_tracker')}"
+    return f"{env.get('cpu')} / {env.get('threads')} threads"
+
+
 def table(results: list[dict], baseline: int = 0) -> str:
     if not 0 <= baseline < len(results):
         raise MobileVLMError(f"--baseline {baseline}: expected an index below {len(results)}")
@@ -93,7 +100,7 @@ def table(results: list[dict], baseline: int = 0) -> str:
             ratio = "" if theirs in (None, 0) else f" ({(mine / theirs if higher else theirs / mine):.2f}x)"
             cells.append(f"{mine:>12.1f}{ratio:>10}")
         lines.append(f"{result['label'][:33]:<34}" + "".join(cells))
-    machines = {f"{r['environment'].get('cpu')} / {r['environment'].get('threads')} threads" for r in results}
+    machines = {machine(r["environment"]) for r in results}
     lines.append(
         f"ratios against '{base['label']}' (speed-ups: >1 is faster); machines: {'; '.join(sorted(map(str, machines)))}"
     )
@@ -128,7 +135,7 @@ def chart(results: list[dict], output: Path, baseline: int = 0) -> None:
         ax.set_xticks(range(len(results)), labels, rotation=35, ha="right", fontsize=7)
     env = results[baseline]["environment"]
     fig.suptitle(
-        f"MobileVLM benchmarks — {env.get('cpu')}, {env.get('threads')} threads (ratios vs {results[baseline]['label']})",
+        f"MobileVLM benchmarks — {machine(env)} (ratios vs {results[baseline]['label']})",
         fontsize=10,
     )
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""An Arm device on this machine: TVM's own RPC server, run by the AArch64 Python of the sysroot under
+"""An Arm device on this machine: TVM's own RPC serving loop, run by the AArch64 Python of the sysroot under
 qemu-user on a named CPU model, listening on 127.0.0.1. The engine reaches it as it reaches a phone or a
 Jetson (`runtime.backend.RemoteSession`): the library is uploaded, loaded and run there, weights copied
 into its memory. Registered with an RPC tracker under a key, it is what `bench --rpc-tracker` measures;
@@ -11,7 +11,6 @@ and an instruction the named CPU lacks stops it with SIGILL, as on the board.
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -26,11 +25,8 @@ from mobilevlm_mlc.runtime.backend import RemoteSession
 
 from .sysroot import Sysroot
 
-# TVM's rpc_server starts its serving loop in a child Python (`sys.executable -m tvm.exec.popen_worker`);
-# without binfmt_misc an AArch64 binary cannot be exec'd here, so the child is started through a script
-# that runs it under qemu-user on the same CPU model
-BOOT = "import runpy, sys; sys.executable = sys.argv[1]; sys.argv[1:2] = []; runpy.run_module('tvm.exec.rpc_server', run_name='__main__')"
-READY_LINE = "bind to"  # TVM's rpc_server logs "bind to HOST:PORT" once it listens
+SERVER_MAIN = Path(__file__).with_name("rpc_server_main.py")  # run by the emulated Python
+READY_LINE = "bind to"  # it prints "bind to HOST:PORT" once it listens
 START_TIMEOUT_S = 300  # the emulated `import tvm` takes 20-60 s on two cores; more beside a busy suite
 
 
@@ -57,21 +53,10 @@ class EmulatedDevice:
     def log(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
-    def _python_script(self) -> Path:
-        """An executable that runs the emulated Python with its arguments (the server's `sys.executable`)."""
-        script = Path(self._scratch.name) / "python3.11"
-        command = " ".join(shlex.quote(part) for part in self.sysroot.command(self.cpu))
-        script.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
-        script.chmod(0o755)
-        return script
-
     def start(self, timeout_s: float = START_TIMEOUT_S) -> EmulatedDevice:
-        args = ["--host", "127.0.0.1", "--port", str(self.port)]  # tvm.exec.rpc_server's (BOOT runs it)
-        args += ["--port-end", str(self.port + 1)]
-        if self.tracker:
-            args += ["--tracker", self.tracker, "--key", self.key]
+        args = ["127.0.0.1", str(self.port)] + ([self.tracker, self.key] if self.tracker else [])
         self._proc = subprocess.Popen(
-            self.sysroot.command(self.cpu, "-c", BOOT, str(self._python_script()), *args),
+            self.sysroot.command(self.cpu, str(SERVER_MAIN), *args),
             env=self.sysroot.environment(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
