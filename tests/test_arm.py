@@ -2,7 +2,7 @@
 dotprod and fp16, as the Cortex-A78 default): the int8 `sdot` kernels against the emulation of their
 rounding, the whole `arm64-linux` model against the PyTorch reference, `verify --target arm64-linux` as a
 user runs it, `check-kernels --target android-cpu`, and `bench` on an emulated device behind a tracker. One emulated device serves the tests that take
-`arm_device` (the emulated `import tvm` costs 20-60 s)."""
+`arm_session` (the emulated `import tvm` costs 20-60 s)."""
 
 from __future__ import annotations
 
@@ -42,16 +42,17 @@ def arm_build(workspace) -> tuple[Path, Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def arm_device():
-    """An emulated arm64-linux device (its default --cpu, cortex-a78: QEMU cortex-a76), one per module."""
+def arm_session():
+    """A session on an emulated arm64-linux device (its default --cpu, cortex-a78: QEMU cortex-a76), one
+    per module: TVM's RPC server serves one session at a time, so a second one would wait for the first."""
     with emulated_device(get_target("arm64-linux")) as device:
-        yield device
+        yield device.session()
 
 
-def test_int8_kernels_run_on_arm(arm_device):
+def test_int8_kernels_run_on_arm(arm_session):
     """Every int8 kernel shape of the x86 test, built for the Cortex-A78 (`sdot`), run on the emulated
     Armv8.2 CPU: equal to the emulation of its rounding, as the x86 kernels are."""
-    session = arm_device.session()
+    session = arm_session
     kernels = {
         f"{kernel}_{rows}_{dtype}": int8_kernel(kernel, rows, dtype, NEON_DOTPROD) for kernel, rows, dtype in INT8_CASES
     }
@@ -70,7 +71,7 @@ def test_int8_kernels_run_on_arm(arm_device):
         check_int8_result(out.numpy(), emulated, exact, dtype)
 
 
-def test_arm64_linux_model_matches_the_reference(arm_device, arm_build, workspace):
+def test_arm64_linux_model_matches_the_reference(arm_session, arm_build, workspace):
     """The default model's `arm64-linux` q4f16_3 library (int8 `sdot` matmuls, fp16 arithmetic) run on
     the emulated device against the reference with the same weights and the same int8 rounding."""
     dist, lib, report = arm_build
@@ -83,7 +84,7 @@ def test_arm64_linux_model_matches_the_reference(arm_device, arm_build, workspac
         "cpu": "cortex-a78",
         "mcpu": "cortex-a78",
     }
-    engine = Engine(dist, lib, remote=arm_device.session())
+    engine = Engine(dist, lib, remote=arm_session)
     assert engine.int8_activations
     _check_against_fake_quantized(engine, workspace, "q4f16_3")
 

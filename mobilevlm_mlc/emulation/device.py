@@ -82,7 +82,8 @@ class EmulatedDevice:
         return self._proc is not None and self._proc.poll() is None
 
     def session(self) -> RemoteSession:
-        """A session on this device, connected directly (not through the tracker)."""
+        """A session on this device, connected directly (not through the tracker). TVM's server serves
+        one session at a time: a second one waits until the first is closed (dropped)."""
         try:
             session = rpc.connect("127.0.0.1", self.port, session_timeout=0)
         except (RuntimeError, OSError) as err:
