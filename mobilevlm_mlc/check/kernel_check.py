@@ -392,11 +392,15 @@ class EmulatedArmRunner:
         del cpu_target
         self.build_target, self.target = build_target, device_target
         self.device = emulated_device(build_target, cpu, say)
+        self.say = say or (lambda _: None)
         self.module = None
 
     def __enter__(self) -> EmulatedArmRunner:
         self.device.start()
         self.session = self.device.session()
+        self.say(
+            f"{self.build_target.name} kernels ({self.target.attrs['mcpu']}) run on qemu-aarch64 -cpu {self.device.cpu}"
+        )
         return self
 
     def __exit__(self, *_exc: object) -> None:
