@@ -140,13 +140,16 @@ def cmd_check_kernels(args: argparse.Namespace) -> None:
         check_output_file(args.output_json, "json", [args.dist_dir])
 
     def show(result) -> None:
+        if not show.started:  # the header once the inputs were taken: a bad input prints its error line alone
+            print(
+                f"{'kernel':<64} {'status':<9} {'rel err':>8}  ({args.target} vs this host's CPU build, fp32 variant; tolerance {TOLERANCE:.0e})"
+            )
+            show.started = True
         error = f"{result.max_rel_error:.1e}" if result.status != "skipped" else "-"
         print(f"{result.name:<64} {result.status:<9} {error:>8} {result.seconds:5.1f} s  {result.detail}", flush=True)
 
+    show.started = False
     only = args.kernels.split(",") if args.kernels else None
-    print(
-        f"{'kernel':<64} {'status':<9} {'rel err':>8}  ({args.target} vs this host's CPU build, fp32 variant; tolerance {TOLERANCE:.0e})"
-    )
     results = check_kernels(
         args.dist_dir,
         args.target,
@@ -212,9 +215,6 @@ def cmd_emulate(args: argparse.Namespace) -> None:
     from .targets import get_target
 
     say = lambda step: print(f"[emulate] {step}", file=sys.stderr, flush=True)  # noqa: E731
-    host, _, port = args.rpc_tracker.rpartition(":")
-    if not host or not port.isdigit():
-        raise MobileVLMError(f"--rpc-tracker {args.rpc_tracker!r}: expected HOST:PORT")
     device = emulated_device(get_target(args.target), args.cpu, say, args.rpc_tracker, args.rpc_key)
     with device:
         print(
@@ -224,7 +224,8 @@ def cmd_emulate(args: argparse.Namespace) -> None:
         )
         while device.running():
             time.sleep(1)
-    raise MobileVLMError(f"the emulated RPC server exited: {device.last_line()}")
+        reason = device.last_line()
+    raise MobileVLMError(f"the emulated RPC server exited: {reason}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

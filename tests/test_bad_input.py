@@ -316,6 +316,8 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
             "does not run under qemu-user",
         ),
         (["emulate", "--rpc-tracker", "nohost", "--rpc-key", "k"], "--rpc-tracker 'nohost': expected HOST:PORT"),
+        (["emulate", "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"], "127.0.0.1:9: no RPC tracker answers there"),
+        (["verify", ckpt, "--target", "arm64-linux", "--cpu", "m1"], "--cpu 'm1': not a CPU of target 'arm64-linux'"),
         (["compile", dist, "--target", "cpu", "-o", tmp / "folder.so"], "is a folder; expected a file path"),
         (
             ["compile", dist, "--target", "cpu", "-o", tmp / ("x" * 300 + ".so")],

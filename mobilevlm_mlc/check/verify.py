@@ -156,6 +156,10 @@ def verify(
                 else "a GPU library needs its GPU"
             )
         )
+    try:
+        build_target.cpu(cpu)  # a bad --cpu before any work
+    except ValueError as err:
+        raise MobileVLMError(str(err)) from None
     model_dir = Path(model_dir)
     picture = load_image(Path(image))
     with tempfile.TemporaryDirectory(prefix="mobilevlm-verify-") as scratch:

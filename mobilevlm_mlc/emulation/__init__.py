@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.runtime.backend import RemoteSession
+from mobilevlm_mlc.runtime.backend import RemoteSession, parse_tracker
 from mobilevlm_mlc.targets import BuildTarget
 
 from .device import EmulatedDevice
@@ -31,6 +31,8 @@ def emulated_device(
         preset = build_target.cpu(cpu)
     except ValueError as err:
         raise MobileVLMError(str(err)) from None
+    if tracker is not None:
+        parse_tracker(tracker)
     say = progress or (lambda _: None)
     sysroot = prepare(say)
     if preset.emulator == "max":

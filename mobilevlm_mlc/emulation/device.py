@@ -21,7 +21,7 @@ from pathlib import Path
 from tvm import rpc
 
 from mobilevlm_mlc.errors import MobileVLMError, first_line
-from mobilevlm_mlc.runtime.backend import RemoteSession
+from mobilevlm_mlc.runtime.backend import RemoteSession, parse_tracker
 
 from .sysroot import Sysroot
 
@@ -54,24 +54,49 @@ class EmulatedDevice:
         return Path(self._log.name).read_text(errors="replace")
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> EmulatedDevice:
-        args = ["127.0.0.1", str(self.port)] + ([self.tracker, self.key] if self.tracker else [])
-        self._proc = subprocess.Popen(
-            self.sysroot.command(self.cpu, str(SERVER_MAIN), *args),
-            env=self.sysroot.environment(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # one process group: the server and the sessions it forks
-        )
-        deadline = time.monotonic() + timeout_s
-        while READY_LINE not in self.log:
+        """Start the server and wait until it listens (and, with a tracker, until the tracker lists it);
+        on any failure nothing is left running."""
+        try:
+            if self.tracker:
+                self._check_tracker()
+            args = ["127.0.0.1", str(self.port)] + ([self.tracker, self.key] if self.tracker else [])
+            self._proc = subprocess.Popen(
+                self.sysroot.command(self.cpu, str(SERVER_MAIN), *args),
+                env=self.sysroot.environment(),
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # one process group: the server and the sessions it forks
+            )
+            deadline = time.monotonic() + timeout_s
+            self._wait("listen", lambda: READY_LINE in self.log, deadline)
+            if self.tracker:
+                self._wait(f"register with the tracker at {self.tracker}", self._registered, time.monotonic() + 60)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _wait(self, what: str, done, deadline: float) -> None:
+        while not done():
             if self._proc.poll() is not None:
                 raise MobileVLMError(f"the emulated RPC server exited ({self._proc.returncode}): {self.last_line()}")
             if time.monotonic() > deadline:
-                self.close()
-                raise MobileVLMError(f"the emulated RPC server did not listen within {timeout_s:.0f} s")
-            time.sleep(0.2)
-        return self
+                raise MobileVLMError(f"the emulated RPC server did not {what} in time: {self.last_line()}")
+            time.sleep(0.5)
+
+    def _check_tracker(self) -> None:
+        """Fail at once when nothing listens at the tracker's address (TVM would retry for a minute)."""
+        host, port = parse_tracker(self.tracker)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as err:
+            raise MobileVLMError(f"--rpc-tracker {self.tracker}: no RPC tracker answers there ({err})") from None
+
+    def _registered(self) -> bool:
+        host, port = parse_tracker(self.tracker)
+        servers = rpc.connect_tracker(host, port).summary()["server_info"]
+        return any(s["key"] == f"server:{self.key}" and s["addr"][1] == self.port for s in servers)
 
     def last_line(self) -> str:
         """The server's last log line (why it stopped)."""

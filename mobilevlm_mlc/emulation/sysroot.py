@@ -140,9 +140,9 @@ def sysroot_dir() -> Path:
 def prepare(progress: Callable[[str], None] | None = None) -> Sysroot:
     """The sysroot for this host's TVM, prepared if it is not there yet (downloads ~90 MB)."""
     final = sysroot_dir()
-    if (final / "ready").is_file():
+    if (final / "ready").is_file() and shutil.which(QEMU):
         return Sysroot(final)
-    problem = missing_prerequisite()
+    problem = missing_prerequisite()  # what a cached sysroot needs too: the emulator
     if problem:
         raise MobileVLMError(f"emulation: {problem}")
     say = progress or (lambda _: None)

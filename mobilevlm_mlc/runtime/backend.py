@@ -143,12 +143,18 @@ class RemoteSession(Backend):
         return None  # not observable through RPC
 
 
-def connect(tracker: str, key: str, timeout_s: int = 60) -> RemoteSession:
+def parse_tracker(tracker: str) -> tuple[str, int]:
+    """An RPC tracker's 'HOST:PORT' as (host, port)."""
     host, _, port = tracker.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise MobileVLMError(f"--rpc-tracker {tracker!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def connect(tracker: str, key: str, timeout_s: int = 60) -> RemoteSession:
+    host, port = parse_tracker(tracker)
     try:
-        client = rpc.connect_tracker(host, int(port))
+        client = rpc.connect_tracker(host, port)
         session = client.request(key, priority=1, session_timeout=0, max_retry=max(1, timeout_s // 5))
     except (RuntimeError, OSError, TimeoutError) as err:
         raise MobileVLMError(
