@@ -85,13 +85,21 @@ class EmulatedDevice:
                 raise MobileVLMError(f"the emulated RPC server did not {what} in time: {self.last_line()}")
             time.sleep(0.5)
 
-    def _check_tracker(self) -> None:
-        """Fail at once when nothing listens at the tracker's address (TVM would retry for a minute)."""
+    def _check_tracker(self, grace_s: float = 10) -> None:
+        """Fail soon when nothing listens at the tracker's address (TVM would retry for a minute); a
+        tracker started just before gets `grace_s` to come up."""
         host, port = parse_tracker(self.tracker)
-        try:
-            socket.create_connection((host, port), timeout=5).close()
-        except OSError as err:
-            raise MobileVLMError(f"--rpc-tracker {self.tracker}: no RPC tracker answers there ({err})") from None
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=5).close()
+                return
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise MobileVLMError(
+                        f"--rpc-tracker {self.tracker}: no RPC tracker answers there ({err})"
+                    ) from None
+                time.sleep(0.5)
 
     def _registered(self) -> bool:
         host, port = parse_tracker(self.tracker)
