@@ -16,6 +16,9 @@ schema; then `compare` prints the table and draws the chart. llama.cpp gets the 
 as text (it has no MobileVLM image path here): its image-encode and TTFT cells stay empty. The script
 also measures this machine's memory bandwidth (a STREAM-style read) and prints each decode rate as a
 fraction of the bandwidth limit (bytes of weights read per token / bandwidth).
+
+On an NVIDIA GPU (`benchmarks/gpu_check.sh` runs this): `--target cuda --device cuda --peers pytorch-fp16`
+builds ours for `cuda`, runs it and PyTorch fp16 eager on the GPU (no CPU bandwidth line then).
 """
 
 from __future__ import annotations
@@ -78,7 +81,9 @@ def decoder_bytes_per_token(dist: Path | None = None, gguf: Path | None = None) 
 # ---------------------------------------------------------------- PyTorch eager
 
 
-def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, settings: BenchSettings) -> dict:
+def bench_pytorch(
+    checkpoint: Path, dtype_name: str, image: Path, prompt: str, settings: BenchSettings, device: str = "cpu"
+) -> dict:
     import torch
     from PIL import Image
 
@@ -86,8 +91,13 @@ def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, s
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    ref = ReferenceMobileVLM(checkpoint, dtype=dtype)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    ref = ReferenceMobileVLM(checkpoint, dtype=dtype, device=device)
+    on_gpu = ref.device.type == "cuda"
+
+    def synced(fn):  # a GPU call is timed to its end, not to its launch
+        return (lambda: (fn(), torch.cuda.synchronize())) if on_gpu else fn
+
     image_tokens = ref.config.num_image_tokens
     check_fits(settings, image_tokens, ref.config.context_window_size)
     rng = np.random.default_rng(0)
@@ -96,24 +106,28 @@ def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, s
     image_embeds = ref.image_embeds(pixels)
     embed = ref.llm.get_input_embeddings()
 
-    encode = timed(lambda: ref.image_embeds(pixels), settings.repeat, settings.warmup)
+    encode = timed(synced(lambda: ref.image_embeds(pixels)), settings.repeat, settings.warmup)
     prefill = {}
     with torch.no_grad():
         for length in settings.prompt_lengths:
-            embeds = torch.cat([image_embeds, embed(torch.tensor(rng.integers(3, vocab, length)))])[None]
-            runs = timed(lambda e=embeds: ref.llm(inputs_embeds=e, use_cache=True), settings.repeat, settings.warmup)
+            text = torch.tensor(rng.integers(3, vocab, length), device=ref.device)
+            embeds = torch.cat([image_embeds, embed(text)])[None]
+            runs = timed(
+                synced(lambda e=embeds: ref.llm(inputs_embeds=e, use_cache=True)), settings.repeat, settings.warmup
+            )
             prefill[str(length)] = summary([embeds.shape[1] / s for s in runs])
-        context = torch.cat([image_embeds, embed(torch.tensor(rng.integers(3, vocab, min(settings.prompt_lengths))))])[
-            None
-        ]
+        text = torch.tensor(rng.integers(3, vocab, min(settings.prompt_lengths)), device=ref.device)
+        context = torch.cat([image_embeds, embed(text)])[None]
         decode = []
         for _ in range(settings.warmup + settings.repeat):
             out = ref.llm(inputs_embeds=context, use_cache=True)
             logits, past = out.logits[0, -1], out.past_key_values
+            synced(lambda: None)()
             started = time.perf_counter()
             for _ in range(settings.decode_tokens):
                 out = ref.llm(input_ids=torch.argmax(logits).view(1, 1), past_key_values=past, use_cache=True)
                 logits, past = out.logits[0, -1], out.past_key_values
+            synced(lambda: None)()
             decode.append(settings.decode_tokens / (time.perf_counter() - started))
 
         def first_token() -> int:
@@ -123,7 +137,7 @@ def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, s
 
         ttft = timed(first_token, settings.repeat, settings.warmup)
     return {
-        "label": f"pytorch eager {dtype_name}",
+        "label": f"pytorch eager {dtype_name}" + (" (cuda)" if on_gpu else ""),
         "engine": "pytorch",
         "quantization": dtype_name,
         "image_encode_ms": summary([s * 1000 for s in encode]),
@@ -132,6 +146,7 @@ def bench_pytorch(checkpoint: Path, dtype_name: str, image: Path, prompt: str, s
         "ttft_ms": summary([s * 1000 for s in ttft]),
         "settings": settings.to_dict(image_tokens),
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(ref.device) if on_gpu else "cpu",
     }
 
 
@@ -411,7 +426,9 @@ def run_one(args: argparse.Namespace) -> None:
     """Child process: one engine, one result file (its own peak memory)."""
     settings = BenchSettings(tuple(args.prompt_lengths), args.decode_tokens, args.repeat, args.threads, args.warmup)
     if args.one.startswith("pytorch-"):
-        result = bench_pytorch(args.checkpoint, args.one.split("-", 1)[1], args.image, args.prompt, settings)
+        result = bench_pytorch(
+            args.checkpoint, args.one.split("-", 1)[1], args.image, args.prompt, settings, args.device
+        )
     else:
         from mobilevlm_mlc.convert.checkpoint import load_config
 
@@ -458,7 +475,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--quantizations", default="q4f16_3", help="our builds (cpu target)")
+    parser.add_argument("--quantizations", default="q4f16_3", help="our builds (of --target)")
+    parser.add_argument("--target", default="cpu", help="our builds' target (cuda: with --device cuda)")
+    parser.add_argument("--device", default="cpu", help="where ours and PyTorch run (cpu, cuda)")
     parser.add_argument("--peers", default="pytorch-fp32,pytorch-bf16,llama.cpp-F16,llama.cpp-Q4_0,llama.cpp-Q4_K_S")
     parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
@@ -506,10 +525,10 @@ def main() -> None:
     results, bytes_per_token = [], {}
     for quantization in filter(None, args.quantizations.split(",")):
         dist = args.workdir / f"{args.size}-{quantization}"
-        lib = args.workdir / f"{args.size}-{quantization}-cpu.so"
+        lib = args.workdir / f"{args.size}-{quantization}-{args.target}.so"
         if not (dist / MANIFEST).exists():  # weights are reused; the library always reflects this code
             convert(checkpoint, dist, quantization, progress=False)
-        compile_model(dist, "cpu", lib)
+        compile_model(dist, args.target, lib)
         out = args.out / f"mobilevlm-mlc-{quantization}.json"
         print(f"== mobilevlm-mlc {quantization}", flush=True)
         subprocess.run(
@@ -521,6 +540,8 @@ def main() -> None:
                 str(dist),
                 "--lib",
                 str(lib),
+                "--device",
+                args.device,
                 "--image",
                 str(args.image),
                 *common,
@@ -557,6 +578,8 @@ def main() -> None:
                 str(args.image),
                 "--prompt",
                 args.prompt,
+                "--device",
+                args.device,
                 *common,
                 *extra,
             ],
@@ -564,8 +587,11 @@ def main() -> None:
         )
         results.append(out)
 
-    bandwidth = stream_read_gb_s(args.threads)
-    print(f"\nmemory bandwidth (STREAM-style read, {args.threads} threads): {bandwidth:.1f} GB/s")
+    if args.device != "cpu":  # the bandwidth limit below is the CPU's
+        bytes_per_token.clear()
+    bandwidth = stream_read_gb_s(args.threads) if bytes_per_token else 0.0
+    if bandwidth:
+        print(f"\nmemory bandwidth (STREAM-style read, {args.threads} threads): {bandwidth:.1f} GB/s")
     for path in results:
         result = json.loads(path.read_text())
         per_token = bytes_per_token.get(path)

@@ -117,8 +117,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"system-lib prefix: {report.system_lib_prefix}")
     print(f"build: {json.dumps(report.metadata.get('build', {}))}")
     for module in report.device_modules:
-        images = f"; images {', '.join(f'{k} {a}' for k, a in module.images)}" if module.images else ""
+        images = f"; images {', '.join(map(str, module.images))}" if module.images else ""
         print(f"device module {module.kind} ({module.format}): {len(module.kernels) or '?'} kernels{images}")
+    if report.oldest_cuda_driver:
+        unnamed = any(i.cuda is None for m in report.device_modules for i in m.images)
+        source = " (the build record's toolkit: a CUDA 12 cubin names no release)" if unnamed else ""
+        print(f"oldest driver that loads it: CUDA {report.oldest_cuda_driver}{source}")
     functions = ", ".join(f"{name}/{arity}" for name, arity in sorted(report.vm_functions.items()))
     print(f"functions (name/arguments): {functions}")
     print(f"runtime functions called: {', '.join(report.runtime_functions)}")

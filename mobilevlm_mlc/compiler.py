@@ -20,7 +20,7 @@ from mobilevlm_mlc.targets.passes.attach_gpu_sampler import attach_gpu_sampler
 from mobilevlm_mlc.targets.passes.attach_logit_processor import attach_logit_processor
 from mobilevlm_mlc.targets.passes.attach_sampling_functions import attach_sampling_functions
 from mobilevlm_mlc.targets.passes.attach_variable_bounds import attach_variable_bounds
-from mobilevlm_mlc.targets.toolchain.nvcc import ToolchainError
+from mobilevlm_mlc.targets.toolchain.cuda_device_code import ToolchainError
 
 from .errors import MobileVLMError, first_line
 from .fileio import atomic_file, check_output_file

@@ -11,7 +11,7 @@ import tvm
 from tvm.support import cc
 
 from mobilevlm_mlc.model_defs.quantization import GroupQuantScheme
-from mobilevlm_mlc.targets.toolchain.nvcc import NvccDeviceCode, ToolchainError
+from mobilevlm_mlc.targets.toolchain.cuda_device_code import CudaDeviceCode, ToolchainError
 
 
 class KernelCheckError(Exception):
@@ -39,7 +39,7 @@ class BuildTarget:
     codegen: str  # TVM's code generator for the device code: `target.build.<codegen>`
     system_lib: bool = False  # static `.tar` of objects registering `<prefix>` symbols (Android / iOS apps)
     provider: str = ""  # where to get a TVM with this code generator, when the installed one lacks it
-    device_code: NvccDeviceCode | None = None  # compiles embedded device source ahead of time (CUDA)
+    device_code: CudaDeviceCode | None = None  # compiles embedded device source ahead of time (CUDA)
     linker: str | None = None  # cross C++ compiler linking the shared library (None: this host's)
     linker_package: str = ""  # where the cross linker comes from
     numerics: Callable[[tvm.target.Target, str, GroupQuantScheme | None], dict] | None = (
@@ -51,6 +51,12 @@ class BuildTarget:
     cpus: dict[str, ArmCpu] = field(default_factory=dict)  # `--cpu` presets, the default first
     # this target's code built for this LLVM triple runs here under qemu-user (Android's bionic does not)
     emulated_triple: str | None = None
+    device: str = "cpu"  # the TVM device its libraries compute on
+
+    @property
+    def runs_on_this_machine(self) -> bool:
+        """Its libraries load on this host (its own code, or under qemu-user), given the device."""
+        return not self.system_lib and (self.linker is None or self.emulated_triple is not None)
 
     @property
     def default_cpu(self) -> str | None:

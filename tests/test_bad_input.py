@@ -309,7 +309,8 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
             "--cpu 'm1': not a CPU of target 'arm64-linux' (expected one of cortex-a78, orin, rpi5",
         ),
         (["verify", ckpt, "--target", "android-cpu"], "an Android system library runs only inside an app"),
-        (["verify", ckpt, "--target", "cuda"], "a GPU library needs its GPU"),
+        (["verify", ckpt, "--target", "cuda"], "--target cuda: no CUDA GPU on this machine (TVM finds none)"),
+        (["verify", ckpt, "--target", "orin-cuda"], "this one runs only on its device"),
         (["check-kernels", dist, "--target", "cuda"], "generates cuda code for this machine's own runtime"),
         (
             ["emulate", "--target", "cpu", "--rpc-tracker", "127.0.0.1:9", "--rpc-key", "k"],

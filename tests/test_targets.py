@@ -3,9 +3,12 @@ symbol, exported entry points and device code inside each artifact."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import re
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -21,9 +24,17 @@ from mobilevlm_mlc.formats.library import inspect_library
 from mobilevlm_mlc.formats.mlc_contract import GPU_SAMPLER_FUNCTIONS, TIR_FUNCTIONS, VM_FUNCTIONS
 from mobilevlm_mlc.targets import get_target
 from mobilevlm_mlc.targets.passes.verify_gpu_kernels import inconsistent_thread_extents
+from mobilevlm_mlc.targets.toolchain.cuda_images import (
+    PTX_ISA_RELEASES,
+    CudaImage,
+    driver_problems,
+    release_key,
+    release_of,
+)
 
 from .helpers import checkpoint_for
 
+ROOT = Path(__file__).resolve().parent.parent
 EM_AARCH64 = 183
 ENTRY_POINTS = (b"embed", b"image_embed", b"prefill", b"decode", b"create_tir_paged_kv_cache", b"_metadata")
 
@@ -129,30 +140,63 @@ def nvcc_version() -> str:
     return re.search(r"V([\d.]+)", out).group(1)
 
 
-@pytest.mark.parametrize(
-    "target,machine,images",
-    [
-        ("cuda", "x86-64", [("sass", "sm_80"), ("ptx", "compute_90"), ("sass", "sm_90")]),
-        ("orin-cuda", "AArch64", [("ptx", "compute_87"), ("sass", "sm_87")]),
-    ],
-)
-def test_cuda_libraries_embed_nvcc_fatbins(dists, tmp_path, target, machine, images):
-    out = tmp_path / f"{target}.so"
-    compile_model(dists["q4f16_1"], target, out)
+CUDA_BUILDS = {
+    # target: (ELF machine, module format, SASS archs, PTX arch, compiler, toolkit version); NVRTC 12's
+    # cubin names no release (ELF ABI 7, no .note.nv.tkinfo), CUDA 13's fatbin images do
+    "cuda": ("x86-64", "fatbin", ["sm_80", "sm_90"], "compute_90", "nvcc", nvcc_version),
+    "orin-cuda": (
+        "AArch64",
+        "cubin",
+        ["sm_87"],
+        None,
+        "nvrtc",
+        lambda: importlib.metadata.version("nvidia-cuda-nvrtc-cu12"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def cuda_libraries(dists, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda")
+    for target in CUDA_BUILDS:
+        compile_model(dists["q4f16_1"], target, out / f"{target}.so")
+    return out
+
+
+def nvcc_ptx_isa(tmp_path: Path) -> tuple[int, int]:
+    """The PTX ISA version this host's nvcc writes, from the `.version` line of a PTX file it emits (the
+    library's PTX is compressed in its fatbin, so its header's version is checked against this)."""
+    src = tmp_path / "k.cu"
+    src.write_text('extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }')
+    subprocess.run(["nvcc", "-ptx", "-arch=compute_90", "-o", str(tmp_path / "k.ptx"), str(src)], check=True)
+    major, minor = re.search(r"^\.version (\d+)\.(\d+)", (tmp_path / "k.ptx").read_text(), re.M).groups()
+    return int(major), int(minor)
+
+
+@pytest.mark.parametrize("target", list(CUDA_BUILDS))
+def test_cuda_libraries_embed_compiled_device_code(cuda_libraries, target, tmp_path):
+    machine, fmt, archs, ptx, compiler, toolkit = CUDA_BUILDS[target]
+    out = cuda_libraries / f"{target}.so"
     report = inspect_library(out)
     assert report.machines == [machine]
     assert report.system_lib_prefix is None
     assert report.metadata["build"] == {
         "target": target,
         "tvm": tvm.__version__,
-        "device_code": "fatbin",
-        "cuda_archs": [a for k, a in images if k == "sass"],
-        "ptx": next(a for k, a in images if k == "ptx"),
-        "cuda_toolkit": nvcc_version(),
+        "device_code": fmt,
+        "cuda_archs": archs,
+        "ptx": ptx,
+        "cuda_toolkit": toolkit(),
+        "cuda_compiler": compiler,
     }
     [device] = report.device_modules
-    assert (device.kind, device.format) == ("cuda", "fatbin")
-    assert sorted(device.images) == sorted(images)
+    assert (device.kind, device.format) == ("cuda", fmt)
+    built_by = release_of(toolkit())
+    expected = [CudaImage("sass", a, built_by if compiler == "nvcc" else None) for a in archs]
+    if ptx:  # the fatbin's PTX has the ISA version nvcc writes, which maps to the toolkit's release
+        expected.append(CudaImage("ptx", ptx, PTX_ISA_RELEASES[nvcc_ptx_isa(tmp_path)]))
+    assert sorted(device.images, key=str) == sorted(expected, key=str)
+    assert report.oldest_cuda_driver == built_by
     for kernel in DECODE_KERNELS + ("conv2d_kernel", "layer_norm_kernel"):
         assert kernel in device.kernels, kernel
     assert any(k.startswith("fused_quantized_matmul") for k in device.kernels)
@@ -169,12 +213,41 @@ def test_cuda_libraries_embed_nvcc_fatbins(dists, tmp_path, target, machine, ima
         assert blob[16:18] == (3).to_bytes(2, "little")  # ET_DYN
 
 
+def test_orin_device_code_loads_on_jetpack_6_and_the_desktop_one_does_not(cuda_libraries):
+    """What each target's driver accepts, decided from the images alone: Orin's cubin (NVRTC 12.2) loads on
+    JetPack 6.0's CUDA 12.2 driver; the desktop fatbin (this host's nvcc) holds no sm_87 SASS and needs its
+    own toolkit's driver, so the same check refuses it for Orin."""
+    orin = inspect_library(cuda_libraries / "orin-cuda.so").device_modules[0].images
+    desktop = inspect_library(cuda_libraries / "cuda.so").device_modules[0].images
+    jetpack = get_target("orin-cuda").device_code
+    assert (jetpack.archs, jetpack.driver) == (("sm_87",), "12.2")
+    assert driver_problems(orin, jetpack.archs, jetpack.driver) == []
+    problems = driver_problems(desktop, jetpack.archs, jetpack.driver)
+    assert problems[0] == "SASS for sm_80, sm_90, expected sm_87"
+    assert "PTX for compute_90, expected compute_87 or none" in problems
+    host = release_of(nvcc_version())
+    if release_key(host) > (12, 2):
+        assert f"sass sm_80 (CUDA {host}) needs a CUDA {host} driver; the target's is CUDA 12.2" in problems
+    assert driver_problems(desktop, ("sm_80", "sm_90"), None) == []
+
+
 def test_cuda_build_names_a_missing_toolkit(dists, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
     out = tmp_path / "cuda.so"
     with pytest.raises(MobileVLMError, match=r"target 'cuda': no nvcc found \(looked in CUDA_HOME=.*no-cuda\)"):
         compile_model(dists["q4f16_1"], "cuda", out)
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".cuda*"))
+
+
+def test_orin_build_names_the_missing_cuda_12_compiler(dists, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.cuda_nvrtc", None)  # as if nvidia-cuda-nvrtc-cu12 were absent
+    with pytest.raises(
+        MobileVLMError,
+        match=r"^target 'orin-cuda': no nvidia-cuda-nvrtc-cu12 installed \(the CUDA 12 compiler from PyPI\); "
+        r"pip install 'mobilevlm-mlc\[jetson\]'$",
+    ):
+        compile_model(dists["q4f16_1"], "orin-cuda", tmp_path / "orin.so")
+    assert not list(tmp_path.iterdir())
 
 
 def test_adreno_kernels_unroll_within_the_cap(dists):
@@ -255,3 +328,26 @@ def test_inspect_rejects_a_file_that_is_not_a_library(tmp_path):
     proc = subprocess.run(["mobilevlm-mlc", "inspect", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"{path}: not a library built by mobilevlm-mlc compile (not a 64-bit ELF object)" in proc.stderr
+
+
+def test_gpu_check_script_builds_then_stops_without_a_gpu(tmp_path):
+    """benchmarks/gpu_check.sh on this GPU-less machine: the checkpoint, the cuda build and its inspect
+    report, then one line saying why it stops, exit status 2 (SIZES=tiny: the 1.7B build is the same
+    code at ~3 minutes)."""
+    env = os.environ | {"SIZES": "tiny", "PYTHON": sys.executable, "WORK": str(tmp_path / "work")}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        proc.stderr.rstrip()
+        .splitlines()[-1]
+        .endswith("stopping: no NVIDIA GPU on this machine (TVM's cuda(0) does not exist); verify and bench need one")
+    )
+    report = json.loads((tmp_path / "out" / "inspect-tiny.json").read_text())
+    assert report["build"]["target"] == "cuda" and report["mlc_contract"]["missing"] == []
+    assert report["oldest_cuda_driver"] == release_of(nvcc_version())
+    assert (tmp_path / "work" / "tiny-q4f16_1-cuda.so").is_file()

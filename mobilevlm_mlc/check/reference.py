@@ -248,12 +248,14 @@ def int8_checkpoint_modules(config: MobileVLMConfig, scheme: GroupQuantScheme) -
 class ReferenceMobileVLM:
     """MobileVLM in PyTorch eager, loaded from an official checkpoint folder."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        """`device`: where PyTorch runs it ("cpu"; "cuda" for the GPU peer of `benchmarks/peers.py`)."""
         from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
         self.model_dir = Path(model_dir)
         self.config = config = load_config(self.model_dir)
         self.dtype = dtype
+        self.device = torch.device(device)
         tensors = CheckpointTensors(self.model_dir)
         state = {name: torch.from_numpy(tensors.get(name)) for name in tensors.names()}
         self.llm = LlamaForCausalLM(llama_config(config))
@@ -265,7 +267,7 @@ class ReferenceMobileVLM:
         )
         self._load(self.llm, {k: v for k, v in state.items() if not k.startswith((VISION_PREFIX, PROJECTOR_PREFIX))})
         for module in (self.llm, self.vision, self.projector):
-            module.to(dtype).eval()
+            module.to(self.device, dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), use_fast=False)
 
     @torch.no_grad()
@@ -277,7 +279,7 @@ class ReferenceMobileVLM:
         `lm_head` are rounded the same way (`int8_activations`)."""
         for name, param in self.llm.named_parameters():
             if _DECODER_QUANTIZED.fullmatch(name):
-                packed = quantize_weight(param.float().numpy(), scheme, Layout.NK)
+                packed = quantize_weight(param.float().cpu().numpy(), scheme, Layout.NK)
                 param.copy_(torch.from_numpy(dequantize_weight(*packed, scheme, Layout.NK, param.shape[1])))
         if int8:
             rounded = int8_checkpoint_modules(self.config, scheme)
@@ -295,7 +297,7 @@ class ReferenceMobileVLM:
     # ---- pipeline boundaries ------------------------------------------------------------------------
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
-        return reference_pixels(image, self.config.image_processor).to(self.dtype)
+        return reference_pixels(image, self.config.image_processor).to(self.device, self.dtype)
 
     def input_ids(self, prompt: str) -> list[int]:
         """MobileVLM's `tokenizer_image_token`: chunks around `<image>`, BOS of later chunks dropped."""
@@ -326,7 +328,7 @@ class ReferenceMobileVLM:
         embed = self.llm.get_input_embeddings()
         for pos in [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX] + [len(ids)]:
             if pos > start:
-                parts.append(embed(torch.tensor(ids[start:pos])))
+                parts.append(embed(torch.tensor(ids[start:pos], device=self.device)))
             if pos < len(ids):
                 parts.append(image_embeds)
             start = pos + 1
@@ -335,22 +337,24 @@ class ReferenceMobileVLM:
     @torch.no_grad()
     def teacher_forced_logits(self, embeds: torch.Tensor, tokens: list[int]) -> np.ndarray:
         """float32 logits [len(tokens), vocab] predicting each of `tokens` after `embeds` and its predecessors."""
-        token_embeds = self.llm.get_input_embeddings()(torch.tensor(tokens[:-1], dtype=torch.long))[None]
-        logits = self.llm(inputs_embeds=torch.cat([embeds, token_embeds], dim=1)).logits[0]
-        return logits[embeds.shape[1] - 1 :].float().numpy()
+        ids = torch.tensor(tokens[:-1], dtype=torch.long, device=self.device)
+        logits = self.llm(inputs_embeds=torch.cat([embeds, self.llm.get_input_embeddings()(ids)[None]], dim=1)).logits[
+            0
+        ]
+        return logits[embeds.shape[1] - 1 :].float().cpu().numpy()
 
     @torch.no_grad()
     def greedy(self, embeds: torch.Tensor, max_new_tokens: int, eos_id: int | None = 2) -> tuple[list[int], np.ndarray]:
         """Greedy tokens after `embeds` [1, n, hidden], and the float32 logits that chose the first one."""
         out = self.llm(inputs_embeds=embeds, use_cache=True)
         logits, past = out.logits[0, -1], out.past_key_values
-        first_logits = logits.float().numpy()
+        first_logits = logits.float().cpu().numpy()
         tokens: list[int] = []
         for _ in range(max_new_tokens):
             token = int(torch.argmax(logits))
             tokens.append(token)
             if token == eos_id:
                 break
-            out = self.llm(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+            out = self.llm(input_ids=torch.tensor([[token]], device=self.device), past_key_values=past, use_cache=True)
             logits, past = out.logits[0, -1], out.past_key_values
         return tokens, first_logits

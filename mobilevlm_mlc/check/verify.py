@@ -137,7 +137,10 @@ def verify(
     progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Build `model_dir` for `target` and compare it with the reference. A library of a target that runs
-    here under emulation (`arm64-linux`) runs on an emulated device of its `--cpu` (`emulation`)."""
+    here under emulation (`arm64-linux`) runs on an emulated device of its `--cpu` (`emulation`); a `cuda`
+    one on this machine's GPU (the reference stays fp32 on the CPU)."""
+    import tvm
+
     from mobilevlm_mlc.compiler import compile_model
     from mobilevlm_mlc.convert.converter import convert
     from mobilevlm_mlc.emulation import runs_on
@@ -147,14 +150,19 @@ def verify(
 
     say = progress or (lambda _: None)
     build_target = get_target(target)
-    if build_target.codegen != "llvm" or build_target.system_lib:
+    if not build_target.runs_on_this_machine or build_target.device not in ("cpu", "cuda"):
         raise MobileVLMError(
-            f"--target {target}: verify runs CPU shared libraries (cpu, arm64-linux); "
+            f"--target {target}: verify runs libraries that load on this machine (cpu, arm64-linux under "
+            "qemu-user, cuda on its GPU); "
             + (
                 "an Android system library runs only inside an app: check-kernels --target android-cpu runs its kernels here"
                 if build_target.system_lib
-                else "a GPU library needs its GPU"
+                else "this one runs only on its device"
             )
+        )
+    if build_target.device == "cuda" and not tvm.cuda(0).exist:
+        raise MobileVLMError(
+            f"--target {target}: no CUDA GPU on this machine (TVM finds none); run it where the GPU is"
         )
     try:
         build_target.cpu(cpu)  # a bad --cpu before any work
@@ -168,7 +176,7 @@ def verify(
         lib = work / f"lib-{quantization}-{target}{build_target.library_suffix}"
         compile_model(dist, target, lib, cpu)
         with runs_on(build_target, cpu, say) as remote:
-            engine = Engine(dist, lib, remote=remote)
+            engine = Engine(dist, lib, device=build_target.device, remote=remote)
             return _compare_with_reference(engine, model_dir, picture, prompt, tokens, quantization, teacher_tokens)
 
 

@@ -12,8 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobilevlm_mlc.errors import MobileVLMError
+from mobilevlm_mlc.targets.toolchain.cuda_images import (
+    CudaImage,
+    CudaImageError,
+    device_images,
+    oldest_driver,
+    release_of,
+)
 from mobilevlm_mlc.targets.toolchain.elf import elf_machine, elf_symbols
-from mobilevlm_mlc.targets.toolchain.fatbin import fatbin_entries
 from mobilevlm_mlc.targets.toolchain.library_bin import DeviceCode, LibraryBin, LibraryBinError
 
 from .mlc_contract import MLC_LLM_COMMIT, check_contract
@@ -63,7 +69,7 @@ class DeviceModule:
     kind: str  # "cuda", "opencl", ...
     format: str  # "fatbin", "cuda" (source), "cl", ...
     kernels: list[str] = field(default_factory=list)
-    images: list[tuple[str, str]] = field(default_factory=list)  # fatbin contents
+    images: list[CudaImage] = field(default_factory=list)  # a CUDA fatbin's or cubin's SASS and PTX
     source: bytes = field(default=b"", repr=False)  # OpenCL C
 
 
@@ -79,6 +85,14 @@ class LibraryReport:
     # global functions the VM calls (vm.builtin.*, ...) -> the argument counts it passes them
     runtime_calls: dict[str, set[int]] = field(default_factory=dict)
     vm_header: tuple[int, str] = (0, "")  # the VM bytecode's magic and format version
+
+    @property
+    def oldest_cuda_driver(self) -> str | None:
+        """The oldest CUDA release whose driver loads the device code (None: no CUDA images); the build
+        record's toolkit stands in for cubins that do not name theirs."""
+        toolkit = self.metadata.get("build", {}).get("cuda_toolkit")
+        images = [i for m in self.device_modules for i in m.images]
+        return oldest_driver(images, toolkit and release_of(toolkit))
 
     @property
     def runtime_functions(self) -> list[str]:
@@ -104,9 +118,15 @@ class LibraryReport:
             "build": self.metadata.get("build", {}),
             "quantization": self.metadata.get("quantization"),
             "device_modules": [
-                {"kind": m.kind, "format": m.format, "kernels": m.kernels, "images": m.images}
+                {
+                    "kind": m.kind,
+                    "format": m.format,
+                    "kernels": m.kernels,
+                    "images": [{"kind": i.kind, "arch": i.arch, "cuda": i.cuda} for i in m.images],
+                }
                 for m in self.device_modules
             ],
+            "oldest_cuda_driver": self.oldest_cuda_driver,
             "vm_functions": self.vm_functions,
             "runtime_functions": self.runtime_functions,
             "mlc_contract": {"mlc_llm_commit": MLC_LLM_COMMIT, "missing": self.contract_problems},
@@ -150,7 +170,10 @@ def _vm_functions(vm_payload: bytes) -> tuple[dict[str, int], dict[str, set[int]
 
 def _device_module(kind: str, payload: bytes) -> DeviceModule:
     module = DeviceCode.parse(payload)
-    images = fatbin_entries(module.data) if module.fmt == "fatbin" else []
+    try:
+        images = device_images(module.fmt, module.data)
+    except CudaImageError as err:
+        raise MobileVLMError(f"its {kind} device code ({module.fmt}) is unreadable: {err}") from None
     return DeviceModule(kind, module.fmt, sorted(module.kernels), images, module.data if module.fmt == "cl" else b"")
 
 
