@@ -55,21 +55,11 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from mobilevlm_mlc.check.synthetic import make_checkpoint
-    from mobilevlm_mlc.compiler import compile_model
-    from mobilevlm_mlc.convert.converter import convert
-    from mobilevlm_mlc.formats.manifest import MANIFEST
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peers import synthetic_build
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.workdir / f"ckpt-{args.size}"
-    if not (checkpoint / "config.json").exists():
-        make_checkpoint(checkpoint, "ldpnet", size=args.size)
-    dist = args.workdir / f"{args.size}-{args.quantization}"
-    lib = args.workdir / f"{args.size}-{args.quantization}-cpu.so"
-    if not (dist / MANIFEST).exists():
-        convert(checkpoint, dist, args.quantization, progress=False)
-    compile_model(dist, "cpu", lib)
+    checkpoint, dist, lib = synthetic_build(args.workdir, args.size, args.quantization)
     results = []
     for batch in args.batches:
         out = args.out / f"batch-{batch}.json"

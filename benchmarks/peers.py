@@ -150,6 +150,29 @@ def bench_pytorch(
     }
 
 
+# ---------------------------------------------------------------- our builds
+
+
+def synthetic_build(workdir: Path, size: str, quantization: str, target: str = "cpu") -> tuple[Path, Path, Path]:
+    """(checkpoint, dist, library) of a random-weight checkpoint of `size` in `workdir`: the checkpoint and
+    weights made once and reused, the library built every time (it reflects this code)."""
+    from mobilevlm_mlc.check.synthetic import make_checkpoint
+    from mobilevlm_mlc.compiler import compile_model
+    from mobilevlm_mlc.convert.converter import convert
+    from mobilevlm_mlc.formats.manifest import MANIFEST
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = workdir / f"ckpt-{size}"
+    if not (checkpoint / "config.json").exists():
+        make_checkpoint(checkpoint, "ldpnet", size=size)
+    dist = workdir / f"{size}-{quantization}"
+    lib = workdir / f"{size}-{quantization}-{target}.so"
+    if not (dist / MANIFEST).exists():
+        convert(checkpoint, dist, quantization, progress=False)
+    compile_model(dist, target, lib)
+    return checkpoint, dist, lib
+
+
 # ---------------------------------------------------------------- llama.cpp
 
 

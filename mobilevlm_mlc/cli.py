@@ -277,6 +277,38 @@ def cmd_run(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from mobilevlm_mlc.serve.app import ServerOptions, create_app
+        from mobilevlm_mlc.serve.images import ImagePolicy
+    except ImportError as err:
+        raise MobileVLMError(
+            f"serve needs the serve extra ({err.name} is missing): pip install 'mobilevlm-mlc[serve]'"
+        ) from None
+    from mobilevlm_mlc.runtime.engine import Engine
+
+    if args.allow_image_dir is not None and not args.allow_image_dir.is_dir():
+        raise MobileVLMError(f"--allow-image-dir {args.allow_image_dir}: not a folder")
+    engine = Engine(
+        args.dist_dir,
+        args.lib,
+        device=args.device,
+        max_sequences=args.max_sequences,
+        kv_cache_tokens=args.kv_cache_tokens,
+    )
+    options = ServerOptions(
+        model_id=args.model_id or args.dist_dir.resolve().name,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        max_images=args.max_images,
+        images=ImagePolicy(args.max_image_bytes, args.max_image_pixels, args.allow_image_dir),
+    )
+    print(f"serving {options.model_id!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(engine, options), host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     from mobilevlm_mlc.check.verify import verify
 
@@ -402,6 +434,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-json", type=argtypes.path, default=None)
     _add_generation_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server (images, streaming, batching)")
+    p.add_argument("dist_dir", type=argtypes.path)
+    p.add_argument("--lib", type=argtypes.path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=argtypes.integer(0, 65535), default=8000)
+    p.add_argument("--device", type=argtypes.device, default="cpu")
+    p.add_argument("--model-id", default=None, help="the model's name in the API (default: the dist folder's)")
+    p.add_argument("--max-sequences", type=argtypes.positive, default=8, help="sequences decoded together")
+    p.add_argument(
+        "--kv-cache-tokens",
+        type=argtypes.positive,
+        default=None,
+        help="tokens the paged KV cache holds for all sequences together (default: one context window)",
+    )
+    p.add_argument("--max-waiting", type=argtypes.positive, default=64, help="queued requests before 429")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--allow-image-dir", type=argtypes.path, default=None, help="image_url paths allowed under it")
+    p.add_argument("--max-images", type=argtypes.positive, default=1, help="images per request")
+    p.add_argument("--max-image-bytes", type=argtypes.positive, default=10 * 2**20)
+    p.add_argument("--max-image-pixels", type=argtypes.positive, default=4096 * 4096)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="compare the compiled model with the PyTorch reference, boundary by boundary")
     p.add_argument("model_dir", type=argtypes.path)

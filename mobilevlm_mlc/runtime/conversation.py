@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.formats.dist import V1_TEMPLATE
 
 from .tokenizer import Tokenizer
@@ -42,3 +43,29 @@ class Conversation:
         prefix = t["system_message"] + t["seps"][0] if self.turns == 0 else t["seps"][-1]
         self.turns += 1
         return f"{prefix}{user}{t['role_content_sep']}{content}{t['seps'][0]}{assistant}{t['role_empty_sep']}"
+
+
+def render_chat(template: dict, messages: list[tuple[str, str]]) -> str:
+    """A whole conversation as one prompt (a server's request), as MobileVLM's `v1` template renders it:
+    `messages` are (role, text) with `<image>` where an image stands; a leading 'system' message replaces
+    the template's system message, then user and assistant alternate and a user message comes last.
+    A finished turn is `ROLE: text` and its separator (`</s>` after an answer), the open one `ASSISTANT:`."""
+    roles = [role for role, _ in messages]
+    system = template["system_message"]
+    if roles and roles[0] == "system":
+        system, messages = messages[0][1], messages[1:]
+    for i, (role, _) in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            index = i + (len(roles) - len(messages))
+            raise MobileVLMError(
+                f"messages[{index}].role is {role!r}, expected {expected!r} "
+                "(an optional system message first, then user and assistant in turn)"
+            )
+    if not messages or messages[-1][0] != "user":
+        raise MobileVLMError("messages: the last message must be the user's")
+    t = template
+    text = system + t["seps"][0]
+    for i, (role, content) in enumerate(messages):
+        text += f"{t['roles'][role]}{t['role_content_sep']}{content}{t['seps'][i % 2]}"
+    return text + f"{t['roles']['assistant']}{t['role_empty_sep']}"

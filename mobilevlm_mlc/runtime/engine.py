@@ -82,6 +82,7 @@ class Engine:
         self._embedding_bytes = tvm.runtime.DataType(str(self.embedding_buffer.dtype)).bits // 8
         # the library's quantized matmuls round activations to int8 (its build record, `targets/cpu.py`)
         self.int8_activations = self.metadata["build"].get("quantized_matmul_activations") == "int8"
+        self.max_sequences = max_sequences
         self.kv = PagedKVCache(
             self._entry("create_tir_paged_kv_cache"),
             self.backend,

@@ -1,0 +1,215 @@
+"""Serving under load: N concurrent streaming clients against `mobilevlm-mlc serve` (the MobileVLM-1.7B
+shape's `cpu` build), llama.cpp's own `llama-server --parallel N` (continuous batching) and
+llama-cpp-python's `llama_cpp.server` (one request at a time), on the same random decoder weights (the
+Q4_0 GGUF `benchmarks/peers.py` writes), in one run.
+
+    python benchmarks/serve_load.py --llama-server PATH/llama-server --clients 1,2,4,8 \
+        --workdir /work/peers-work --out benchmarks/results/serve-load-1.7b
+
+llama-server is built from the llama.cpp sources inside llama-cpp-python's sdist from PyPI:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build build --target llama-server -j2
+
+Every client sends `--requests` streaming chat completions one after another: a text prompt (llama.cpp
+has no MobileVLM image path), `--max-tokens` tokens with the end-of-sequence token biased away
+(`logit_bias`) so that each answer has the same length on every engine. Per engine and client count:
+aggregate generated tok/s (all tokens / wall time of the load), time to first token p50/p95, and the
+gaps between streamed tokens p50/p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import gguf_for, synthetic_build
+
+from mobilevlm_mlc.bench.benchmark import environment
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. " * 3
+EOS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """A server process, up once `health` answers."""
+
+    def __init__(self, cmd: list[str], port: int, health: str, env: dict | None = None):
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + health, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{cmd} did not come up")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def one_request(url: str, model: str, max_tokens: int) -> dict:
+    """One streaming chat completion: (time to first token, gaps between tokens, tokens)."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": {str(EOS): -100},
+    }
+    started, stamps = time.perf_counter(), []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                stamps.append(time.perf_counter())
+    return {
+        "ttft_s": stamps[0] - started if stamps else None,
+        "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])],
+        "chunks": len(stamps),
+    }
+
+
+def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(requests):
+            result = one_request(url, model, max_tokens)
+            with lock:
+                results.append(result)
+
+    one_request(url, model, 4)  # warm-up
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    tokens = clients * requests * max_tokens  # every answer is max_tokens long (EOS biased away)
+    ttft = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
+    gaps = sorted(g for r in results for g in r["gaps_s"])
+
+    def pct(values: list[float], q: float) -> float | None:
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+    return {
+        "clients": clients,
+        "requests": clients * requests,
+        "wall_s": wall,
+        "generated_tok_s": tokens / wall,
+        "ttft_ms": {"p50": 1000 * statistics.median(ttft), "p95": 1000 * pct(ttft, 0.95)},
+        "token_gap_ms": {"p50": 1000 * statistics.median(gaps), "p95": 1000 * pct(gaps, 0.95)},
+        "streamed_chunks_min": min(r["chunks"] for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1.7b")
+    parser.add_argument("--quantization", default="q4f16_3", help="ours")
+    parser.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=2, help="per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-server", type=Path, required=True)
+    parser.add_argument("--engines", default="mobilevlm-mlc,llama-server,llama-cpp-python")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve-load")
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint, dist, lib = synthetic_build(args.workdir, args.size, args.quantization)
+    gguf = gguf_for(checkpoint, args.workdir, args.size, "Q4_0", args.threads)
+    most = max(args.clients)
+    context = 2048
+    env = os.environ | {"TVM_NUM_THREADS": str(args.threads)}
+
+    def start(engine: str, clients: int) -> Served:
+        port = free_port()
+        if engine == "mobilevlm-mlc":
+            cmd = [
+                sys.executable,
+                "-m",
+                "mobilevlm_mlc.cli",
+                "serve",
+                str(dist),
+                "--lib",
+                str(lib),
+                "--port",
+                str(port),
+            ]
+            cmd += ["--max-sequences", str(most), "--kv-cache-tokens", str(most * 512), "--model-id", "model"]
+            return Served(cmd, port, "/health", env)
+        if engine == "llama-server":
+            cmd = [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t", str(args.threads)]
+            cmd += ["--parallel", str(clients), "-c", str(context * clients), "--cont-batching", "--no-webui"]
+            return Served(cmd, port, "/health", env)
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
+        cmd += ["--n_threads", str(args.threads), "--n_ctx", str(context), "--model_alias", "model"]
+        return Served(cmd, port, "/v1/models", env)
+
+    results = {"environment": environment(args.threads), "settings": vars(args) | {"prompt": PROMPT}, "runs": []}
+    for engine in args.engines.split(","):
+        for clients in args.clients:
+            server = start(engine, clients)  # llama-server's --parallel is the client count
+            try:
+                print(f"== {engine}, {clients} client(s)", flush=True)
+                run = load(server.url, "model", clients, args.requests, args.max_tokens) | {"engine": engine}
+            finally:
+                server.stop()
+            results["runs"].append(run)
+            print(
+                f"   {run['generated_tok_s']:7.1f} tok/s  TTFT p50 {run['ttft_ms']['p50']:7.0f} ms "
+                f"p95 {run['ttft_ms']['p95']:7.0f} ms  gap p50 {run['token_gap_ms']['p50']:6.1f} ms "
+                f"p95 {run['token_gap_ms']['p95']:6.1f} ms",
+                flush=True,
+            )
+    (args.out / "serve-load.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\n{'engine':<18}{'clients':>8}{'tok/s':>9}{'x 1 client':>12}{'TTFT p50/p95 ms':>20}{'gap p50/p95 ms':>18}")
+    single = {r["engine"]: r["generated_tok_s"] for r in results["runs"] if r["clients"] == 1}
+    for r in results["runs"]:
+        scale = r["generated_tok_s"] / single[r["engine"]] if r["engine"] in single else float("nan")
+        print(
+            f"{r['engine']:<18}{r['clients']:>8}{r['generated_tok_s']:>9.1f}{scale:>11.2f}x"
+            f"{r['ttft_ms']['p50']:>11.0f} / {r['ttft_ms']['p95']:<6.0f}{r['token_gap_ms']['p50']:>9.1f} / {r['token_gap_ms']['p95']:.1f}"
+        )
+    print(f"-> {args.out / 'serve-load.json'}")
+
+
+if __name__ == "__main__":
+    main()
