@@ -277,6 +277,16 @@ def cmd_run(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from mobilevlm_mlc.interactive import chat
+    from mobilevlm_mlc.runtime.engine import Engine
+
+    config = _generation_config(args)
+    if args.image is not None and not args.image.is_file():
+        raise MobileVLMError(f"{args.image}: image not found")
+    chat(Engine(args.dist_dir, args.lib, device=args.device), config, args.image)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -434,6 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-json", type=argtypes.path, default=None)
     _add_generation_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/help inside lists its commands)")
+    p.add_argument("dist_dir", type=argtypes.path)
+    p.add_argument("--lib", type=argtypes.path, required=True)
+    p.add_argument("--image", type=argtypes.path, default=None, help="attached to the first message")
+    p.add_argument("--device", type=argtypes.device, default="cpu")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server (images, streaming, batching)")
     p.add_argument("dist_dir", type=argtypes.path)

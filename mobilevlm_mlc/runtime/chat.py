@@ -98,6 +98,7 @@ class TurnResult:
     first_logits: np.ndarray | None = None
     finish_reason: str = ""
     dropped_turns: int = 0  # oldest turns dropped to fit the context window before this one
+    prefill_tokens: int = 0  # KV cache rows its prefill fed (images as their tokens)
 
 
 @dataclass
@@ -223,7 +224,7 @@ class ChatSession:
         result = self.last = TurnResult(
             prompt_token_ids=list(ids), output_token_ids=turn.output_token_ids, dropped_turns=plan.dropped
         )
-        size = sum(int(part.shape[0]) for part in prompt)
+        size = result.prefill_tokens = sum(int(part.shape[0]) for part in prompt)
         self._generation = _Generation(
             turn, result, config, Sampler(config), StreamDecoder(engine.tokenizer), size, plan.rerender
         )
