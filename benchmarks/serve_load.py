@@ -13,8 +13,11 @@ llama-server is built from the llama.cpp sources inside llama-cpp-python's sdist
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build build --target llama-server -j2
 
 Every client sends `--requests` streaming chat completions one after another: a text prompt (llama.cpp
-has no MobileVLM image path), `--max-tokens` tokens with the end-of-sequence token biased away
-(`logit_bias`) so that each answer has the same length on every engine. Per engine and client count:
+has no MobileVLM image path) that begins with the request's own number (so no server answers from a
+cached prefix), `--max-tokens` tokens with the end-of-sequence token biased away (`logit_bias`) so that
+each answer has the same length on every engine; the generated tokens are counted from each answer's
+`usage` (or its streamed chunks where a server sends none). `llama_cpp.server` runs with
+`--interrupt_requests False`: by default a new request cuts the one it is streaming short. Per engine and client count:
 aggregate generated tok/s (all tokens / wall time of the load), time to first token p50/p95, and the
 gaps between streamed tokens p50/p95.
 """
@@ -76,29 +79,32 @@ class Served:
             self.process.kill()
 
 
-def one_request(url: str, model: str, max_tokens: int) -> dict:
-    """One streaming chat completion: (time to first token, gaps between tokens, tokens)."""
+def one_request(url: str, model: str, max_tokens: int, number: int) -> dict:
+    """One streaming chat completion: time to first token, gaps between tokens, tokens generated."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": f"Request {number}. {PROMPT}"}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "logit_bias": {str(EOS): -100},
     }
-    started, stamps = time.perf_counter(), []
+    started, stamps, usage = time.perf_counter(), [], None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            choices = chunk.get("choices") or [{}]
             if choices[0].get("delta", {}).get("content"):
                 stamps.append(time.perf_counter())
     return {
         "ttft_s": stamps[0] - started if stamps else None,
         "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])],
-        "chunks": len(stamps),
+        "tokens": usage["completion_tokens"] if usage else len(stamps),
     }
 
 
@@ -106,21 +112,21 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
     results: list[dict] = []
     lock = threading.Lock()
 
-    def client() -> None:
-        for _ in range(requests):
-            result = one_request(url, model, max_tokens)
+    def client(first: int) -> None:
+        for number in range(first, first + requests):
+            result = one_request(url, model, max_tokens, number)
             with lock:
                 results.append(result)
 
-    one_request(url, model, 4)  # warm-up
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    one_request(url, model, 4, 0)  # warm-up
+    threads = [threading.Thread(target=client, args=(1 + c * requests,)) for c in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    tokens = clients * requests * max_tokens  # every answer is max_tokens long (EOS biased away)
+    tokens = sum(r["tokens"] for r in results)
     ttft = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
     gaps = sorted(g for r in results for g in r["gaps_s"])
 
@@ -134,7 +140,8 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
         "generated_tok_s": tokens / wall,
         "ttft_ms": {"p50": 1000 * statistics.median(ttft), "p95": 1000 * pct(ttft, 0.95)},
         "token_gap_ms": {"p50": 1000 * statistics.median(gaps), "p95": 1000 * pct(gaps, 0.95)},
-        "streamed_chunks_min": min(r["chunks"] for r in results),
+        "tokens": tokens,
+        "answer_tokens_min": min(r["tokens"] for r in results),
     }
 
 
@@ -181,6 +188,7 @@ def main() -> None:
             return Served(cmd, port, "/health", env)
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
         cmd += ["--n_threads", str(args.threads), "--n_ctx", str(context), "--model_alias", "model"]
+        cmd += ["--interrupt_requests", "False"]
         return Served(cmd, port, "/v1/models", env)
 
     results = {"environment": environment(args.threads), "settings": vars(args) | {"prompt": PROMPT}, "runs": []}

@@ -44,6 +44,7 @@ BUILDING_FIXTURES = {
     "odd_builds",
     "small_window",
     "rpc_tracker",
+    "gpu_check",
 }
 
 

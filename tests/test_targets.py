@@ -156,10 +156,25 @@ CUDA_BUILDS = {
 
 
 @pytest.fixture(scope="module")
-def cuda_libraries(dists, tmp_path_factory):
+def gpu_check(tmp_path_factory):
+    """benchmarks/gpu_check.sh run here (SIZES=tiny: the 1.7B build is the same code at ~3 minutes): the
+    finished process, its output folder and its work folder (the default model's q4f16_1 dist and its
+    `cuda` library)."""
+    root = tmp_path_factory.mktemp("gpu-check")
+    env = os.environ | {"SIZES": "tiny", "PYTHON": sys.executable, "WORK": str(root / "work")}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(root / "out")], capture_output=True, text=True, env=env
+    )
+    return proc, root / "out", root / "work"
+
+
+@pytest.fixture(scope="module")
+def cuda_libraries(gpu_check, tmp_path_factory):
+    """Both CUDA targets' libraries of one dist: the script's `cuda` build, and `orin-cuda` from its dist."""
+    _, _, work = gpu_check
     out = tmp_path_factory.mktemp("cuda")
-    for target in CUDA_BUILDS:
-        compile_model(dists["q4f16_1"], target, out / f"{target}.so")
+    (out / "cuda.so").symlink_to(work / "tiny-q4f16_1-cuda.so")
+    compile_model(work / "tiny-q4f16_1", "orin-cuda", out / "orin-cuda.so")
     return out
 
 
@@ -330,24 +345,17 @@ def test_inspect_rejects_a_file_that_is_not_a_library(tmp_path):
     assert f"{path}: not a library built by mobilevlm-mlc compile (not a 64-bit ELF object)" in proc.stderr
 
 
-def test_gpu_check_script_builds_then_stops_without_a_gpu(tmp_path):
-    """benchmarks/gpu_check.sh on this GPU-less machine: the checkpoint, the cuda build and its inspect
-    report, then one line saying why it stops, exit status 2 (SIZES=tiny: the 1.7B build is the same
-    code at ~3 minutes)."""
-    env = os.environ | {"SIZES": "tiny", "PYTHON": sys.executable, "WORK": str(tmp_path / "work")}
-    proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+def test_gpu_check_script_builds_then_stops_without_a_gpu(gpu_check):
+    """On this GPU-less machine the script makes the checkpoint, builds and inspects the `cuda` library,
+    then stops with one line saying why, exit status 2."""
+    proc, out, work = gpu_check
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (
         proc.stderr.rstrip()
         .splitlines()[-1]
         .endswith("stopping: no NVIDIA GPU on this machine (TVM's cuda(0) does not exist); verify and bench need one")
     )
-    report = json.loads((tmp_path / "out" / "inspect-tiny.json").read_text())
+    report = json.loads((out / "inspect-tiny.json").read_text())
     assert report["build"]["target"] == "cuda" and report["mlc_contract"]["missing"] == []
     assert report["oldest_cuda_driver"] == release_of(nvcc_version())
-    assert (tmp_path / "work" / "tiny-q4f16_1-cuda.so").is_file()
+    assert (work / "tiny-q4f16_1-cuda.so").is_file()
