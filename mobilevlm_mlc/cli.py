@@ -301,12 +301,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.allow_image_dir is not None and not args.allow_image_dir.is_dir():
         raise MobileVLMError(f"--allow-image-dir {args.allow_image_dir}: not a folder")
+    from mobilevlm_mlc.formats.dist import load_dist
+
+    window = int(load_dist(args.dist_dir).chat_config["context_window_size"])
     engine = Engine(
         args.dist_dir,
         args.lib,
         device=args.device,
         max_sequences=args.max_sequences,
-        kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_tokens=args.kv_cache_tokens or 4 * window,
     )
     options = ServerOptions(
         model_id=args.model_id or args.dist_dir.resolve().name,
@@ -465,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-tokens",
         type=argtypes.positive,
         default=None,
-        help="tokens the paged KV cache holds for all sequences together (default: one context window)",
+        help="tokens the paged KV cache holds for all sequences together (default: 4 context windows)",
     )
     p.add_argument("--max-waiting", type=argtypes.positive, default=64, help="queued requests before 429")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")

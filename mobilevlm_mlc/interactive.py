@@ -28,6 +28,7 @@ from PIL import Image
 
 from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.runtime.chat import ChatSession
+from mobilevlm_mlc.runtime.conversation import IMAGE_PLACEHOLDER
 from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.runtime.preprocess import load_image
 from mobilevlm_mlc.runtime.sampling import GenerationConfig
@@ -100,7 +101,11 @@ class ChatLoop:
         elif name == "/image":
             if not rest:
                 raise MobileVLMError("/image: expected a path, e.g. /image photo.jpg")
-            self.image = load_image(Path(rest).expanduser())
+            try:
+                path = Path(rest).expanduser()
+            except RuntimeError:  # ~user that does not exist
+                path = Path(rest)
+            self.image = load_image(path)
             print(f"[image {rest} attached to the next message]", file=self.err, flush=True)
         elif name == "/reset":
             self.session.close()
@@ -120,6 +125,8 @@ class ChatLoop:
     def answer(self, message: str) -> None:
         """Stream the answer to `message`; Ctrl-C ends it early, at a token boundary (the session stays
         whole: the generator is left at a yield, as the chat session allows)."""
+        if IMAGE_PLACEHOLDER in message:
+            raise MobileVLMError(f"the message may not hold {IMAGE_PLACEHOLDER!r}: attach images with /image PATH")
         self._stop_answer = False
         previous = signal.signal(signal.SIGINT, self._interrupt)
         started, first, tokens = time.perf_counter(), None, 0

@@ -39,6 +39,7 @@ ANDROID_ADRENO = BuildTarget(
     quantizations=("q4f16_0", "q4f16_1", "q0f16", "q4f32_1", "q0f32"),  # fp32 ones: PoCL conformance builds
     pipeline=functools.partial(gpu_pipeline, max_unroll_step=ADRENO_MAX_UNROLL_STEP),
     codegen="opencl",
+    device="opencl",
     system_lib=True,
     float64=False,  # Adreno's OpenCL has no cl_khr_fp64
 )

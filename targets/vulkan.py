@@ -28,6 +28,7 @@ VULKAN = BuildTarget(
     quantizations=("q4f16_1", "q4f32_1", "q0f16", "q0f32"),
     pipeline=gpu_pipeline,
     codegen="vulkan",
+    device="vulkan",
     float64=False,  # shaderFloat64 is optional, and absent on most mobile GPUs
     provider="build TVM from source with USE_VULKAN=ON (and the Vulkan SDK / SPIR-V tools), as MLC's own TVM wheels are",
 )

@@ -34,6 +34,7 @@ def test_a_piped_session_answers_as_the_engine_does(ldpnet_built, ldpnet_engine)
         "/set top_p=0",
         "/set temperature=warm",
         "/image /no/such.png",
+        "Look: <image>",
         "/reset",
         "Name a colour.",
         "/exit",
@@ -65,6 +66,7 @@ def test_a_piped_session_answers_as_the_engine_does(ldpnet_built, ldpnet_engine)
         "error: top_p is 0.0, expected a number in (0, 1]",
         "error: /set temperature=warm: expected a number",
         "error: /no/such.png: image not found",
+        "error: the message may not hold '<image>': attach images with /image PATH",
     ]
     assert "Traceback" not in proc.stderr
 

@@ -235,6 +235,8 @@ def bad_requests(tmp_path: Path) -> list[tuple[object, int, str]]:
         (base | {"temperature": -1}, 400, "temperature is -1.0, expected a finite number >= 0"),
         (base | {"top_p": 0}, 400, "top_p is 0.0, expected a number in (0, 1]"),
         (base | {"logit_bias": {"abc": 1}}, 400, "logit_bias: key 'abc' is not a token id"),
+        (base | {"logit_bias": {"\u00b2": 1}}, 400, "logit_bias: key '\u00b2' is not a token id"),
+        (base | {"messages": user("x" * 20_000_000)}, 413, "the request body is"),
         (base | {"logit_bias": {"99999999": 1}}, 400, "logit_bias: token id 99999999 is outside the vocabulary"),
         (base | {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop: expected up to 4 non-empty strings"),
         (
@@ -315,7 +317,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, tmp_path,
     reply = server.client().chat.completions.create(model=MODEL, messages=user("Name three colours."), max_tokens=5)
     assert reply.choices[0].message.content == expected
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'mobilevlm_requests_total{status="413"} 1.0' in metrics
+    assert 'mobilevlm_requests_total{status="413"} 2.0' in metrics  # the big image, the big body
     assert "mobilevlm_time_to_first_token_seconds_bucket" in metrics
 
 

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tarfile
@@ -25,9 +26,13 @@ from mobilevlm_mlc.formats.mlc_contract import GPU_SAMPLER_FUNCTIONS, TIR_FUNCTI
 from mobilevlm_mlc.targets import get_target
 from mobilevlm_mlc.targets.passes.verify_gpu_kernels import inconsistent_thread_extents
 from mobilevlm_mlc.targets.toolchain.cuda_images import (
+    FATBIN_MAGIC,
     PTX_ISA_RELEASES,
     CudaImage,
+    CudaImageError,
+    cubin_image,
     driver_problems,
+    fatbin_images,
     release_key,
     release_of,
 )
@@ -359,3 +364,17 @@ def test_gpu_check_script_builds_then_stops_without_a_gpu(gpu_check):
     assert report["build"]["target"] == "cuda" and report["mlc_contract"]["missing"] == []
     assert report["oldest_cuda_driver"] == release_of(nvcc_version())
     assert (work / "tiny-q4f16_1-cuda.so").is_file()
+
+
+def test_corrupt_fatbins_are_refused_not_looped_over():
+    header = struct.pack("<IHHQ", FATBIN_MAGIC, 1, 16, 64)
+    for data, fragment in (
+        (header[:10], "shorter than its header"),
+        (header + bytes(20), "truncated"),
+        (header + struct.pack("<HHIQ", 2, 0, 0, 0) + bytes(48), "out of bounds"),  # a zero-size entry
+        (header + struct.pack("<HHIQ", 2, 0, 64, 1 << 40) + bytes(48), "out of bounds"),
+    ):
+        with pytest.raises(CudaImageError, match=fragment):
+            fatbin_images(data)
+    with pytest.raises(CudaImageError, match="not a 64-bit ELF cubin"):
+        cubin_image(b"\x7fELF")

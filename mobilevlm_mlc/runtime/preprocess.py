@@ -42,8 +42,11 @@ def load_image(path: Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise MobileVLMError(f"{path}: image not found")
-    with path.open("rb") as fp:
-        return _decode(fp, path)
+    try:
+        with path.open("rb") as fp:
+            return _decode(fp, path)
+    except OSError as err:  # unreadable (permissions, a folder's race, I/O)
+        raise MobileVLMError(f"{path}: cannot read the image ({err.strerror or err})") from None
 
 
 def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> Image.Image:

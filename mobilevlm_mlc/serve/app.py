@@ -55,6 +55,8 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
         scheduler.stop()
 
     app = FastAPI(title="mobilevlm-mlc", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # room for the allowed images as base64 and a long conversation beside them
+    body_limit = options.max_images * options.images.max_bytes * 4 // 3 + 4 * 2**20
     app.state.scheduler = scheduler
 
     def error_response(err: APIError, headers: dict | None = None) -> JSONResponse:
@@ -105,7 +107,10 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(await request.body())
+        raw = await request.body()
+        if len(raw) > body_limit:
+            raise APIError(413, f"the request body is {len(raw)} bytes, more than the {body_limit} allowed")
+        body = _parse(raw)
         if body.model != options.model_id:
             raise APIError(
                 404, f"model {body.model!r} not found; this server has {options.model_id!r}", "not_found_error", "model"
@@ -113,7 +118,7 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
         unsupported = body.unsupported()
         if unsupported:
             raise APIError(400, f"{unsupported}: not supported by this server", param=unsupported)
-        job, events = _job(engine, options, body)
+        job, events = _job(engine, options, body, scheduler.capacity)
         try:
             scheduler.submit(job)
         except QueueFull as err:
@@ -173,7 +178,9 @@ def _parse(raw: bytes) -> ChatCompletionRequest:
         raise APIError(422, message, param=param) from None
 
 
-def _job(engine: Engine, options: ServerOptions, body: ChatCompletionRequest) -> tuple[Job, asyncio.Queue]:
+def _job(
+    engine: Engine, options: ServerOptions, body: ChatCompletionRequest, capacity: int
+) -> tuple[Job, asyncio.Queue]:
     """The request as the scheduler runs it, and the queue its events arrive on."""
     messages, images = [], []
     for i, message in enumerate(body.messages):
@@ -208,7 +215,7 @@ def _job(engine: Engine, options: ServerOptions, body: ChatCompletionRequest) ->
         raise APIError(400, str(err), param="messages") from None
     prompt_tokens = len(prompt_ids) + prompt_ids.count(IMAGE_TOKEN_ID) * (engine.dist.config.num_image_tokens - 1)
     window = engine.context_window_size
-    room = window - prompt_tokens
+    room = min(window, capacity) - prompt_tokens  # a request's budget must fit the whole KV cache
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if asked is not None and asked < 1:
@@ -216,7 +223,7 @@ def _job(engine: Engine, options: ServerOptions, body: ChatCompletionRequest) ->
     if room < 1 or (asked is not None and asked > room):
         raise APIError(
             400,
-            f"this model's context window is {window} tokens; the messages take {prompt_tokens}"
+            f"this model's context window is {window} tokens and the server's KV cache {capacity}; the messages take {prompt_tokens}"
             + (f" and {param} asks for {asked}" if asked is not None else ", leaving none to answer"),
             param="messages",
         )
@@ -240,7 +247,7 @@ def _job(engine: Engine, options: ServerOptions, body: ChatCompletionRequest) ->
 def _config(engine: Engine, body: ChatCompletionRequest, max_new_tokens: int) -> GenerationConfig:
     bias = {}
     for token, value in (body.logit_bias or {}).items():
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):
             raise APIError(400, f"logit_bias: key {token!r} is not a token id", param="logit_bias")
         bias[int(token)] = value
     chosen = {
@@ -271,13 +278,19 @@ def _usage(job: Job) -> dict:
 async def _events(request: Request, job: Job, events: asyncio.Queue) -> AsyncIterator[tuple[str, object]]:
     """The job's events until it ends; if the client disconnects first, the job is cancelled (the
     scheduler frees its pages at its next step) and the iteration stops."""
+    checked = time.monotonic()
     try:
         while True:
             try:
                 kind, detail = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:
+                kind = None
+            now = time.monotonic()
+            if now - checked >= DISCONNECT_POLL_S:  # however busy the stream, the client is asked
+                checked = now
                 if await request.is_disconnected():
                     return
+            if kind is None:
                 continue
             yield kind, detail
             if kind != "delta":

@@ -31,7 +31,7 @@ class QueueFull(Exception):
     """The waiting queue is at its bound: the client should retry later."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a request holds decoded images
 class Request:
     """One chat completion, as the scheduler runs it. `emit` is called from the scheduler thread with
     ("delta", text), then ("done", finish_reason) or ("error", message)."""
@@ -47,7 +47,7 @@ class Request:
     completion_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Sequence:
     request: Request
     seq_id: int
@@ -110,13 +110,27 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-            self._step()
-        for sequence in self.running:
-            self._finish(sequence, "error", "the server is shutting down")
+            try:
+                self._step()
+            except Exception as err:  # noqa: BLE001 - the loop must outlive any one step's failure
+                self._fail_all(f"the engine failed a step ({first_line(err)})")
+        self._fail_all("the server is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        """End every running and waiting request with an error, freeing their pages."""
+        for sequence in list(self.running):
+            self._finish(sequence, "error", message)
+        with self._wake:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+            self.metrics.waiting.set(0)
+        for request in waiting:
+            request.emit("error", message)
 
     def _step(self) -> None:
         for sequence in [s for s in self.running if s.request.cancelled.is_set()]:
             self._free(sequence)
+        with self._wake:  # a cancelled request waiting anywhere in the queue leaves it now
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled.is_set())
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
@@ -154,10 +168,13 @@ class Scheduler:
             try:
                 images = [engine.image_embed(engine.pixels(image)) for image in request.images]
                 prompts.append(engine.prompt(request.prompt_ids, images))
-            except MobileVLMError as err:
-                self._finish(sequence, "error", str(err))
+                sequence.seq_id = engine.add_sequence()
+            except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+                self._finish(sequence, "error", str(err) if isinstance(err, MobileVLMError) else first_line(err))
+                if len(prompts) > len(ready):
+                    prompts.pop()
                 continue
-            sequence.seq_id = engine.add_sequence()
+            request.images = []  # embedded: the decoded pictures are not needed any more
             ready.append(sequence)
         if not ready:
             return
@@ -169,7 +186,8 @@ class Scheduler:
                 self._accept(sequence, token)
         except Exception as err:  # noqa: BLE001 - one failed step ends its requests, not the server
             for sequence in ready:
-                self._finish(sequence, "error", first_line(err))
+                if sequence in self.running:
+                    self._finish(sequence, "error", first_line(err))
 
     def _decode(self, feeding: list[_Sequence]) -> None:
         engine = self.engine
@@ -178,12 +196,12 @@ class Scheduler:
             for sequence in feeding:
                 sequence.length += 1
             tokens = engine.sample(logits, [s.sampler for s in feeding])
+            for sequence, token in zip(feeding, tokens):
+                self._accept(sequence, token)
         except Exception as err:  # noqa: BLE001 - one failed step ends its requests, not the server
             for sequence in feeding:
-                self._finish(sequence, "error", first_line(err))
-            return
-        for sequence, token in zip(feeding, tokens):
-            self._accept(sequence, token)
+                if sequence in self.running:
+                    self._finish(sequence, "error", first_line(err))
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         """A sampled token: stream its text (minus what could begin a stop string), or end the request."""
@@ -194,6 +212,8 @@ class Scheduler:
             self.metrics.time_per_output_token.observe(now - sequence.last_token_at)
         sequence.last_token_at = now
         if token in self.engine.stop_token_ids:
+            if sequence.held:  # it did not become a stop string
+                request.emit("delta", sequence.held)
             self._finish(sequence, "done", "stop")
             return
         request.completion_tokens += 1

@@ -64,7 +64,7 @@ def ptx_release(major: int, minor: int) -> str:
 
 def cubin_image(elf: bytes) -> CudaImage:
     """The SASS image of one CUDA ELF (cubin)."""
-    if elf[:4] != ELF_MAGIC or elf[4] != 2:
+    if len(elf) < 64 or elf[:4] != ELF_MAGIC or elf[4] != 2:
         raise CudaImageError("not a 64-bit ELF cubin")
     machine, flags = struct.unpack_from("<H", elf, 18)[0], struct.unpack_from("<I", elf, 48)[0]
     if machine != EM_CUDA:
@@ -79,25 +79,36 @@ def cubin_image(elf: bytes) -> CudaImage:
 
 
 def fatbin_images(data: bytes) -> list[CudaImage]:
-    """Every image of a CUDA fatbin, in file order."""
+    """Every image of a CUDA fatbin, in file order. A compressed SASS image is known by its entry header
+    alone (architecture; the release then comes from the build record)."""
+    if len(data) < 16:
+        raise CudaImageError("not a CUDA fatbin (shorter than its header)")
     magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, 0)
     if magic != FATBIN_MAGIC:
         raise CudaImageError("not a CUDA fatbin")
     images, pos, end = [], header_size, header_size + fat_size
+    if end > len(data):
+        raise CudaImageError(f"fatbin of {fat_size} bytes in {len(data) - header_size}: truncated")
     while pos < end:
+        if pos + 48 > end:
+            raise CudaImageError(f"fatbin entry at {pos}: truncated header")
         kind, _, entry_header, padded_size = struct.unpack_from("<HHIQ", data, pos)
+        if entry_header < 48 or pos + entry_header + padded_size > end:
+            raise CudaImageError(f"fatbin entry at {pos}: header {entry_header} + {padded_size} bytes out of bounds")
         minor, major, sm = struct.unpack_from("<HHI", data, pos + 24)
         compressed = struct.unpack_from("<Q", data, pos + 40)[0] & 0x2000
         payload = data[pos + entry_header : pos + entry_header + padded_size]
         if kind == 1:  # PTX: the header holds its ISA version
             images.append(CudaImage("ptx", f"compute_{sm}", ptx_release(major, minor)))
-        elif kind == 2 and not compressed:
+        elif kind == 2 and compressed:
+            images.append(CudaImage("sass", f"sm_{sm}", None))
+        elif kind == 2:
             found = cubin_image(payload)
             if found.arch != f"sm_{sm}":
                 raise CudaImageError(f"fatbin entry for sm_{sm} holds a {found.arch} cubin")
             images.append(found)
         else:
-            raise CudaImageError(f"fatbin entry of kind {kind}{' (compressed)' if compressed else ''} for sm_{sm}")
+            raise CudaImageError(f"fatbin entry of kind {kind} for sm_{sm}")
         pos += entry_header + padded_size
     return images
 
