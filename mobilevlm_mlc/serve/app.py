@@ -233,15 +233,14 @@ def _job(
     config = _config(engine, body, asked or room)
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    job = Job(
-        prompt_ids,
-        images,
-        prompt_tokens,
-        config,
-        stop,
-        emit=lambda kind, detail: loop.call_soon_threadsafe(events.put_nowait, (kind, detail)),
-    )
-    return job, events
+
+    def emit(kind: str, detail: object) -> None:  # called from the scheduler thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, detail))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            pass
+
+    return Job(prompt_ids, images, prompt_tokens, config, stop, emit=emit), events
 
 
 def _config(engine: Engine, body: ChatCompletionRequest, max_new_tokens: int) -> GenerationConfig:
