@@ -297,11 +297,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise MobileVLMError(
             f"serve needs the serve extra ({err.name} is missing): pip install 'mobilevlm-mlc[serve]'"
         ) from None
+    import socket
+
+    from mobilevlm_mlc.formats.dist import load_dist
     from mobilevlm_mlc.runtime.engine import Engine
 
     if args.allow_image_dir is not None and not args.allow_image_dir.is_dir():
         raise MobileVLMError(f"--allow-image-dir {args.allow_image_dir}: not a folder")
-    from mobilevlm_mlc.formats.dist import load_dist
+    try:  # the address first: a port in use is told before the model loads
+        listener = socket.create_server((args.host, args.port))
+    except OSError as err:
+        raise MobileVLMError(
+            f"--host {args.host} --port {args.port}: cannot listen there ({os.strerror(err.errno) if err.errno else err})"
+        ) from None
 
     window = int(load_dist(args.dist_dir).chat_config["context_window_size"])
     engine = Engine(
@@ -318,8 +326,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_images=args.max_images,
         images=ImagePolicy(args.max_image_bytes, args.max_image_pixels, args.allow_image_dir),
     )
-    print(f"serving {options.model_id!r} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(engine, options), host=args.host, port=args.port, log_level="warning")
+    port = listener.getsockname()[1]
+    print(f"serving {options.model_id!r} on http://{args.host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, options), log_level="warning"))
+    server.run(sockets=[listener])
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

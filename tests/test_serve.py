@@ -406,10 +406,12 @@ def test_api_key_queue_bound_and_allowed_image_folder(ldpnet_built, ldpnet_engin
 
 
 def test_serve_refuses_bad_flags(ldpnet_built, tmp_path):
+    busy = socket.create_server(("127.0.0.1", 0))  # a port something else listens on
     cmd = [sys.executable, "-m", "mobilevlm_mlc.cli", "serve", str(ldpnet_built.dist), "--lib", str(ldpnet_built.lib)]
     for flags, fragment in (
         (["--allow-image-dir", str(tmp_path / "none")], f"--allow-image-dir {tmp_path / 'none'}: not a folder"),
         (["--port", "70000"], "argument --port"),
+        (["--port", str(busy.getsockname()[1])], "cannot listen there (Address already in use)"),
         (["--max-sequences", "0"], "argument --max-sequences"),
     ):
         proc = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=60, env=os.environ)

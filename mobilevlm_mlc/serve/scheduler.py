@@ -167,14 +167,13 @@ class Scheduler:
             request = sequence.request
             try:
                 images = [engine.image_embed(engine.pixels(image)) for image in request.images]
-                prompts.append(engine.prompt(request.prompt_ids, images))
+                prompt = engine.prompt(request.prompt_ids, images)
                 sequence.seq_id = engine.add_sequence()
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
                 self._finish(sequence, "error", str(err) if isinstance(err, MobileVLMError) else first_line(err))
-                if len(prompts) > len(ready):
-                    prompts.pop()
                 continue
             request.images = []  # embedded: the decoded pictures are not needed any more
+            prompts.append(prompt)
             ready.append(sequence)
         if not ready:
             return
