@@ -26,7 +26,7 @@ PHONE_CPUS = {
 
 # 32 NEON registers of 4 fp32: a 16-lane vector is 4 of them, so fewer accumulators than on AVX-512
 # (GEMM 4 rows x 1 vector = 16 registers; GEMV 4 vectors = 16, one NK64 tile). Not measured on a phone.
-NEON_KERNELS = CpuKernelConfig(gemm_rows=4, gemm_column_vectors=1, prefetch_kv_pages=False)
+NEON_KERNELS = CpuKernelConfig(gemm_rows=4, gemm_column_vectors=1, prefetch=False)
 
 ANDROID_ADRENO = BuildTarget(
     name="android-adreno",

@@ -32,7 +32,7 @@ ARM64_LINUX = BuildTarget(
     default_quantization="q4f16_3",
     quantizations=("q4f16_3", "q4f32_3", "q4f16_1", "q4f32_1", "q0f16", "q0f32"),
     # Android's blocks; a shared library can keep the decode attention's KV page prefetch
-    pipeline=lambda target: cpu_pipeline(target, dataclasses.replace(NEON_KERNELS, prefetch_kv_pages=True)),
+    pipeline=lambda target: cpu_pipeline(target, dataclasses.replace(NEON_KERNELS, prefetch=True)),
     codegen="llvm",
     numerics=cpu_numerics,
     kernel_renames=CPU_KERNEL_RENAMES,

@@ -57,7 +57,7 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig | None = Non
     (q4f32_3, q4f16_3) quantized matmuls run on int8 activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32."""
     config = config or x86_kernels(target)
     dot = int8_dot(target)
-    int8 = [replace_quantized_matmuls(dot)] if dot else []
+    int8 = [replace_quantized_matmuls(dot, config.prefetch)] if dot else []
     vision = [] if fp16_arithmetic(target) else [vision_in_float32]
     return tvm.transform.Sequential(
         vision
@@ -65,7 +65,7 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig | None = Non
         + [
             relax.transform.FuseTransposeMatmul(),
             relax.transform.FastMathTransform(),
-            replace_attention(config.prefetch_kv_pages),
+            replace_attention(config.prefetch),
             replace_rope,
         ]
         + cpu_generic.library_dispatch_passes(target)

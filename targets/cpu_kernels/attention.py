@@ -142,15 +142,17 @@ def decode_attention(
             with T.sblock("attn"):
                 T.reads()  # regions depend on the page table: declared opaque
                 T.writes()
-                q_local = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
-                partial = T.sblock_alloc_buffer((KEYS, KEYS), "float32", scope="local")
-                half = T.sblock_alloc_buffer((KEYS // 2, KEYS), "float32", scope="local")
-                quarter = T.sblock_alloc_buffer((KEYS // 4, KEYS), "float32", scope="local")
-                eighth = T.sblock_alloc_buffer((KEYS // 8, KEYS), "float32", scope="local")
-                score = T.sblock_alloc_buffer((KEYS,), "float32", scope="local")
-                row_sum = T.sblock_alloc_buffer((KEYS,), "float32", scope="local")  # per lane; summed at the end
-                state = T.sblock_alloc_buffer((3,), "float32", scope="local")  # running max, new max, rescale
+                q_local = T.sblock_alloc_buffer((D,), "float32")
+                acc = T.sblock_alloc_buffer((D,), "float32")
+                # the keys' partial sums: two stack arrays of 8 vectors (one of 16 would be 1 KiB: heap)
+                partial_lo = T.sblock_alloc_buffer((KEYS // 2, KEYS), "float32")
+                partial_hi = T.sblock_alloc_buffer((KEYS // 2, KEYS), "float32")
+                half = T.sblock_alloc_buffer((KEYS // 2, KEYS), "float32")
+                quarter = T.sblock_alloc_buffer((KEYS // 4, KEYS), "float32")
+                eighth = T.sblock_alloc_buffer((KEYS // 8, KEYS), "float32")
+                score = T.sblock_alloc_buffer((KEYS,), "float32")
+                row_sum = T.sblock_alloc_buffer((KEYS,), "float32")  # per lane; summed at the end
+                state = T.sblock_alloc_buffer((3,), "float32")  # running max, new max, rescale
                 b: T.let[T.int32] = bh // H_qo
                 h: T.let[T.int32] = bh % H_qo
                 begin: T.let[T.int32] = page_table_indptr[b]
@@ -167,15 +169,16 @@ def decode_attention(
                     if prefetch and kb + 1 < T.ceildiv(kv_len, KEYS):
                         prefetch_block(pages, page_table_values[begin + kb + 1], 0, h // group)
                         prefetch_block(pages, page_table_values[begin + kb + 1], 1, h // group)
-                    for j in T.unroll(KEYS):
-                        for lane in T.vectorized(KEYS):
-                            partial[j, lane] = T.float32(0)
+                    for j in T.unroll(KEYS // 2):
+                        partial_lo[j, T.ramp(0, 1, KEYS)] = T.broadcast(T.float32(0), KEYS)
+                        partial_hi[j, T.ramp(0, 1, KEYS)] = T.broadcast(T.float32(0), KEYS)
                     for c in T.serial(chunks):
-                        for j in T.unroll(KEYS):
-                            for lane in T.vectorized(KEYS):
-                                partial[j, lane] = partial[j, lane] + q_local[c * KEYS + lane] * T.Cast("float32", pages[page, 0, h // group, j, c * KEYS + lane])
-                    for i in T.unroll(KEYS // 2):
-                        half[i, T.ramp(0, 1, KEYS)] = tree(0, partial, i)
+                        for j in T.unroll(KEYS // 2):
+                            partial_lo[j, T.ramp(0, 1, KEYS)] = partial_lo[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * T.Cast(f"float32x{KEYS}", pages[page, 0, h // group, j, T.ramp(c * KEYS, 1, KEYS)])
+                            partial_hi[j, T.ramp(0, 1, KEYS)] = partial_hi[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * T.Cast(f"float32x{KEYS}", pages[page, 0, h // group, j + KEYS // 2, T.ramp(c * KEYS, 1, KEYS)])
+                    for i in T.unroll(KEYS // 4):
+                        half[i, T.ramp(0, 1, KEYS)] = tree(0, partial_lo, i)
+                        half[i + KEYS // 4, T.ramp(0, 1, KEYS)] = tree(0, partial_hi, i)
                     for i in T.unroll(KEYS // 4):
                         quarter[i, T.ramp(0, 1, KEYS)] = tree(1, half, i)
                     for i in T.unroll(KEYS // 8):

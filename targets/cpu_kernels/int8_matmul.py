@@ -95,6 +95,44 @@ def _quantize_rows(k: int, dtype: str):
     return quantize
 
 
+CACHE_LINE = 64
+PREFETCH_GROUPS = 4  # how far ahead the skinny path asks for weights: measured best of 2, 3, 4, 6, 8
+
+
+def _group_prefetcher(dtype: str):
+    """A macro asking for group `g` of a tile: its 4 packed words of 64 columns (16 cache lines) and
+    its 64 scales."""
+    scale_lines = ROW_TILE * (tvm.DataType(dtype).bits // 8) // CACHE_LINE
+    words_per_line = CACHE_LINE // 4
+
+    @T.macro
+    def prefetch_group(q_weight, q_scale, tile, g):
+        for line in T.unroll(4 * ROW_TILE // words_per_line):
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void",
+                    "llvm.prefetch.p0",
+                    T.address_of(q_weight[tile, g * 4 + line // 4, line % 4 * words_per_line]),
+                    T.uint32(0),  # read
+                    T.uint32(3),  # keep in all cache levels
+                    T.uint32(1),  # data
+                )
+            )
+        for line in T.unroll(scale_lines):
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void",
+                    "llvm.prefetch.p0",
+                    T.address_of(q_scale[tile, g, line * (ROW_TILE // scale_lines)]),
+                    T.uint32(0),
+                    T.uint32(3),
+                    T.uint32(1),
+                )
+            )
+
+    return prefetch_group
+
+
 SKINNY_ROWS = 8  # up to this many rows (a batch_decode step of up to 8 sequences), the skinny path
 # register blocks by the size of the vector register file, measured fastest streaming from DRAM:
 # skinny (rows, column vectors per pass, rows accumulated at once) for 2, 4 and 8 rows; GEMM (rows,
@@ -104,51 +142,76 @@ GEMM_BLOCKS = {32: (6, 2), 16: (3, 2)}
 GEMV_VECTORS = 4  # column vectors per GEMV pass: even and odd accumulators for each
 
 
-def _skinny_rows(k: int, n: int, dtype: str, dot: Int8Dot, block: int, vectors: int, row_block: int):
+def _skinny_rows(k: int, n: int, dtype: str, dot: Int8Dot, block: int, vectors: int, row_block: int, prefetch: bool):
     """The macro of the skinny path for up to `block` rows. A task is one 64-column tile, read once as
     one stream whatever the rows: for each group it takes the group's 4 packed words (1 KiB, contiguous)
     in passes of `vectors` column vectors, `row_block` rows at a time, so the integer accumulators of
-    one pass fit the vector registers (8 rows x 4 vectors at once spilled them); each word goes straight
-    into `2 * row_block` dot products per vector (even and odd nibbles for each row), and each row's
-    broadcast activation feeds all `vectors` of them. (Tasks of a column
-    slice each read every fourth cache line of a tile: the hardware prefetchers do not follow that, and
-    8 rows streamed at 6.6 GB/s instead of 16.)"""
+    one pass fit the vector registers; each word goes straight into `2 * row_block` dot products per
+    vector (even and odd nibbles for each row), and each row's broadcast activation feeds all `vectors`
+    of them. (Tasks of a column slice each read every fourth cache line of a tile: the hardware
+    prefetchers do not follow that, and 8 rows streamed at 6.6 GB/s instead of 16.)
+
+    Two things keep it near the memory's speed with 8 rows. The accumulators live in registers only if
+    LLVM sees a stack array: TVM 0.27 lowers a CPU `local` buffer to a heap workspace, and a `global`
+    one to the stack only under 1 KiB, so a pass's accumulators are two stack buffers of half the rows
+    (one 16 x 16-lane int32 buffer is exactly 1 KiB; on the heap every dot product went through a store
+    and a load: 8 rows 0.45 ms, now 0.31, for a 2048 x 11264 matmul in cache). And with `prefetch`, a
+    task asks for the weights `PREFETCH_GROUPS` groups ahead: at 8 rows the arithmetic spaces the loads
+    out so far that the hardware prefetchers fall behind (from DRAM: 1.04 ms, with it 0.43-0.52; the
+    1-row GEMV streams fastest without)."""
     groups, tiles = k // 32, n // ROW_TILE
     L, A, C = dot.lanes, dot.acc_lanes, vectors
     width = C * L
     passes, B, RB = ROW_TILE // width, block, row_block
+    AHEAD = PREFETCH_GROUPS
+    prefetch_group = _group_prefetcher(dtype)
+    half = RB // 2  # the accumulators of a pass: two stack buffers of `half` rows each
 
     # fmt: off
+    @T.macro
+    def accumulate(acc, first, x_q, q_weight, tile, g, p, w):
+        for r in T.unroll(half):
+            for c in T.unroll(C):
+                for odd in T.unroll(2):
+                    acc[r, T.ramp(c * A, 1, A)] = dot.accumulate(
+                        acc[r, T.ramp(c * A, 1, A)],
+                        _nibbles(q_weight[tile, g * 4 + w, T.ramp(p * width + c * L, 1, L)], odd, L),
+                        x_q[first + r, g * 8 + 2 * w + odd])
+
+    @T.macro
+    def rescale(acc, first, x_scale, x_offset, q_scale, out, tile, g, p):
+        for r in T.unroll(half):
+            for c in T.unroll(C):
+                out[first + r, T.ramp(p * width + c * L, 1, L)] = out[first + r, T.ramp(p * width + c * L, 1, L)] + _rescale(
+                    dot.finish(acc[r, T.ramp(c * A, 1, A)]), q_scale[tile, g, T.ramp(p * width + c * L, 1, L)],
+                    x_scale[first + r, g], x_offset[first + r, g], L)
+
     @T.macro
     def skinny(x_q, x_scale, x_offset, q_weight, q_scale, y, m):
         for tile in T.parallel(tiles):
             with T.sblock("skinny"):
                 T.reads()
                 T.writes()
-                acc = T.sblock_alloc_buffer((RB, C * A), dot.acc_dtype, scope="local")
+                acc_a = T.sblock_alloc_buffer((half, C * A), dot.acc_dtype)
+                acc_b = T.sblock_alloc_buffer((half, C * A), dot.acc_dtype)
                 out = T.sblock_alloc_buffer((B, ROW_TILE), "float32", scope="local")
                 for r in T.unroll(B):
                     for lane in T.vectorized(ROW_TILE):
                         out[r, lane] = T.float32(0)
                 for g in T.serial(groups):
+                    if prefetch and g + AHEAD < groups:
+                        prefetch_group(q_weight, q_scale, tile, g + AHEAD)
                     for p in T.unroll(passes):
                         for h in T.unroll(B // RB):
-                            for r in T.unroll(RB):
-                                for lane in T.vectorized(C * A):
-                                    acc[r, lane] = T.Cast(dot.acc_dtype, 0)
-                            for w in T.unroll(4):
-                                for r in T.unroll(RB):
-                                    for c in T.unroll(C):
-                                        for odd in T.unroll(2):
-                                            acc[r, T.ramp(c * A, 1, A)] = dot.accumulate(
-                                                acc[r, T.ramp(c * A, 1, A)],
-                                                _nibbles(q_weight[tile, g * 4 + w, T.ramp(p * width + c * L, 1, L)], odd, L),
-                                                x_q[h * RB + r, g * 8 + 2 * w + odd])
-                            for r in T.unroll(RB):
+                            for r in T.unroll(half):
                                 for c in T.unroll(C):
-                                    out[h * RB + r, T.ramp(p * width + c * L, 1, L)] = out[h * RB + r, T.ramp(p * width + c * L, 1, L)] + _rescale(
-                                        dot.finish(acc[r, T.ramp(c * A, 1, A)]), q_scale[tile, g, T.ramp(p * width + c * L, 1, L)],
-                                        x_scale[h * RB + r, g], x_offset[h * RB + r, g], L)
+                                    acc_a[r, T.ramp(c * A, 1, A)] = T.broadcast(T.Cast(dot.acc_dtype, 0), A)
+                                    acc_b[r, T.ramp(c * A, 1, A)] = T.broadcast(T.Cast(dot.acc_dtype, 0), A)
+                            for w in T.unroll(4):
+                                accumulate(acc_a, h * RB, x_q, q_weight, tile, g, p, w)
+                                accumulate(acc_b, h * RB + half, x_q, q_weight, tile, g, p, w)
+                            rescale(acc_a, h * RB, x_scale, x_offset, q_scale, out, tile, g, p)
+                            rescale(acc_b, h * RB + half, x_scale, x_offset, q_scale, out, tile, g, p)
                 for r in T.unroll(B):
                     if T.Cast("int64", r) < m:
                         for lane in T.vectorized(ROW_TILE):
@@ -159,7 +222,7 @@ def _skinny_rows(k: int, n: int, dtype: str, dot: Int8Dot, block: int, vectors: 
 
 
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
-def int8_quantized_matmul(k: int, n: int, dtype: str, dot: Int8Dot) -> tirx.PrimFunc:
+def int8_quantized_matmul(k: int, n: int, dtype: str, dot: Int8Dot, prefetch: bool = True) -> tirx.PrimFunc:
     """y[1, m, n] = x[1, m, k] @ W^T for any m (prefill, batch decode), W in the NK64 layout (q4f32_3, or
     q4f16_3 with `dtype` float16: activations and scales in that dtype, read into fp32), on int8
     activations. Up to `SKINNY_ROWS` rows (a batch of decode tokens) the skinny path streams the packed
@@ -172,7 +235,9 @@ def int8_quantized_matmul(k: int, n: int, dtype: str, dot: Int8Dot) -> tirx.Prim
     halves = ROW_TILE // width
     pad = math.lcm(R, SKINNY_ROWS)  # rows are quantized in multiples of both paths' blocks
     quantize = _quantize_rows(k, dtype)
-    skinny2, skinny4, skinny8 = (_skinny_rows(k, n, dtype, dot, *block) for block in SKINNY_BLOCKS[dot.registers])
+    skinny2, skinny4, skinny8 = (
+        _skinny_rows(k, n, dtype, dot, *block, prefetch) for block in SKINNY_BLOCKS[dot.registers]
+    )
 
     # fmt: off
     @T.macro
@@ -182,7 +247,7 @@ def int8_quantized_matmul(k: int, n: int, dtype: str, dot: Int8Dot) -> tirx.Prim
                 T.reads()
                 T.writes()
                 w_q = T.sblock_alloc_buffer((quads, ROW_TILE), "int32")  # the tile's nibbles as bytes, x_q's order
-                acc = T.sblock_alloc_buffer((R, C * A), dot.acc_dtype, scope="local")
+                acc = T.sblock_alloc_buffer((R, C * A), dot.acc_dtype, scope="global")
                 out = T.sblock_alloc_buffer((R, width), "float32", scope="local")
                 for kw in T.serial(words):
                     for col in T.vectorized(ROW_TILE):
@@ -272,7 +337,7 @@ def int8_quantized_gemv(k: int, n: int, dtype: str, dot: Int8Dot) -> tirx.PrimFu
             with T.sblock("gemv"):
                 T.reads()
                 T.writes()
-                acc = T.sblock_alloc_buffer((2, V * A), dot.acc_dtype, scope="local")  # even, odd
+                acc = T.sblock_alloc_buffer((2, V * A), dot.acc_dtype, scope="global")  # even, odd
                 out = T.sblock_alloc_buffer((ROW_TILE,), "float32", scope="local")
                 for lane in T.vectorized(ROW_TILE):
                     out[lane] = T.float32(0)
@@ -322,7 +387,7 @@ def _nk64_matmul(func: tirx.PrimFunc) -> tuple[int, int, str, bool] | None:
     return k, n, str(x.dtype), isinstance(rows, tirx.IntImm)
 
 
-def replace_quantized_matmuls(dot: Int8Dot) -> tvm.transform.Pass:
+def replace_quantized_matmuls(dot: Int8Dot, prefetch: bool = True) -> tvm.transform.Pass:
     """Every NK64 quantized matmul becomes one of the int8 kernels above on `dot`, same parameters: over
     a symbolic row count (prefill) the GEMM, over one row (decode, logits) the GEMV. They are opaque to
     fusion, so an elementwise tail (residual add) runs as a kernel of its own."""
@@ -335,8 +400,12 @@ def replace_quantized_matmuls(dot: Int8Dot) -> tvm.transform.Pass:
             shape = _nk64_matmul(func)
             if shape is not None:
                 k, n, dtype, one_row = shape
-                make = int8_quantized_gemv if one_row else int8_quantized_matmul
-                mod[gv] = make(k, n, dtype, dot).with_attr("global_symbol", gv.name_hint)
+                kernel = (
+                    int8_quantized_gemv(k, n, dtype, dot)
+                    if one_row
+                    else int8_quantized_matmul(k, n, dtype, dot, prefetch)
+                )
+                mod[gv] = kernel.with_attr("global_symbol", gv.name_hint)
         return mod
 
     return replace

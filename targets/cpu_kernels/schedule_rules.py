@@ -42,9 +42,10 @@ class CpuKernelConfig:
     gemm_rows: int = 6
     gemm_column_vectors: int = 2  # 6 x 2 x 16 = 12 AVX-512 accumulators
     k_unroll: int = 32  # one quantization group: its 8 rescaled scales serve 4 words
-    # decode attention prefetches each head's next KV page (a void `llvm.prefetch` call, which TVM 0.27's
-    # AttachGlobalSymbol cannot rewrite under a system-lib prefix: off for the Android `.tar`)
-    prefetch_kv_pages: bool = True
+    # software prefetch: decode attention asks for each head's next KV page, the skinny int8 matmul for
+    # the weight groups ahead (a void `llvm.prefetch` call, which TVM 0.27's AttachGlobalSymbol cannot
+    # rewrite under a system-lib prefix: off for the Android `.tar`)
+    prefetch: bool = True
 
 
 class _CpuRule(dl.ScheduleRule):
