@@ -29,8 +29,10 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
+# two workers (pytest-xdist), a test file each at a time: most tests wait on one core (a compile, a
+# subprocess, the emulator), so two halve the suite's time on a 2-core machine
 test: install-test lint
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: install-test lint
 	$(PYTHON) -m pytest -q -m "not slow" tests

@@ -270,6 +270,18 @@ def test_orin_build_names_the_missing_cuda_12_compiler(dists, tmp_path, monkeypa
     assert not list(tmp_path.iterdir())
 
 
+def test_nvrtc_leaves_the_threads_text_encoding_as_it_was():
+    """NVRTC 12.2 switches the calling thread to the C locale; found when, after an `orin-cuda` build in
+    the same process, Python decoded a subprocess's UTF-8 output as ASCII. The compiler puts it back."""
+    import locale
+
+    from mobilevlm_mlc.targets.toolchain.nvrtc import Nvrtc
+
+    before = locale.getpreferredencoding(False)
+    cubin = Nvrtc.find().compile('extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }', "sm_87", [])
+    assert cubin[:4] == b"\x7fELF" and locale.getpreferredencoding(False) == before
+
+
 def test_adreno_kernels_unroll_within_the_cap(dists):
     from mobilevlm_mlc.check.kernel_check import scheduled_kernels
     from mobilevlm_mlc.formats.dist import load_dist

@@ -11,9 +11,11 @@ whole device code: SASS only, nothing for the driver to JIT. The `jetson` extra 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,21 @@ HEADER_PACKAGES = {  # module -> wheel, and a header TVM's CUDA C includes from 
     "nvidia.cuda_cccl": ("nvidia-cuda-cccl-cu12", "cuda/std/cstdint"),
 }
 INSTALL_HINT = "pip install 'mobilevlm-mlc[jetson]'"
+
+
+@contextlib.contextmanager
+def _thread_locale_kept() -> Iterator[None]:
+    """NVRTC 12.2 leaves the calling thread on the C locale (`uselocale`): afterwards Python's default
+    text encoding there was ASCII (`open`, `subprocess` output: a UnicodeDecodeError on the next non-ASCII
+    byte). The thread's locale is put back after each compilation."""
+    libc = ctypes.CDLL(None)
+    libc.uselocale.restype = ctypes.c_void_p
+    libc.uselocale.argtypes = [ctypes.c_void_p]
+    saved = libc.uselocale(None)  # null: only asks for the thread's current locale
+    try:
+        yield
+    finally:
+        libc.uselocale(saved)
 
 
 def _package_dir(module: str, package: str) -> Path:
@@ -71,6 +88,10 @@ class Nvrtc:
             if result != 0:
                 raise ToolchainError(f"NVRTC {self.version} {step}: {lib.nvrtcGetErrorString(result).decode()}")
 
+        with _thread_locale_kept():
+            return self._compile(lib, check, source, arch, options)
+
+    def _compile(self, lib: ctypes.CDLL, check, source: str, arch: str, options: list[str]) -> bytes:
         program = ctypes.c_void_p()
         check(
             lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0, None, None),
