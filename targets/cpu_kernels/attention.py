@@ -67,16 +67,20 @@ _TREE = (
 CACHE_LINE = 64  # bytes
 
 
-def _prefetcher(head_dim: int, dtype: str):
-    """A macro prefetching one head's keys (kind 0) or values (kind 1) of a page: KEYS x head_dim
-    contiguous elements. Pages sit a whole page of every head apart, so no hardware prefetcher follows
-    a task from one page to the next; the decode kernel asks for the next page while it computes one."""
+def _prefetcher(head_dim: int, dtype: str, parts: int):
+    """A macro prefetching part `part` of `parts` of one head's keys (kind 0) or values (kind 1) of a
+    page: KEYS x head_dim contiguous elements. Pages sit a whole page of every head apart, so no hardware
+    prefetcher follows a task from one page to the next; the decode kernel asks for the next page while
+    it computes one, a part at a time between its steps: asked all at once (128 lines), the requests
+    filled the core's miss buffers and it waited for them, so memory and arithmetic did not overlap
+    (8.5 ms for 8 sequences of 150 tokens, 27 GB/s, against 38 GB/s for the same reads alone)."""
     per_line = CACHE_LINE // (tvm.DataType(dtype).bits // 8)
-    lines = KEYS * head_dim // per_line
+    lines = KEYS * head_dim // per_line // parts
 
     @T.macro
-    def prefetch(pages, page, kind, kv_head):
-        for line in T.unroll(lines):
+    def prefetch(pages, page, kind, kv_head, part):
+        for i in T.unroll(lines):
+            line = part * lines + i
             T.evaluate(
                 T.call_llvm_intrin(
                     "void",
@@ -104,7 +108,7 @@ def decode_attention(
     rows are scored (lanes never mix) and masked; only valid rows' values are read."""
     H_qo, D, group, log2e, page_size = num_qo_heads, head_dim, num_qo_heads // num_kv_heads, math.log2(math.e), KEYS
     chunks = D // KEYS
-    prefetch_block = _prefetcher(D, dtype)
+    prefetch_part = _prefetcher(D, dtype, chunks)
 
     def tree(level: int, vectors, pair: int):
         lo, hi = _TREE[level]
@@ -166,13 +170,13 @@ def decode_attention(
                 state[0] = T.float32(-5e4)
                 for kb in T.serial(T.ceildiv(kv_len, KEYS)):
                     page: T.let[T.int32] = page_table_values[begin + kb]
-                    if prefetch and kb + 1 < T.ceildiv(kv_len, KEYS):
-                        prefetch_block(pages, page_table_values[begin + kb + 1], 0, h // group)
-                        prefetch_block(pages, page_table_values[begin + kb + 1], 1, h // group)
                     for j in T.unroll(KEYS // 2):
                         partial_lo[j, T.ramp(0, 1, KEYS)] = T.broadcast(T.float32(0), KEYS)
                         partial_hi[j, T.ramp(0, 1, KEYS)] = T.broadcast(T.float32(0), KEYS)
                     for c in T.serial(chunks):
+                        if prefetch and kb + 1 < T.ceildiv(kv_len, KEYS):
+                            prefetch_part(pages, page_table_values[begin + kb + 1], 0, h // group, c)
+                            prefetch_part(pages, page_table_values[begin + kb + 1], 1, h // group, c)
                         for j in T.unroll(KEYS // 2):
                             partial_lo[j, T.ramp(0, 1, KEYS)] = partial_lo[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * T.Cast(f"float32x{KEYS}", pages[page, 0, h // group, j, T.ramp(c * KEYS, 1, KEYS)])
                             partial_hi[j, T.ramp(0, 1, KEYS)] = partial_hi[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * T.Cast(f"float32x{KEYS}", pages[page, 0, h // group, j + KEYS // 2, T.ramp(c * KEYS, 1, KEYS)])
