@@ -19,7 +19,9 @@ each answer has the same length on every engine; the generated tokens are counte
 `usage` (or its streamed chunks where a server sends none). `llama_cpp.server` runs with
 `--interrupt_requests False`: by default a new request cuts the one it is streaming short. Per engine and client count:
 aggregate generated tok/s (all tokens / wall time of the load), time to first token p50/p95, and the
-gaps between streamed tokens p50/p95.
+gaps between streamed tokens p50/p95. `--rounds R` repeats the whole sweep R times, interleaved, and
+reports medians (the ratio to one client as the median of each round's own ratio): a shared VM's speed
+drifts by tens of percent within minutes, more than the differences measured.
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ def main() -> None:
     parser.add_argument("--quantization", default="q4f16_3", help="ours")
     parser.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--requests", type=int, default=2, help="per client")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="the whole sweep this many times, interleaved: medians are reported"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-server", type=Path, required=True)
@@ -192,29 +197,53 @@ def main() -> None:
         return Served(cmd, port, "/v1/models", env)
 
     results = {"environment": environment(args.threads), "settings": vars(args) | {"prompt": PROMPT}, "runs": []}
-    for engine in args.engines.split(","):
+    engines = args.engines.split(",")
+    for round_ in range(args.rounds):  # a shared VM's speed drifts by tens of % within minutes: interleave
+        for engine in engines:
+            for clients in args.clients:
+                server = start(engine, clients)  # llama-server's --parallel is the client count
+                try:
+                    print(f"== round {round_ + 1}: {engine}, {clients} client(s)", flush=True)
+                    run = load(server.url, "model", clients, args.requests, args.max_tokens)
+                finally:
+                    server.stop()
+                results["runs"].append(run | {"engine": engine, "round": round_})
+                print(
+                    f"   {run['generated_tok_s']:7.1f} tok/s  TTFT p50 {run['ttft_ms']['p50']:7.0f} ms "
+                    f"p95 {run['ttft_ms']['p95']:7.0f} ms  gap p50 {run['token_gap_ms']['p50']:6.1f} ms "
+                    f"p95 {run['token_gap_ms']['p95']:6.1f} ms",
+                    flush=True,
+                )
+    summary = []
+    for engine in engines:
+        single = {
+            r["round"]: r["generated_tok_s"] for r in results["runs"] if r["engine"] == engine and r["clients"] == 1
+        }
         for clients in args.clients:
-            server = start(engine, clients)  # llama-server's --parallel is the client count
-            try:
-                print(f"== {engine}, {clients} client(s)", flush=True)
-                run = load(server.url, "model", clients, args.requests, args.max_tokens) | {"engine": engine}
-            finally:
-                server.stop()
-            results["runs"].append(run)
-            print(
-                f"   {run['generated_tok_s']:7.1f} tok/s  TTFT p50 {run['ttft_ms']['p50']:7.0f} ms "
-                f"p95 {run['ttft_ms']['p95']:7.0f} ms  gap p50 {run['token_gap_ms']['p50']:6.1f} ms "
-                f"p95 {run['token_gap_ms']['p95']:6.1f} ms",
-                flush=True,
+            runs = [r for r in results["runs"] if r["engine"] == engine and r["clients"] == clients]
+            ratios = [r["generated_tok_s"] / single[r["round"]] for r in runs if r["round"] in single]
+            summary.append(
+                {
+                    "engine": engine,
+                    "clients": clients,
+                    "rounds": len(runs),
+                    "generated_tok_s": statistics.median(r["generated_tok_s"] for r in runs),
+                    "x_single_client": statistics.median(ratios) if ratios else None,  # each round's own ratio
+                    "ttft_ms_p50": statistics.median(r["ttft_ms"]["p50"] for r in runs),
+                    "ttft_ms_p95": statistics.median(r["ttft_ms"]["p95"] for r in runs),
+                    "token_gap_ms_p50": statistics.median(r["token_gap_ms"]["p50"] for r in runs),
+                    "token_gap_ms_p95": statistics.median(r["token_gap_ms"]["p95"] for r in runs),
+                }
             )
+    results["summary"] = summary
     (args.out / "serve-load.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"\n{'engine':<18}{'clients':>8}{'tok/s':>9}{'x 1 client':>12}{'TTFT p50/p95 ms':>20}{'gap p50/p95 ms':>18}")
-    single = {r["engine"]: r["generated_tok_s"] for r in results["runs"] if r["clients"] == 1}
-    for r in results["runs"]:
-        scale = r["generated_tok_s"] / single[r["engine"]] if r["engine"] in single else float("nan")
+    print(f"\nmedians of {args.rounds} round(s); x 1 client: the median of each round's own ratio")
+    print(f"{'engine':<18}{'clients':>8}{'tok/s':>9}{'x 1 client':>12}{'TTFT p50/p95 ms':>20}{'gap p50/p95 ms':>18}")
+    for r in summary:
+        scale = r["x_single_client"] if r["x_single_client"] is not None else float("nan")
         print(
             f"{r['engine']:<18}{r['clients']:>8}{r['generated_tok_s']:>9.1f}{scale:>11.2f}x"
-            f"{r['ttft_ms']['p50']:>11.0f} / {r['ttft_ms']['p95']:<6.0f}{r['token_gap_ms']['p50']:>9.1f} / {r['token_gap_ms']['p95']:.1f}"
+            f"{r['ttft_ms_p50']:>11.0f} / {r['ttft_ms_p95']:<6.0f}{r['token_gap_ms_p50']:>9.1f} / {r['token_gap_ms_p95']:.1f}"
         )
     print(f"-> {args.out / 'serve-load.json'}")
 
