@@ -42,6 +42,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import gguf_for, synthetic_build
 
+from mobilevlm_mlc import arguments as argtypes
 from mobilevlm_mlc.bench.benchmark import environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,18 +152,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1.7b")
     parser.add_argument("--quantization", default="q4f16_3", help="ours")
-    parser.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4, 8])
-    parser.add_argument("--requests", type=int, default=2, help="per client")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="the whole sweep this many times, interleaved: medians are reported"
+        "--clients", type=lambda v: [argtypes.integer(1, 64)(x) for x in v.split(",")], default=[1, 2, 4, 8]
     )
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=argtypes.integer(1), default=2, help="per client")
+    parser.add_argument(
+        "--rounds",
+        type=argtypes.integer(1),
+        default=1,
+        help="the whole sweep this many times, interleaved: medians are reported",
+    )
+    parser.add_argument("--max-tokens", type=argtypes.integer(1), default=64)
+    parser.add_argument("--threads", type=argtypes.integer(1), default=2)
     parser.add_argument("--llama-server", type=Path, required=True)
     parser.add_argument("--engines", default="mobilevlm-mlc,llama-server,llama-cpp-python")
     parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve-load")
     args = parser.parse_args()
+    unknown = set(args.engines.split(",")) - {"mobilevlm-mlc", "llama-server", "llama-cpp-python"}
+    if unknown:
+        parser.error(f"--engines: unknown {', '.join(sorted(unknown))} (mobilevlm-mlc, llama-server, llama-cpp-python)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint, dist, lib = synthetic_build(args.workdir, args.size, args.quantization)

@@ -21,6 +21,8 @@ from tvm.script import tirx as T
 
 from mobilevlm_mlc.model_defs.config import KV_PAGE_SIZE
 
+from .prefetch import CACHE_LINE, prefetch_line
+
 # the global symbols the KV cache calls
 DECODE_ATTENTION, PREFILL_ATTENTION, RAGGED_ATTENTION = (
     "batch_decode_paged_kv_cpu",
@@ -64,9 +66,6 @@ _TREE = (
 )
 
 
-CACHE_LINE = 64  # bytes
-
-
 def _prefetcher(head_dim: int, dtype: str, parts: int):
     """A macro prefetching part `part` of `parts` of one head's keys (kind 0) or values (kind 1) of a
     page: KEYS x head_dim contiguous elements. Pages sit a whole page of every head apart, so no hardware
@@ -82,13 +81,8 @@ def _prefetcher(head_dim: int, dtype: str, parts: int):
         for i in T.unroll(lines):
             line = part * lines + i
             T.evaluate(
-                T.call_llvm_intrin(
-                    "void",
-                    "llvm.prefetch.p0",
-                    T.address_of(pages[page, kind, kv_head, line * per_line // head_dim, line * per_line % head_dim]),
-                    T.uint32(0),  # read
-                    T.uint32(3),  # keep in all cache levels
-                    T.uint32(1),  # data
+                prefetch_line(
+                    T.address_of(pages[page, kind, kv_head, line * per_line // head_dim, line * per_line % head_dim])
                 )
             )
 

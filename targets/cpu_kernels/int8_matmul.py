@@ -34,6 +34,7 @@ from tvm.script import tirx as T
 from mobilevlm_mlc.model_defs.quantization import QUANTIZED_MATMUL, ROW_TILE
 
 from .int8_dot import Int8Dot
+from .prefetch import CACHE_LINE, prefetch_line
 
 NIBBLES = 0x0F0F0F0F  # a packed word's even nibbles (K = 0, 2, 4, 6 of its 8) as 4 bytes; >> 4 gives the odd
 
@@ -95,7 +96,6 @@ def _quantize_rows(k: int, dtype: str):
     return quantize
 
 
-CACHE_LINE = 64
 PREFETCH_GROUPS = 4  # how far ahead the skinny path asks for weights: measured best of 2, 3, 4, 6, 8
 
 
@@ -108,27 +108,9 @@ def _group_prefetcher(dtype: str):
     @T.macro
     def prefetch_group(q_weight, q_scale, tile, g):
         for line in T.unroll(4 * ROW_TILE // words_per_line):
-            T.evaluate(
-                T.call_llvm_intrin(
-                    "void",
-                    "llvm.prefetch.p0",
-                    T.address_of(q_weight[tile, g * 4 + line // 4, line % 4 * words_per_line]),
-                    T.uint32(0),  # read
-                    T.uint32(3),  # keep in all cache levels
-                    T.uint32(1),  # data
-                )
-            )
+            T.evaluate(prefetch_line(T.address_of(q_weight[tile, g * 4 + line // 4, line % 4 * words_per_line])))
         for line in T.unroll(scale_lines):
-            T.evaluate(
-                T.call_llvm_intrin(
-                    "void",
-                    "llvm.prefetch.p0",
-                    T.address_of(q_scale[tile, g, line * (ROW_TILE // scale_lines)]),
-                    T.uint32(0),
-                    T.uint32(3),
-                    T.uint32(1),
-                )
-            )
+            T.evaluate(prefetch_line(T.address_of(q_scale[tile, g, line * (ROW_TILE // scale_lines)])))
 
     return prefetch_group
 
@@ -247,7 +229,7 @@ def int8_quantized_matmul(k: int, n: int, dtype: str, dot: Int8Dot, prefetch: bo
                 T.reads()
                 T.writes()
                 w_q = T.sblock_alloc_buffer((quads, ROW_TILE), "int32")  # the tile's nibbles as bytes, x_q's order
-                acc = T.sblock_alloc_buffer((R, C * A), dot.acc_dtype, scope="global")
+                acc = T.sblock_alloc_buffer((R, C * A), dot.acc_dtype)  # stack: registers (see `_skinny_rows`)
                 out = T.sblock_alloc_buffer((R, width), "float32", scope="local")
                 for kw in T.serial(words):
                     for col in T.vectorized(ROW_TILE):
@@ -337,7 +319,7 @@ def int8_quantized_gemv(k: int, n: int, dtype: str, dot: Int8Dot) -> tirx.PrimFu
             with T.sblock("gemv"):
                 T.reads()
                 T.writes()
-                acc = T.sblock_alloc_buffer((2, V * A), dot.acc_dtype, scope="global")  # even, odd
+                acc = T.sblock_alloc_buffer((2, V * A), dot.acc_dtype)  # even, odd; stack: registers (`_skinny_rows`)
                 out = T.sblock_alloc_buffer((ROW_TILE,), "float32", scope="local")
                 for lane in T.vectorized(ROW_TILE):
                     out[lane] = T.float32(0)

@@ -89,33 +89,30 @@ class Nvrtc:
                 raise ToolchainError(f"NVRTC {self.version} {step}: {lib.nvrtcGetErrorString(result).decode()}")
 
         with _thread_locale_kept():
-            return self._compile(lib, check, source, arch, options)
-
-    def _compile(self, lib: ctypes.CDLL, check, source: str, arch: str, options: list[str]) -> bytes:
-        program = ctypes.c_void_p()
-        check(
-            lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0, None, None),
-            "could not take the generated kernels",
-        )
-        try:
-            args = [f"--gpu-architecture={arch}", *(f"--include-path={i}" for i in self.includes), *options]
-            argv = (ctypes.c_char_p * len(args))(*(a.encode() for a in args))
-            result = lib.nvrtcCompileProgram(program, len(args), argv)
-            if result != 0:
+            program = ctypes.c_void_p()
+            check(
+                lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0, None, None),
+                "could not take the generated kernels",
+            )
+            try:
+                args = [f"--gpu-architecture={arch}", *(f"--include-path={i}" for i in self.includes), *options]
+                argv = (ctypes.c_char_p * len(args))(*(a.encode() for a in args))
+                result = lib.nvrtcCompileProgram(program, len(args), argv)
+                if result != 0:
+                    size = ctypes.c_size_t()
+                    lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+                    log = ctypes.create_string_buffer(size.value)
+                    lib.nvrtcGetProgramLog(program, log)
+                    raise ToolchainError(
+                        f"NVRTC {self.version} failed on the generated kernels:\n{log.value.decode(errors='replace')[-4000:]}"
+                    )
                 size = ctypes.c_size_t()
-                lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
-                log = ctypes.create_string_buffer(size.value)
-                lib.nvrtcGetProgramLog(program, log)
-                raise ToolchainError(
-                    f"NVRTC {self.version} failed on the generated kernels:\n{log.value.decode(errors='replace')[-4000:]}"
-                )
-            size = ctypes.c_size_t()
-            check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)), "gave no cubin")
-            cubin = ctypes.create_string_buffer(size.value)
-            check(lib.nvrtcGetCUBIN(program, cubin), "gave no cubin")
-            return cubin.raw
-        finally:
-            lib.nvrtcDestroyProgram(ctypes.byref(program))
+                check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)), "gave no cubin")
+                cubin = ctypes.create_string_buffer(size.value)
+                check(lib.nvrtcGetCUBIN(program, cubin), "gave no cubin")
+                return cubin.raw
+            finally:
+                lib.nvrtcDestroyProgram(ctypes.byref(program))
 
 
 @dataclass(frozen=True)
