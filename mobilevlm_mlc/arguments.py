@@ -65,6 +65,14 @@ def text(value: str) -> str:
     return value
 
 
+def api_key(value: str) -> str:
+    """A key clients must send: an empty one (`--api-key "$UNSET"`) would leave the server open, and a
+    header cannot carry control characters or spaces at its ends."""
+    if not value or value != value.strip() or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"expected a non-empty key of printable characters, got {value!r}")
+    return value
+
+
 def path(value: str) -> Path:
     if "\x00" in value:
         raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")

@@ -306,10 +306,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise MobileVLMError(f"--allow-image-dir {args.allow_image_dir}: not a folder")
     try:  # the address first: a port in use is told before the model loads
         listener = socket.create_server((args.host, args.port))
-    except OSError as err:
-        raise MobileVLMError(
-            f"--host {args.host} --port {args.port}: cannot listen there ({os.strerror(err.errno) if err.errno else err})"
-        ) from None
+    except OSError as err:  # create_server appends "(while attempting to bind ...)" to the system's reason
+        reason = os.strerror(err.errno) if err.errno and err.errno > 0 else str(err.strerror).split(" (while")[0]
+        raise MobileVLMError(f"--host {args.host} --port {args.port}: cannot listen there ({reason})") from None
 
     window = int(load_dist(args.dist_dir).chat_config["context_window_size"])
     engine = Engine(
@@ -481,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens the paged KV cache holds for all sequences together (default: 4 context windows)",
     )
     p.add_argument("--max-waiting", type=argtypes.positive, default=64, help="queued requests before 429")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument(
+        "--api-key", type=argtypes.api_key, default=None, help="require 'Authorization: Bearer KEY' (all but /health)"
+    )
     p.add_argument("--allow-image-dir", type=argtypes.path, default=None, help="image_url paths allowed under it")
     p.add_argument("--max-images", type=argtypes.positive, default=1, help="images per request")
     p.add_argument("--max-image-bytes", type=argtypes.positive, default=10 * 2**20)

@@ -413,6 +413,8 @@ def test_serve_refuses_bad_flags(ldpnet_built, tmp_path):
         (["--port", "70000"], "argument --port"),
         (["--port", str(busy.getsockname()[1])], "cannot listen there (Address already in use)"),
         (["--max-sequences", "0"], "argument --max-sequences"),
+        (["--api-key", ""], "argument --api-key: expected a non-empty key"),  # "$UNSET" would leave it open
+        (["--host", "999.1.1.1"], "--host 999.1.1.1 --port 8000: cannot listen there (Name or service not known)"),
     ):
         proc = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=60, env=os.environ)
         assert proc.returncode != 0 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
