@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -166,6 +167,9 @@ def main() -> None:
     parser.add_argument("--threads", type=argtypes.integer(1), default=2)
     parser.add_argument("--llama-server", type=Path, required=True)
     parser.add_argument("--engines", default="mobilevlm-mlc,llama-server,llama-cpp-python")
+    parser.add_argument(
+        "--serve-flags", type=shlex.split, default=[], help="more flags for ours, e.g. '--prefix-cache 0'"
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve-load")
     args = parser.parse_args()
@@ -195,6 +199,7 @@ def main() -> None:
                 str(port),
             ]
             cmd += ["--max-sequences", str(most), "--kv-cache-tokens", str(most * 512), "--model-id", "model"]
+            cmd += args.serve_flags
             return Served(cmd, port, "/health", env)
         if engine == "llama-server":
             cmd = [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t", str(args.threads)]

@@ -323,6 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         max_waiting=args.max_waiting,
         max_images=args.max_images,
+        prefix_cache=args.prefix_cache,
         images=ImagePolicy(args.max_image_bytes, args.max_image_pixels, args.allow_image_dir),
     )
     port = listener.getsockname()[1]
@@ -480,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens the paged KV cache holds for all sequences together (default: 4 context windows)",
     )
     p.add_argument("--max-waiting", type=argtypes.positive, default=64, help="queued requests before 429")
+    p.add_argument(
+        "--prefix-cache",
+        type=argtypes.integer(0, 1024),
+        default=8,
+        help="finished sequences kept in the KV cache, so that requests beginning the same (the system prompt, "
+        "a chat's earlier turns and image) skip that part of the prefill; 0: off",
+    )
     p.add_argument(
         "--api-key", type=argtypes.api_key, default=None, help="require 'Authorization: Bearer KEY' (all but /health)"
     )

@@ -148,11 +148,12 @@ def test_stop_strings_and_the_template_of_a_multi_turn_chat(server, ldpnet_engin
     assert reply.choices[0].message.content == greedy_text(ldpnet_engine, ids, 6)
 
 
-def greedy_text(engine, ids: list[int], tokens: int) -> str:
+def greedy_text(engine, ids: list[int], tokens: int, image: Path | None = None) -> str:
     """The engine's greedy continuation of prompt `ids`, one sequence, through its prefill and decode."""
     seq, sampler, out = engine.add_sequence(), Sampler(GenerationConfig(max_new_tokens=tokens)), []
+    images = [engine.image_embed(engine.pixels(image))] if image else []
     try:
-        logits = engine.prefill([seq], [engine.prompt(ids, [])])[0]
+        logits = engine.prefill([seq], [engine.prompt(ids, images)])[0]
         for _ in range(tokens):
             [token] = engine.sample(logits, [sampler])
             if token in engine.stop_token_ids:
@@ -162,6 +163,62 @@ def greedy_text(engine, ids: list[int], tokens: int) -> str:
     finally:
         engine.remove_sequence(seq)
     return engine.tokenizer.decode(out)
+
+
+def test_the_prefix_cache_shares_the_system_prompt_and_a_chats_earlier_turns(ldpnet_built, ldpnet_engine):
+    """Prompts that begin the same share KV pages (a fork of a kept sequence, whole pages): the usage says how
+    many prompt tokens came from the cache, and every answer equals the engine's greedy answer to the whole
+    prompt prefilled alone. A small KV cache makes kept sequences give their pages back to a long request."""
+    reference = reference_for(ldpnet_built.checkpoint.parent, "ldpnet")
+    system = ldpnet_engine.dist.chat_config["conv_template"]["system_message"]
+    image_tokens = ldpnet_engine.dist.config.num_image_tokens
+    question = "What is in the image? Describe every object you see."
+    server = Server(ldpnet_built, "--max-sequences", "2", "--kv-cache-tokens", "1024", "--prefix-cache", "2")
+    try:
+        client = server.client()
+        assert server.metric("mobilevlm_prefix_cache_sequences") == 1  # the template's preamble, prefilled at start
+        first = client.chat.completions.create(model=MODEL, messages=user(question, DEMO_IMAGE), max_tokens=8)
+        ids = reference.input_ids(f"{system} USER: <image>\n{question} ASSISTANT:")
+        assert first.usage.prompt_tokens == len(ids) - 1 + image_tokens
+        # the template's preamble, all of it: BOS, the system message, "USER: " (the image follows)
+        shared = len(reference.input_ids(f"{system} USER: "))
+        assert ids[:shared] == reference.input_ids(f"{system} USER: ") and shared > 16
+        assert first.usage.prompt_tokens_details.cached_tokens == shared
+        answer = first.choices[0].message.content
+        assert answer == greedy_text(ldpnet_engine, ids, 8, DEMO_IMAGE)
+
+        follow_up = "And what colours are they?"
+        messages = user(question, DEMO_IMAGE) + [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": follow_up},
+        ]
+        second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+        ids2 = reference.input_ids(
+            f"{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: {follow_up} ASSISTANT:"
+        )
+        assert second.usage.prompt_tokens == len(ids2) - 1 + image_tokens
+        # the first turn's prompt, image included, and its answer's tokens as far as they were retokenized alike
+        shared2 = second.usage.prompt_tokens_details.cached_tokens
+        assert len(ids) - 1 + image_tokens <= shared2 < second.usage.prompt_tokens
+        assert second.choices[0].message.content == greedy_text(ldpnet_engine, ids2, 8, DEMO_IMAGE)
+        assert server.metric("mobilevlm_prompt_tokens_cached_total") == shared + shared2
+
+        # 1024 KV tokens: this one's budget fits only once the kept sequences give their pages back
+        long_answer = client.chat.completions.create(
+            model=MODEL, messages=user("Count."), max_tokens=1024 - 64, temperature=0
+        )
+        assert long_answer.usage.completion_tokens == 1024 - 64 and long_answer.choices[0].finish_reason == "length"
+        # kept: itself alone (its 63 of the 64 pages leave no other kept sequence room)
+        assert server.metric("mobilevlm_prefix_cache_sequences") == 1
+    finally:
+        server.stop()
+    server = Server(ldpnet_built, "--prefix-cache", "0")
+    try:
+        reply = server.client().chat.completions.create(model=MODEL, messages=user(question, DEMO_IMAGE), max_tokens=8)
+        assert reply.usage.prompt_tokens_details.cached_tokens == 0 and reply.choices[0].message.content == answer
+        assert server.metric("mobilevlm_prefix_cache_sequences") == 0
+    finally:
+        server.stop()
 
 
 def test_eight_concurrent_streams_each_equal_its_run_alone(server, ldpnet_engine):

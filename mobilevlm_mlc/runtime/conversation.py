@@ -45,6 +45,12 @@ class Conversation:
         return f"{prefix}{user}{t['role_content_sep']}{content}{t['seps'][0]}{assistant}{t['role_empty_sep']}"
 
 
+def preamble(template: dict) -> str:
+    """The text every conversation in the template's own system message begins with: up to the first
+    user message's content (what a server keeps prefilled for all of them)."""
+    return template["system_message"] + template["seps"][0] + template["roles"]["user"] + template["role_content_sep"]
+
+
 def render_chat(template: dict, messages: list[tuple[str, str]]) -> str:
     """A whole conversation as one prompt (a server's request), as MobileVLM's `v1` template renders it:
     `messages` are (role, text) with `<image>` where an image stands; a leading 'system' message replaces

@@ -208,6 +208,9 @@ class Engine:
     def remove_sequence(self, seq_id: int) -> None:
         self.kv.remove_sequence(seq_id)
 
+    def fork_sequence(self, parent: int, position: int) -> int:
+        return self.kv.fork_sequence(parent, position)
+
     def release_workspace(self) -> None:
         """Free the VM's pooled buffers that are not in use. The pooled allocator keeps a buffer for every
         size it ever served, so each long prefill of a new length (a re-prefilled chat history) would

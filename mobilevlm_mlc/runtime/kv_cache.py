@@ -39,6 +39,12 @@ class PagedKVCache:
     def remove_sequence(self, seq_id: int) -> None:
         self.backend.builtin("kv_state_remove_sequence")(self.handle, seq_id)
 
+    def fork_sequence(self, parent: int, position: int) -> int:
+        """A new sequence holding `parent`'s first `position` tokens: whole pages are shared, not copied."""
+        seq_id, self._next_seq_id = self._next_seq_id, self._next_seq_id + 1
+        self.backend.builtin("kv_state_fork_sequence")(self.handle, parent, seq_id, position)
+        return seq_id
+
     def begin_forward(self, seq_ids: list[int], lengths: list[int]) -> None:
         """The next call appends `lengths[i]` tokens to sequence `seq_ids[i]`, in that order."""
         self.backend.builtin("kv_state_begin_forward")(

@@ -21,7 +21,13 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mobilevlm_mlc.errors import MobileVLMError
-from mobilevlm_mlc.runtime.conversation import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, render_chat, tokenize_with_images
+from mobilevlm_mlc.runtime.conversation import (
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_ID,
+    preamble,
+    render_chat,
+    tokenize_with_images,
+)
 from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.runtime.sampling import GenerationConfig
 
@@ -41,16 +47,18 @@ class ServerOptions:
     api_key: str | None = None
     max_waiting: int = 64
     max_images: int = 1  # per request: MobileVLM was trained on one image per conversation
+    prefix_cache: int = 8  # finished sequences kept in the KV cache for requests that begin the same
     images: ImagePolicy = ImagePolicy()
 
 
 def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
     metrics = ServerMetrics()
-    scheduler = Scheduler(engine, options.max_waiting, metrics)
+    scheduler = Scheduler(engine, options.max_waiting, metrics, options.prefix_cache)
+    template = engine.dist.chat_config["conv_template"]
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        scheduler.start(tokenize_with_images(engine.tokenizer, preamble(template), add_bos=True))
         yield
         scheduler.stop()
 
@@ -288,6 +296,7 @@ def _usage(job: Job) -> dict:
         "prompt_tokens": job.prompt_tokens,
         "completion_tokens": job.completion_tokens,
         "total_tokens": job.prompt_tokens + job.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
     }
 
 

@@ -14,7 +14,15 @@ class ServerMetrics:
             "mobilevlm_requests", "Chat completion requests answered, by HTTP status", ["status"], registry=registry
         )
         self.prompt_tokens = Counter(
-            "mobilevlm_prompt_tokens", "Prompt tokens prefilled (image tokens included)", registry=registry
+            "mobilevlm_prompt_tokens", "Prompt tokens of accepted requests (image tokens included)", registry=registry
+        )
+        self.cached_prompt_tokens = Counter(
+            "mobilevlm_prompt_tokens_cached",
+            "Prompt tokens not prefilled: their KV pages were shared from the prefix cache",
+            registry=registry,
+        )
+        self.cached_sequences = Gauge(
+            "mobilevlm_prefix_cache_sequences", "Finished sequences kept in the KV cache for reuse", registry=registry
         )
         self.generation_tokens = Counter("mobilevlm_generation_tokens", "Tokens generated", registry=registry)
         self.running = Gauge("mobilevlm_running_sequences", "Sequences being decoded", registry=registry)

@@ -4,8 +4,11 @@ KV cache has pages for them, prefills the admitted ones together (`batch_prefill
 `batch_decode` call. A request that was cancelled (its client went away) is dropped, and its pages freed,
 at the next step.
 
-Admission reserves a request's whole budget — prompt plus `max_tokens`, in KV pages — so a running
-sequence never runs out of pages and nothing needs preempting; what is not reserved is free for the next.
+A request is admitted onto the longest prefix the prefix cache holds for it (a fork: whole pages are
+shared, only the rest of the prompt is prefilled), and reserves its own pages for the rest of its prompt
+and all of `max_tokens`, so a running sequence never runs out of pages and nothing needs preempting. Cached
+sequences give their pages back, least recently used first, when a request needs them. A sequence that
+finishes is kept in the prefix cache.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from mobilevlm_mlc.errors import MobileVLMError, first_line
@@ -25,6 +29,7 @@ from mobilevlm_mlc.runtime.sampling import GenerationConfig, Sampler
 from mobilevlm_mlc.runtime.tokenizer import StreamDecoder
 
 from .metrics import ServerMetrics
+from .prefix_cache import PrefixCache, prompt_after, prompt_positions
 
 
 class QueueFull(Exception):
@@ -45,6 +50,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(eq=False)
@@ -53,19 +59,29 @@ class _Sequence:
     seq_id: int
     sampler: Sampler
     decoder: StreamDecoder
-    reserved: int  # KV tokens held for it
+    pixels: list[np.ndarray]  # the images' RGB bytes, as `image_embed` takes them
+    positions: list  # what fills each of its KV positions (the prefix cache's key)
+    start: int  # KV positions taken from the sequence it was forked from
+    reserved: int  # KV tokens reserved for its own pages
     length: int = 0  # tokens in the KV cache
+
+    @property
+    def own_from(self) -> int:
+        return _own_from(self.start)
+
     token: int | None = None  # sampled, not yet fed
     held: str = ""  # text held back: it could be the start of a stop string
     last_token_at: float = 0.0
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_waiting: int, metrics: ServerMetrics):
+    def __init__(self, engine: Engine, max_waiting: int, metrics: ServerMetrics, prefix_cache: int):
         self.engine = engine
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.capacity = engine.free_kv_tokens()  # every page, before any sequence
+        self.image_tokens = engine.dist.config.num_image_tokens
+        self.cache = PrefixCache(engine, prefix_cache)
         self.max_sequences = engine.max_sequences
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[_Sequence] = []
@@ -75,7 +91,14 @@ class Scheduler:
 
     # ---- the request side (event loop thread) ------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, preamble: list[int]) -> None:
+        """Start the loop, with `preamble` (the tokens every conversation in the template's own system
+        message begins with) in the prefix cache: the first requests share it too."""
+        if self.cache.capacity and len(preamble) > KV_PAGE_SIZE:
+            seq_id = self.engine.add_sequence()
+            self.engine.prefill([seq_id], [self.engine.prompt(preamble, [])])
+            self.cache.retain(seq_id, prompt_positions(preamble, [], self.image_tokens))
+            self.metrics.cached_sequences.set(len(self.cache))
         self._thread.start()
 
     def stop(self) -> None:
@@ -125,6 +148,8 @@ class Scheduler:
             self.metrics.waiting.set(0)
         for request in waiting:
             request.emit("error", message)
+        self.cache.clear()  # after a failed step the KV cache's contents are not to be trusted
+        self.metrics.cached_sequences.set(0)
 
     def _step(self) -> None:
         for sequence in [s for s in self.running if s.request.cancelled.is_set()]:
@@ -141,39 +166,69 @@ class Scheduler:
         self.metrics.kv_free_pages.set(self.engine.free_kv_tokens() // KV_PAGE_SIZE)
 
     def _admit(self) -> list[_Sequence]:
-        """Waiting requests, oldest first, while a sequence slot and their KV budget are free."""
-        free = self.capacity - sum(s.reserved for s in self.running)
+        """Waiting requests, oldest first, while a sequence slot and KV pages for them are free."""
         admitted = []
-        with self._wake:
-            while self.waiting and len(self.running) < self.max_sequences:
-                request = self.waiting[0]
-                if request.cancelled.is_set():
-                    self.waiting.popleft()
-                    continue
-                need = self.budget(request)
-                if need > free:
-                    break
+        while self.waiting and len(self.running) < self.max_sequences:
+            request = self.waiting[0]  # only this thread takes from the queue
+            sequence = None if request.cancelled.is_set() else self._place(request)
+            if sequence is False:
+                break  # no room yet: it stays first in line
+            with self._wake:
                 self.waiting.popleft()
-                free -= need
-                sequence = _Sequence(request, -1, Sampler(request.config), StreamDecoder(self.engine.tokenizer), need)
+            if sequence is not None:
                 admitted.append(sequence)
                 self.running.append(sequence)
+        with self._wake:
             self.metrics.waiting.set(len(self.waiting))
+        self.metrics.cached_sequences.set(len(self.cache))
         return admitted
+
+    def _room(self) -> int:
+        """KV tokens a new sequence may take: the free pages less what running sequences have reserved and
+        not filled yet."""
+        unfilled = sum(s.reserved - pages(s.length - s.own_from) * KV_PAGE_SIZE for s in self.running)
+        return self.engine.free_kv_tokens() - unfilled
+
+    def _place(self, request: Request) -> _Sequence | None | bool:
+        """A sequence for `request` in the KV cache, forked from the cache's longest shared prefix; False
+        while its pages are not free (cached sequences are evicted first); None if it failed (told)."""
+        try:
+            pixels = [self.engine.pixels(image) for image in request.images]
+        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+            request.emit("error", str(err) if isinstance(err, MobileVLMError) else first_line(err))
+            return None
+        positions = prompt_positions(request.prompt_ids, pixels, self.image_tokens)
+        parent, start = self.cache.match(positions)
+        while self._room() < self._own_budget(request, start):
+            if self.cache.evict(keep=parent):
+                continue
+            if parent is None:
+                return False
+            self.cache.evict()  # the shared prefix itself: all of the prompt will be prefilled
+            parent, start = None, 0
+        seq_id = self.engine.fork_sequence(parent, start) if parent is not None else self.engine.add_sequence()
+        request.images, request.cached_tokens = [], start  # decoded pictures are not needed any more
+        self.metrics.cached_prompt_tokens.inc(start)
+        sampler, decoder = Sampler(request.config), StreamDecoder(self.engine.tokenizer)
+        return _Sequence(
+            request, seq_id, sampler, decoder, pixels, positions, start, self._own_budget(request, start), start
+        )
+
+    def _own_budget(self, request: Request, start: int) -> int:
+        """KV tokens of the pages a sequence forked at `start` fills itself, to its last possible token."""
+        return pages(request.prompt_tokens - _own_from(start) + request.config.max_new_tokens) * KV_PAGE_SIZE
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         engine, prompts, ready = self.engine, [], []
         for sequence in admitted:
             request = sequence.request
             try:
-                images = [engine.image_embed(engine.pixels(image)) for image in request.images]
-                prompt = engine.prompt(request.prompt_ids, images)
-                sequence.seq_id = engine.add_sequence()
+                ids, pixels = prompt_after(request.prompt_ids, sequence.pixels, self.image_tokens, sequence.start)
+                prompts.append(engine.prompt(ids, [engine.image_embed(p) for p in pixels]))
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
                 self._finish(sequence, "error", str(err) if isinstance(err, MobileVLMError) else first_line(err))
                 continue
-            request.images = []  # embedded: the decoded pictures are not needed any more
-            prompts.append(prompt)
+            sequence.pixels = []  # embedded
             ready.append(sequence)
         if not ready:
             return
@@ -194,6 +249,7 @@ class Scheduler:
             logits = engine.decode([s.seq_id for s in feeding], [s.token for s in feeding])
             for sequence in feeding:
                 sequence.length += 1
+                sequence.positions.append(sequence.token)
             tokens = engine.sample(logits, [s.sampler for s in feeding])
             for sequence, token in zip(feeding, tokens):
                 self._accept(sequence, token)
@@ -240,7 +296,12 @@ class Scheduler:
         sequence.token = token
 
     def _finish(self, sequence: _Sequence, kind: str, detail: str) -> None:
-        self._free(sequence)
+        if kind == "done" and sequence in self.running:  # its KV is whole: kept for requests that begin the same
+            self.running.remove(sequence)
+            self.cache.retain(sequence.seq_id, sequence.positions)
+            self.metrics.cached_sequences.set(len(self.cache))
+        else:
+            self._free(sequence)
         sequence.request.emit(kind, detail)
 
     def _free(self, sequence: _Sequence) -> None:
@@ -249,6 +310,12 @@ class Scheduler:
         if sequence.seq_id >= 0:
             self.engine.remove_sequence(sequence.seq_id)
             sequence.seq_id = -1
+
+
+def _own_from(start: int) -> int:
+    """The first position on a page of its own of a sequence forked at `start` (the fork copies the page
+    that `start` falls in)."""
+    return start - start % KV_PAGE_SIZE
 
 
 def _stop_prefix(text: str, stops: list[str]) -> int:
