@@ -13,8 +13,9 @@ llama-server is built from the llama.cpp sources inside llama-cpp-python's sdist
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && cmake --build build --target llama-server -j2
 
 Every client sends `--requests` streaming chat completions one after another: a text prompt (llama.cpp
-has no MobileVLM image path) that begins with the request's own number (so no server answers from a
-cached prefix), `--max-tokens` tokens with the end-of-sequence token biased away (`logit_bias`) so that
+has no MobileVLM image path) whose user message begins with the request's own number (a prefix cache
+can share only what every request shares: each engine's chat template, for ours its system message),
+`--max-tokens` tokens with the end-of-sequence token biased away (`logit_bias`) so that
 each answer has the same length on every engine; the generated tokens are counted from each answer's
 `usage` (or its streamed chunks where a server sends none). `llama_cpp.server` runs with
 `--interrupt_requests False`: by default a new request cuts the one it is streaming short. Per engine and client count:
