@@ -470,6 +470,7 @@ def test_serve_refuses_bad_flags(ldpnet_built, tmp_path):
         (["--port", "70000"], "argument --port"),
         (["--port", str(busy.getsockname()[1])], "cannot listen there (Address already in use)"),
         (["--max-sequences", "0"], "argument --max-sequences"),
+        (["--prefix-cache", "-1"], "argument --prefix-cache"),
         (["--api-key", ""], "argument --api-key: expected a non-empty key"),  # "$UNSET" would leave it open
         (["--host", "999.1.1.1"], "--host 999.1.1.1 --port 8000: cannot listen there (Name or service not known)"),
     ):

@@ -28,7 +28,9 @@ class ServerMetrics:
         self.running = Gauge("mobilevlm_running_sequences", "Sequences being decoded", registry=registry)
         self.waiting = Gauge("mobilevlm_waiting_requests", "Requests queued for admission", registry=registry)
         self.kv_free_pages = Gauge(
-            "mobilevlm_kv_cache_free_pages", "Free pages of the paged KV cache", registry=registry
+            "mobilevlm_kv_cache_free_pages",
+            "Free pages of the paged KV cache (kept prefix-cache sequences give theirs back when a request needs them)",
+            registry=registry,
         )
         self.time_to_first_token = Histogram(
             "mobilevlm_time_to_first_token_seconds",

@@ -51,6 +51,7 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    key: tuple[list[np.ndarray], list] | None = None  # its images' RGB bytes and its KV positions, once made
 
 
 @dataclass(eq=False)
@@ -192,12 +193,14 @@ class Scheduler:
     def _place(self, request: Request) -> _Sequence | None | bool:
         """A sequence for `request` in the KV cache, forked from the cache's longest shared prefix; False
         while its pages are not free (cached sequences are evicted first); None if it failed (told)."""
-        try:
-            pixels = [self.engine.pixels(image) for image in request.images]
-        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
-            request.emit("error", str(err) if isinstance(err, MobileVLMError) else first_line(err))
-            return None
-        positions = prompt_positions(request.prompt_ids, pixels, self.image_tokens)
+        if request.key is None:  # once: a request may wait several steps for room
+            try:
+                pixels = [self.engine.pixels(image) for image in request.images]
+            except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+                request.emit("error", str(err) if isinstance(err, MobileVLMError) else first_line(err))
+                return None
+            request.key = pixels, prompt_positions(request.prompt_ids, pixels, self.image_tokens)
+        pixels, positions = request.key
         parent, start = self.cache.match(positions)
         while self._room() < self._own_budget(request, start):
             if self.cache.evict(keep=parent):
@@ -207,7 +210,7 @@ class Scheduler:
             self.cache.evict()  # the shared prefix itself: all of the prompt will be prefilled
             parent, start = None, 0
         seq_id = self.engine.fork_sequence(parent, start) if parent is not None else self.engine.add_sequence()
-        request.images, request.cached_tokens = [], start  # decoded pictures are not needed any more
+        request.images, request.key, request.cached_tokens = [], None, start  # the sequence holds them now
         self.metrics.cached_prompt_tokens.inc(start)
         sampler, decoder = Sampler(request.config), StreamDecoder(self.engine.tokenizer)
         return _Sequence(
