@@ -65,14 +65,13 @@ class _Sequence:
     start: int  # KV positions taken from the sequence it was forked from
     reserved: int  # KV tokens reserved for its own pages
     length: int = 0  # tokens in the KV cache
+    token: int | None = None  # sampled, not yet fed
+    held: str = ""  # text held back: it could be the start of a stop string
+    last_token_at: float = 0.0
 
     @property
     def own_from(self) -> int:
         return _own_from(self.start)
-
-    token: int | None = None  # sampled, not yet fed
-    held: str = ""  # text held back: it could be the start of a stop string
-    last_token_at: float = 0.0
 
 
 class Scheduler:
