@@ -203,6 +203,13 @@ def test_the_prefix_cache_shares_the_system_prompt_and_a_chats_earlier_turns(ldp
         assert second.choices[0].message.content == greedy_text(ldpnet_engine, ids2, 8, DEMO_IMAGE)
         assert server.metric("mobilevlm_prompt_tokens_cached_total") == shared + shared2
 
+        # a request that must wait for a running one's pages does not empty the cache meanwhile: once
+        # admitted it still forks the first conversation (all of its prompt but the last token)
+        running = client.chat.completions.create(model=MODEL, messages=user("Count."), max_tokens=700, stream=True)
+        again = client.chat.completions.create(model=MODEL, messages=user(question, DEMO_IMAGE), max_tokens=300)
+        assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+        assert sum(1 for c in running if c.choices and c.choices[0].delta.content) > 0
+
         # 1024 KV tokens: this one's budget fits only once the kept sequences give their pages back
         long_answer = client.chat.completions.create(
             model=MODEL, messages=user("Count."), max_tokens=1024 - 64, temperature=0

@@ -115,5 +115,7 @@ class PrefixCache:
         self.engine.remove_sequence(seq_id)
 
     def clear(self) -> None:
-        for seq_id in list(self.entries):
-            self.remove(seq_id)
+        """Remove every kept sequence; all are forgotten even if the KV cache refuses a removal."""
+        kept, self.entries = list(self.entries), collections.OrderedDict()
+        for seq_id in kept:
+            self.engine.remove_sequence(seq_id)

@@ -14,6 +14,7 @@ finishes is kept in the prefix cache.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -94,10 +95,18 @@ class Scheduler:
     def start(self, preamble: list[int]) -> None:
         """Start the loop, with `preamble` (the tokens every conversation in the template's own system
         message begins with) in the prefix cache: the first requests share it too."""
-        if self.cache.capacity and len(preamble) > KV_PAGE_SIZE:
+        if (
+            self.cache.capacity
+            and KV_PAGE_SIZE < len(preamble)
+            and pages(len(preamble)) * KV_PAGE_SIZE <= self.capacity
+        ):
             seq_id = self.engine.add_sequence()
-            self.engine.prefill([seq_id], [self.engine.prompt(preamble, [])])
-            self.cache.retain(seq_id, prompt_positions(preamble, [], self.image_tokens))
+            try:
+                self.engine.prefill([seq_id], [self.engine.prompt(preamble, [])])
+            except Exception:  # noqa: BLE001 - only an optimization: the server serves without it
+                self.engine.remove_sequence(seq_id)
+            else:
+                self.cache.retain(seq_id, prompt_positions(preamble, [], self.image_tokens))
             self.metrics.cached_sequences.set(len(self.cache))
         self._thread.start()
 
@@ -140,15 +149,19 @@ class Scheduler:
         self._fail_all("the server is shutting down")
 
     def _fail_all(self, message: str) -> None:
-        """End every running and waiting request with an error, freeing their pages."""
+        """End every running and waiting request with an error, freeing their pages (as far as a KV cache
+        that just failed a step still can: the loop must go on and every client be told)."""
         for sequence in list(self.running):
-            self._finish(sequence, "error", message)
+            with contextlib.suppress(Exception):
+                self._free(sequence)
+            sequence.request.emit("error", message)
         with self._wake:
             waiting, self.waiting = list(self.waiting), collections.deque()
             self.metrics.waiting.set(0)
         for request in waiting:
             request.emit("error", message)
-        self.cache.clear()  # after a failed step the KV cache's contents are not to be trusted
+        with contextlib.suppress(Exception):
+            self.cache.clear()  # after a failed step the KV cache's contents are not to be trusted
         self.metrics.cached_sequences.set(0)
 
     def _step(self) -> None:
@@ -189,6 +202,12 @@ class Scheduler:
         unfilled = sum(s.reserved - pages(s.length - s.own_from) * KV_PAGE_SIZE for s in self.running)
         return self.engine.free_kv_tokens() - unfilled
 
+    def _held_by_kept(self) -> int:
+        """At most the KV tokens that evicting every kept sequence would free: the pages in use that no
+        running sequence fills itself (some may be shared with running forks and stay)."""
+        own = sum(pages(s.length - s.own_from) * KV_PAGE_SIZE for s in self.running)
+        return self.capacity - self.engine.free_kv_tokens() - own
+
     def _place(self, request: Request) -> _Sequence | None | bool:
         """A sequence for `request` in the KV cache, forked from the cache's longest shared prefix; False
         while its pages are not free (cached sequences are evicted first); None if it failed (told)."""
@@ -201,6 +220,9 @@ class Scheduler:
             request.key = pixels, prompt_positions(request.prompt_ids, pixels, self.image_tokens)
         pixels, positions = request.key
         parent, start = self.cache.match(positions)
+        room, held = self._room(), self._held_by_kept()
+        if room + held - _own_from(start) < self._own_budget(request, start) and room + held < self.budget(request):
+            return False  # running sequences hold the room it needs: evicting would only empty the cache
         while self._room() < self._own_budget(request, start):
             if self.cache.evict(keep=parent):
                 continue
