@@ -19,15 +19,13 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import synthetic_build
-from serve_load import Served, free_port
+from serve_load import Served, free_port, stream_chat
 
 from mobilevlm_mlc import arguments as argtypes
 from mobilevlm_mlc.bench.benchmark import environment
@@ -41,7 +39,6 @@ QUESTIONS = (
     "What could happen next?",
     "Summarize what we said.",
 )
-EOS = 2
 
 
 def data_url(image: Image.Image) -> str:
@@ -52,30 +49,10 @@ def data_url(image: Image.Image) -> str:
 
 def turn(url: str, messages: list[dict], max_tokens: int) -> dict:
     """One streamed answer: its text, time to first token, and usage."""
-    body = {
-        "model": "model",
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "logit_bias": {str(EOS): -100},
-    }
-    started, first, text, usage = time.perf_counter(), None, [], None
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            delta = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
-            if delta:
-                first = first or time.perf_counter()
-                text.append(delta)
+    started, deltas, usage = stream_chat(url, "model", messages, max_tokens)
     return {
-        "answer": "".join(text),
-        "ttft_ms": 1000 * (first - started),
+        "answer": "".join(content for _, content in deltas),
+        "ttft_ms": 1000 * (deltas[0][0] - started),
         "prompt_tokens": usage["prompt_tokens"],
         "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
     }

@@ -84,18 +84,21 @@ class Served:
             self.process.kill()
 
 
-def one_request(url: str, model: str, max_tokens: int, number: int) -> dict:
-    """One streaming chat completion: time to first token, gaps between tokens, tokens generated."""
+def stream_chat(
+    url: str, model: str, messages: list[dict], max_tokens: int
+) -> tuple[float, list[tuple[float, str]], dict | None]:
+    """A streaming greedy chat completion of `max_tokens` tokens (EOS biased away): when it was sent, each
+    piece of content with the time it arrived, and the usage (None where a server sends none)."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": f"Request {number}. {PROMPT}"}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
         "logit_bias": {str(EOS): -100},
     }
-    started, stamps, usage = time.perf_counter(), [], None
+    started, deltas, usage = time.perf_counter(), [], None
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -103,9 +106,17 @@ def one_request(url: str, model: str, max_tokens: int, number: int) -> dict:
                 continue
             chunk = json.loads(line[6:])
             usage = chunk.get("usage") or usage
-            choices = chunk.get("choices") or [{}]
-            if choices[0].get("delta", {}).get("content"):
-                stamps.append(time.perf_counter())
+            content = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
+            if content:
+                deltas.append((time.perf_counter(), content))
+    return started, deltas, usage
+
+
+def one_request(url: str, model: str, max_tokens: int, number: int) -> dict:
+    """One streaming chat completion: time to first token, gaps between tokens, tokens generated."""
+    messages = [{"role": "user", "content": f"Request {number}. {PROMPT}"}]
+    started, deltas, usage = stream_chat(url, model, messages, max_tokens)
+    stamps = [stamp for stamp, _ in deltas]
     return {
         "ttft_s": stamps[0] - started if stamps else None,
         "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])],
