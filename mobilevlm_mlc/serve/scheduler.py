@@ -108,6 +108,7 @@ class Scheduler:
             else:
                 self.cache.retain(seq_id, prompt_positions(preamble, [], self.image_tokens))
             self.metrics.cached_sequences.set(len(self.cache))
+        self.metrics.kv_free_pages.set(self.engine.free_kv_tokens() // KV_PAGE_SIZE)  # before the first step
         self._thread.start()
 
     def stop(self) -> None:
