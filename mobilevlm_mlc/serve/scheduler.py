@@ -117,9 +117,10 @@ class Scheduler:
             self._wake.notify()
         self._thread.join(timeout=30)
 
-    def budget(self, request: Request) -> int:
-        """KV tokens a request reserves: its prompt and every token it may generate."""
-        return pages(request.prompt_tokens + request.config.max_new_tokens) * KV_PAGE_SIZE
+    def budget(self, request: Request, start: int = 0) -> int:
+        """KV tokens of the pages a request fills itself, to its last possible token, when its sequence is
+        forked at `start` (0: not forked, all of its prompt and every token it may generate)."""
+        return pages(request.prompt_tokens - _own_from(start) + request.config.max_new_tokens) * KV_PAGE_SIZE
 
     def submit(self, request: Request) -> None:
         if self.budget(request) > self.capacity:
@@ -197,17 +198,14 @@ class Scheduler:
         self.metrics.cached_sequences.set(len(self.cache))
         return admitted
 
-    def _room(self) -> int:
-        """KV tokens a new sequence may take: the free pages less what running sequences have reserved and
-        not filled yet."""
-        unfilled = sum(s.reserved - pages(s.length - s.own_from) * KV_PAGE_SIZE for s in self.running)
-        return self.engine.free_kv_tokens() - unfilled
-
-    def _held_by_kept(self) -> int:
-        """At most the KV tokens that evicting every kept sequence would free: the pages in use that no
-        running sequence fills itself (some may be shared with running forks and stay)."""
-        own = sum(pages(s.length - s.own_from) * KV_PAGE_SIZE for s in self.running)
-        return self.capacity - self.engine.free_kv_tokens() - own
+    def _room(self) -> tuple[int, int]:
+        """(KV tokens a new sequence may take now: the free pages less what running sequences reserved and
+        have not filled; at most what evicting every kept sequence would add: the pages in use that no
+        running sequence fills itself, some of which running forks share and keep)."""
+        free = self.engine.free_kv_tokens()
+        filled = sum(pages(s.length - s.own_from) * KV_PAGE_SIZE for s in self.running)
+        unfilled = sum(s.reserved for s in self.running) - filled
+        return free - unfilled, self.capacity - free - filled
 
     def _place(self, request: Request) -> _Sequence | None | bool:
         """A sequence for `request` in the KV cache, forked from the cache's longest shared prefix; False
@@ -221,10 +219,10 @@ class Scheduler:
             request.key = pixels, prompt_positions(request.prompt_ids, pixels, self.image_tokens)
         pixels, positions = request.key
         parent, start = self.cache.match(positions)
-        room, held = self._room(), self._held_by_kept()
-        if room + held - _own_from(start) < self._own_budget(request, start) and room + held < self.budget(request):
+        room, held = self._room()
+        if room + held - _own_from(start) < self.budget(request, start) and room + held < self.budget(request):
             return False  # running sequences hold the room it needs: evicting would only empty the cache
-        while self._room() < self._own_budget(request, start):
+        while self._room()[0] < self.budget(request, start):
             if self.cache.evict(keep=parent):
                 continue
             if parent is None:
@@ -236,12 +234,8 @@ class Scheduler:
         self.metrics.cached_prompt_tokens.inc(start)
         sampler, decoder = Sampler(request.config), StreamDecoder(self.engine.tokenizer)
         return _Sequence(
-            request, seq_id, sampler, decoder, pixels, positions, start, self._own_budget(request, start), start
+            request, seq_id, sampler, decoder, pixels, positions, start, self.budget(request, start), start
         )
-
-    def _own_budget(self, request: Request, start: int) -> int:
-        """KV tokens of the pages a sequence forked at `start` fills itself, to its last possible token."""
-        return pages(request.prompt_tokens - _own_from(start) + request.config.max_new_tokens) * KV_PAGE_SIZE
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
         engine, prompts, ready = self.engine, [], []
