@@ -80,11 +80,18 @@ def _prefetcher(head_dim: int, dtype: str, parts: int):
 
     @T.macro
     def prefetch(pages, page, kind, kv_head, part):
-        for i in T.unroll(lines):
-            line = part * lines + i
+        for i in T.unroll(lines):  # the line's index inline: a name assigned here would be a heap buffer
             T.evaluate(
                 prefetch_line(
-                    T.address_of(pages[page, kind, kv_head, line * per_line // head_dim, line * per_line % head_dim])
+                    T.address_of(
+                        pages[
+                            page,
+                            kind,
+                            kv_head,
+                            (part * lines + i) * per_line // head_dim,
+                            (part * lines + i) * per_line % head_dim,
+                        ]
+                    )
                 )
             )
 
