@@ -11,15 +11,16 @@ one instruction; see LLAMA_CPP below).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from collections import Counter
-from pathlib import Path
 
 import tvm
 
+from mobilevlm_mlc import arguments as argtypes
+from mobilevlm_mlc.cli import run
+from mobilevlm_mlc.fileio import check_output_file, write_json_atomic
 from mobilevlm_mlc.targets import get_target
 from mobilevlm_mlc.targets.cpu_kernels.int8_dot import int8_dot
 from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import int8_quantized_gemv
@@ -105,10 +106,12 @@ def count(k: int, n: int, target: tvm.target.Target) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", default=None, help="arm64-linux --cpu preset (default: its default)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=argtypes.path, default=None)
     args = parser.parse_args()
+    if args.out:
+        check_output_file(args.out, "json")  # before the work
     build_target = get_target("arm64-linux")
     try:
         target = build_target.tvm_target(args.cpu)
@@ -132,9 +135,9 @@ def main() -> None:
     )
     if args.out:
         record = {"mcpu": str(target.attrs["mcpu"]), "ours": results, "llama_cpp": LLAMA_CPP | {"per_16": llama_per_16}}
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(args.out, json.dumps(record, indent=2) + "\n")
         print(f"-> {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("arm_instructions", main))

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 from mobilevlm_mlc import arguments as argtypes
+from mobilevlm_mlc.check.synthetic import SHAPES
+from mobilevlm_mlc.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,15 +43,15 @@ def _peers(value: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1.7b")
+    parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SHAPES, default="1.7b")
     parser.add_argument("--quantization", default="q4f16_3")
     parser.add_argument("--batches", type=_batches, default=_batches("1,2,4,8"), help="batch sizes, 1 to 64")
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "batch")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "batch-decode")
+    parser.add_argument("--decode-tokens", type=argtypes.positive, default=64)
+    parser.add_argument("--repeat", type=argtypes.positive, default=3)
+    parser.add_argument("--threads", type=argtypes.positive, default=2)
+    parser.add_argument("--workdir", type=argtypes.folder, default=ROOT / "dist" / "batch")
+    parser.add_argument("--out", type=argtypes.folder, default=ROOT / "benchmarks" / "results" / "batch-decode")
     parser.add_argument(
         "--peers", type=_peers, default=_peers("llama.cpp-Q4_0"), help=f"some of {', '.join(PEERS)}, or ''"
     )
@@ -119,4 +121,4 @@ def _print_scaling(ours: list[Path], peers: list[list[Path]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("batch_decode", main))

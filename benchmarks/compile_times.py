@@ -10,11 +10,13 @@ generate code for (vulkan here) reports how long lowering, scheduling and the li
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
 
+from mobilevlm_mlc import arguments as argtypes
 from mobilevlm_mlc.check.synthetic import make_checkpoint
+from mobilevlm_mlc.cli import run
 from mobilevlm_mlc.compiler import compile_model
 from mobilevlm_mlc.convert.converter import convert
 from mobilevlm_mlc.errors import MobileVLMError
@@ -23,11 +25,11 @@ from mobilevlm_mlc.targets import get_target
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argtypes.Parser()
     parser.add_argument("--sizes", default="tiny,1.7b")
     parser.add_argument("--targets", default="cpu")
     parser.add_argument("--quantization", default=None, help="default: each target's own")
-    parser.add_argument("--workdir", type=Path, default=Path("dist/bench"))
+    parser.add_argument("--workdir", type=argtypes.folder, default=Path("dist/bench"))
     args = parser.parse_args()
     for size in args.sizes.split(","):
         ckpt = args.workdir / f"ckpt-{size}"
@@ -52,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("compile_times", main))

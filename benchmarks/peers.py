@@ -34,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mobilevlm_mlc import arguments as argtypes
 from mobilevlm_mlc.bench.benchmark import SCHEMA, BenchSettings, check_fits, environment, peak_rss_mib, summary, timed
+from mobilevlm_mlc.check.synthetic import SHAPES
+from mobilevlm_mlc.cli import run
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_FTYPES = {"Q4_0": 2, "Q4_K_S": 14}  # llama.h LLAMA_FTYPE_MOSTLY_*
@@ -490,32 +493,36 @@ def _ort_genai_result(checkpoint: Path, args: argparse.Namespace, out: Path) -> 
 def main() -> None:
     from mobilevlm_mlc.demo import DEMO_IMAGE, DEMO_PROMPT
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1.7b", help="synthetic checkpoint size (tiny, 1.7b, 3b)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="use this checkpoint instead of a synthetic one")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-lengths", type=lambda v: [int(x) for x in v.split(",")], default=[128, 512])
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SHAPES, default="1.7b", help="synthetic checkpoint size (tiny, 1.7b, 3b)")
+    parser.add_argument(
+        "--checkpoint", type=argtypes.path, default=None, help="use this checkpoint instead of a synthetic one"
+    )
+    parser.add_argument("--threads", type=argtypes.positive, default=2)
+    parser.add_argument("--prompt-lengths", type=argtypes.lengths, default=(128, 512))
+    parser.add_argument("--decode-tokens", type=argtypes.positive, default=64)
+    parser.add_argument("--repeat", type=argtypes.positive, default=2)
+    parser.add_argument("--warmup", type=argtypes.count, default=1)
     parser.add_argument("--quantizations", default="q4f16_3", help="our builds (of --target)")
     parser.add_argument("--target", default="cpu", help="our builds' target (cuda: with --device cuda)")
     parser.add_argument("--device", default="cpu", help="where ours and PyTorch run (cpu, cuda)")
     parser.add_argument("--peers", default="pytorch-fp32,pytorch-bf16,llama.cpp-F16,llama.cpp-Q4_0,llama.cpp-Q4_K_S")
-    parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers")
-    parser.add_argument("--image", type=Path, default=DEMO_IMAGE)
+    parser.add_argument("--workdir", type=argtypes.folder, default=ROOT / "dist" / "peers")
+    parser.add_argument("--out", type=argtypes.folder, default=ROOT / "benchmarks" / "results" / "peers")
+    parser.add_argument("--image", type=argtypes.path, default=DEMO_IMAGE)
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument(
         "--ort-venv",
-        type=Path,
+        type=argtypes.path,
         default=ROOT / ".venv-ort",
         help="ONNX Runtime GenAI's environment (peer onnxruntime-genai-int4)",
     )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--gguf", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)  # llama.cpp multi-sequence decode
+    parser.add_argument("--gguf", type=argtypes.path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=argtypes.path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--batch", type=argtypes.positive, default=None, help=argparse.SUPPRESS
+    )  # llama.cpp multi-sequence decode
     args = parser.parse_args()
     if "onnxruntime-genai-int4" in args.peers.split(",") and not (args.ort_venv / "bin" / "python").exists():
         parser.error(f"--ort-venv {args.ort_venv}: no Python there for peer onnxruntime-genai-int4 (see the docstring)")
@@ -639,4 +646,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("peers", main))

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import tvm
 
+from mobilevlm_mlc import arguments as argtypes
+from mobilevlm_mlc.cli import run
 from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.runtime.threads import use_threads
 
@@ -45,17 +47,21 @@ class KernelTimer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dist", type=Path)
-    parser.add_argument("lib", type=Path)
+    parser = argtypes.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dist", type=argtypes.path)
+    parser.add_argument("lib", type=argtypes.path)
     parser.add_argument("entry", choices=["decode", "prefill", "image"])
-    parser.add_argument("--context", type=int, default=16, help="tokens in the cache before a decode step")
-    parser.add_argument("--tokens", type=int, default=272, help="prefill length (144 image tokens + text)")
-    parser.add_argument("--batch", type=int, default=1, help="decode: sequences per step (> 1: batch_decode)")
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--context", type=argtypes.count, default=16, help="tokens in the cache before a decode step")
+    parser.add_argument(
+        "--tokens", type=argtypes.positive, default=272, help="prefill length (144 image tokens + text)"
+    )
+    parser.add_argument(
+        "--batch", type=argtypes.positive, default=1, help="decode: sequences per step (> 1: batch_decode)"
+    )
+    parser.add_argument("--top", type=argtypes.positive, default=15)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=argtypes.positive,
         default=os.cpu_count(),
         help="TVM's pool threads (default: one per physical core, or TVM_NUM_THREADS)",
     )
@@ -111,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("profile_kernels", main))

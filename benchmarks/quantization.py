@@ -10,7 +10,6 @@ The accuracy prompt is text-only: the vision tower is never quantized, so the de
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,17 +18,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import run_measured
 
+from mobilevlm_mlc import arguments as argtypes
+from mobilevlm_mlc.check.synthetic import SHAPES
+from mobilevlm_mlc.cli import run
+from mobilevlm_mlc.fileio import check_output_file, write_json_atomic
+
 PROMPT = "A chat between a curious user and an artificial intelligence assistant. USER: Describe a red house under a yellow sun. ASSISTANT:"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", type=Path, default=Path("dist/bench"))
-    parser.add_argument("--size", default="1.7b")
+    parser = argtypes.Parser()
+    parser.add_argument("--workdir", type=argtypes.folder, default=Path("dist/bench"))
+    parser.add_argument("--size", choices=SHAPES, default="1.7b")
     parser.add_argument("--quantizations", default="q0f32,q4f16_1,q4f32_1,q4f16_0")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("-o", "--output", type=Path, default=None)
+    parser.add_argument("--tokens", type=argtypes.positive, default=64)
+    parser.add_argument("-o", "--output", type=argtypes.path, default=None)
     args = parser.parse_args()
+    if args.output:
+        check_output_file(args.output, "json")  # before minutes of work
 
     from mobilevlm_mlc.check.reference import ReferenceMobileVLM
     from mobilevlm_mlc.check.synthetic import make_checkpoint
@@ -86,10 +92,10 @@ def main() -> None:
             flush=True,
         )
     if args.output:
-        args.output.write_text(
-            json.dumps({"size": args.size, "tokens": len(forced), "results": results}, indent=2) + "\n"
+        write_json_atomic(
+            args.output, json.dumps({"size": args.size, "tokens": len(forced), "results": results}, indent=2) + "\n"
         )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("quantization", main))

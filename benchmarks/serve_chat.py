@@ -12,7 +12,6 @@ prefill's buffers allocated), then the chat. `--rounds R` alternates on and off 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -29,7 +28,10 @@ from serve_load import Served, free_port, stream_chat
 
 from mobilevlm_mlc import arguments as argtypes
 from mobilevlm_mlc.bench.benchmark import environment
+from mobilevlm_mlc.check.synthetic import SHAPES
+from mobilevlm_mlc.cli import run
 from mobilevlm_mlc.demo import DEMO_IMAGE
+from mobilevlm_mlc.fileio import check_output_file, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = (
@@ -80,18 +82,18 @@ def chat(url: str, turns: int, max_tokens: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1.7b")
+    parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SHAPES, default="1.7b")
     parser.add_argument("--quantization", default="q4f16_3")
     parser.add_argument("--turns", type=argtypes.integer(1, 20), default=3)
     parser.add_argument("--max-tokens", type=argtypes.integer(1), default=32)
     parser.add_argument("--rounds", type=argtypes.integer(1), default=1)
     parser.add_argument("--threads", type=argtypes.integer(1), default=2)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve-chat")
+    parser.add_argument("--workdir", type=argtypes.folder, default=ROOT / "dist" / "peers")
+    parser.add_argument("--out", type=argtypes.folder, default=ROOT / "benchmarks" / "results" / "serve-chat")
     args = parser.parse_args()
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_output_file(args.out / "serve-chat.json", "json")  # before minutes of load
     _, dist, lib = synthetic_build(args.workdir, args.size, args.quantization)
     env = os.environ | {"TVM_NUM_THREADS": str(args.threads)}
     runs = []
@@ -131,9 +133,9 @@ def main() -> None:
             f"{row['ttft_ms_off']:>12.0f} {row['ttft_ms_off'] / row['ttft_ms_on']:>8.2f}x"
         )
     results = {"environment": environment(args.threads), "settings": vars(args), "runs": runs, "summary": summary}
-    (args.out / "serve-chat.json").write_text(json.dumps(results, indent=2, default=str))
+    write_json_atomic(args.out / "serve-chat.json", json.dumps(results, indent=2, default=str))
     print(f"-> {args.out / 'serve-chat.json'}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("serve_chat", main))

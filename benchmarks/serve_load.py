@@ -27,7 +27,6 @@ drifts by tens of percent within minutes, more than the differences measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -46,6 +45,9 @@ from peers import gguf_for, synthetic_build
 
 from mobilevlm_mlc import arguments as argtypes
 from mobilevlm_mlc.bench.benchmark import environment
+from mobilevlm_mlc.check.synthetic import SHAPES
+from mobilevlm_mlc.cli import run
+from mobilevlm_mlc.fileio import check_output_file, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. " * 3
@@ -162,8 +164,8 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1.7b")
+    parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SHAPES, default="1.7b")
     parser.add_argument("--quantization", default="q4f16_3", help="ours")
     parser.add_argument(
         "--clients", type=lambda v: [argtypes.integer(1, 64)(x) for x in v.split(",")], default=[1, 2, 4, 8]
@@ -177,19 +179,19 @@ def main() -> None:
     )
     parser.add_argument("--max-tokens", type=argtypes.integer(1), default=64)
     parser.add_argument("--threads", type=argtypes.integer(1), default=2)
-    parser.add_argument("--llama-server", type=Path, required=True)
+    parser.add_argument("--llama-server", type=argtypes.executable, required=True)
     parser.add_argument("--engines", default="mobilevlm-mlc,llama-server,llama-cpp-python")
     parser.add_argument(
         "--serve-flags", type=shlex.split, default=[], help="more flags for ours, e.g. '--prefix-cache 0'"
     )
-    parser.add_argument("--workdir", type=Path, default=ROOT / "dist" / "peers")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve-load")
+    parser.add_argument("--workdir", type=argtypes.folder, default=ROOT / "dist" / "peers")
+    parser.add_argument("--out", type=argtypes.folder, default=ROOT / "benchmarks" / "results" / "serve-load")
     args = parser.parse_args()
     unknown = set(args.engines.split(",")) - {"mobilevlm-mlc", "llama-server", "llama-cpp-python"}
     if unknown:
         parser.error(f"--engines: unknown {', '.join(sorted(unknown))} (mobilevlm-mlc, llama-server, llama-cpp-python)")
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_output_file(args.out / "serve-load.json", "json")  # before minutes of load
     checkpoint, dist, lib = synthetic_build(args.workdir, args.size, args.quantization)
     gguf = gguf_for(checkpoint, args.workdir, args.size, "Q4_0", args.threads)
     most = max(args.clients)
@@ -262,7 +264,7 @@ def main() -> None:
                 }
             )
     results["summary"] = summary
-    (args.out / "serve-load.json").write_text(json.dumps(results, indent=2, default=str))
+    write_json_atomic(args.out / "serve-load.json", json.dumps(results, indent=2, default=str))
     print(f"\nmedians of {args.rounds} round(s); x 1 client: the median of each round's own ratio")
     print(f"{'engine':<18}{'clients':>8}{'tok/s':>9}{'x 1 client':>12}{'TTFT p50/p95 ms':>20}{'gap p50/p95 ms':>18}")
     for r in summary:
@@ -275,4 +277,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run("serve_load", main))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,26 @@ def path(value: str) -> Path:
         raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
     text(value)
     return Path(value)
+
+
+def folder(value: str) -> Path:
+    """A folder to write into: one that exists, or a path where one can be made (no file in the way)."""
+    where = path(value)
+    for at in (where, *where.parents):
+        if at.exists():
+            if not at.is_dir():
+                raise argparse.ArgumentTypeError(f"{at} is a file, expected a folder (or a path to make one)")
+            break
+    return where
+
+
+def executable(value: str) -> Path:
+    """A program to run: an existing file this user may execute."""
+    where = path(value)
+    if not where.is_file() or not os.access(where, os.X_OK):
+        found = "a folder" if where.is_dir() else "a file that is not executable" if where.exists() else "nothing"
+        raise argparse.ArgumentTypeError(f"expected an executable program, found {found} at {where}")
+    return where
 
 
 def target(value: str) -> str:

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import arguments as argtypes
@@ -545,13 +546,19 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done; 1 a check failed (verify, check-kernels) or an internal error; 2 bad input
-    (one `error:` line); 130 / 143 interrupted / terminated (temporaries removed); 141 stdout closed."""
+    """Exit codes: see `run`."""
+    args = build_parser().parse_args(argv)
+    return run(args.command, lambda: args.func(args))
+
+
+def run(name: str, command: Callable[[], None]) -> int:
+    """`command` behind the one error path every entry point shares (the CLI, the benchmarks). Exit
+    codes: 0 done; 1 a check failed (verify, check-kernels) or an internal error; 2 bad input (one
+    `error:` line); 130 / 143 interrupted / terminated (temporaries removed); 141 stdout closed."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        args = build_parser().parse_args(argv)
         try:
-            args.func(args)
+            command()
             sys.stdout.flush()
         except BrokenPipeError:
             raise
@@ -560,14 +567,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except MemoryError:
             argtypes.print_error(
-                f"out of memory during `{args.command}` (a smaller model, context window or image needs less)"
+                f"out of memory during `{name}` (a smaller model, context window or image needs less)"
             )
             return 2
         except Exception as err:
             if os.environ.get("MOBILEVLM_MLC_DEBUG"):
                 raise
             argtypes.print_error(
-                f"internal error in `{args.command}`: {first_line(err)} (set MOBILEVLM_MLC_DEBUG=1 for the traceback; please report it)"
+                f"internal error in `{name}`: {first_line(err)} (set MOBILEVLM_MLC_DEBUG=1 for the traceback; please report it)"
             )
             return 1
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other Unix tools do

@@ -370,3 +370,31 @@ def test_peak_memory_is_the_benchmark_process_own(tmp_path):
     ).stdout
     assert float(out) < 300, out
     del ballast
+
+
+BAD_BENCHMARK_ARGS = [  # (script, arguments, what the error line names); FILE: a file that is not JSON
+    ("serve_load.py", ["--llama-server", "FILE"], "--llama-server: expected an executable program"),
+    ("serve_load.py", ["--llama-server", sys.executable, "--out", "FILE"], "--out: FILE is a file"),
+    ("serve_load.py", ["--llama-server", sys.executable, "--clients", "1,0"], "--clients"),
+    ("serve_chat.py", ["--workdir", "FILE/below"], "--workdir: FILE is a file"),
+    ("peers.py", ["--prompt-lengths", "128,x"], "--prompt-lengths"),
+    ("batch_decode.py", ["--threads", "0"], "--threads: expected an integer >= 1"),
+    ("quantization.py", ["-o", "FILE"], "FILE: exists and is not a json file"),
+    ("arm_instructions.py", ["--out", "FILE"], "FILE: exists and is not a json file"),
+    ("compile_times.py", ["--workdir", "FILE"], "--workdir: FILE is a file"),
+    ("profile_kernels.py", ["FILE.missing", "FILE.missing", "decode"], "dist folder not found"),
+]
+
+
+@pytest.mark.parametrize("script,arguments,named", BAD_BENCHMARK_ARGS, ids=lambda v: str(v)[:40])
+def test_benchmarks_refuse_bad_input_with_one_error_line(tmp_path, script, arguments, named):
+    """The benchmarks share the CLI's error path: one `error:` line, exit 2, checked before any work,
+    and a file the user named is never replaced."""
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me\n")
+    arguments = [a.replace("FILE", str(file)) for a in arguments]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *arguments], capture_output=True, text=True, timeout=120
+    )
+    assert named.replace("FILE", str(file)) in cli_error(proc)
+    assert file.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
