@@ -566,9 +566,7 @@ def run(name: str, command: Callable[[], None]) -> int:
             argtypes.print_error(str(err))
             return 2
         except MemoryError:
-            argtypes.print_error(
-                f"out of memory during `{name}` (a smaller model, context window or image needs less)"
-            )
+            argtypes.print_error(f"out of memory during `{name}` (a smaller model, context window or image needs less)")
             return 2
         except Exception as err:
             if os.environ.get("MOBILEVLM_MLC_DEBUG"):
