@@ -4,6 +4,8 @@ CLI run as users run it, tolerances. Tests import from here, never from one anot
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -90,6 +92,23 @@ def error_of(capfd, *args) -> str:
         " ".join(map(str, args)) + f" -> {code}: {err}"
     )
     return lines[0]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with `start_new_session=True` and everything it started: TVM's
+    `rpc_server` serves from `popen_worker` children that outlive it when only it is terminated."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children still in the group
+    except ProcessLookupError:
+        pass
 
 
 def write_config(folder: Path, models: dict, **overrides) -> Path:

@@ -26,7 +26,7 @@ from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.targets import get_target
 from mobilevlm_mlc.targets.cpu_kernels.int8_dot import NEON_DOTPROD
 
-from .helpers import checkpoint_for, cli
+from .helpers import checkpoint_for, cli, stop_group
 from .test_cpu_kernels import INT8_CASES, check_int8_result, dot_target, int8_case, int8_kernel
 from .test_quantization import _check_against_fake_quantized
 
@@ -149,6 +149,7 @@ def test_bench_an_emulated_device_through_a_tracker(arm_build, ldpnet_built, tmp
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     emulate = subprocess.Popen(
         [
@@ -181,8 +182,7 @@ def test_bench_an_emulated_device_through_a_tracker(arm_build, ldpnet_built, tmp
     finally:
         emulate.terminate()
         emulate.wait(timeout=60)
-        tracker.terminate()
-        tracker.wait(timeout=30)
+        stop_group(tracker)
     result = json.loads(remote.read_text())
     assert result["environment"]["rpc_key"] == "arm64" and result["environment"]["cpu"] is None
     assert result["build"]["int8_dot_product"] == "neon-dotprod" and result["decode_tok_s"]["median"] > 0

@@ -23,7 +23,7 @@ from mobilevlm_mlc.runtime.engine import Engine
 from mobilevlm_mlc.runtime.sampling import GenerationConfig
 from mobilevlm_mlc.runtime.tokenizer import Tokenizer
 
-from .helpers import cli, cli_error
+from .helpers import cli, cli_error, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--prompt-lengths", "8,16", "--decode-tokens", "4", "--repeat", "1", "--threads", "2"]
@@ -187,7 +187,9 @@ def rpc_tracker(tmp_path_factory):
     procs = {}
     for name, command in commands.items():
         with open(logs / f"{name}.log", "wb") as log:
-            procs[name] = subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT)
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def failure(why: str) -> str:
         return why + "".join(
@@ -226,8 +228,7 @@ def rpc_tracker(tmp_path_factory):
         yield f"127.0.0.1:{tracker_port}"
     finally:
         for proc in procs.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_group(proc)
 
 
 def test_remote_engine_matches_local(ldpnet_built, ldpnet_engine, rpc_tracker):
