@@ -177,7 +177,7 @@ def main() -> None:
         default=1,
         help="the whole sweep this many times, interleaved: medians are reported",
     )
-    parser.add_argument("--max-tokens", type=argtypes.integer(1), default=64)
+    parser.add_argument("--max-tokens", type=argtypes.integer(1), default=128)
     parser.add_argument("--threads", type=argtypes.integer(1), default=2)
     parser.add_argument("--llama-server", type=argtypes.executable, required=True)
     parser.add_argument("--engines", default="mobilevlm-mlc,llama-server,llama-cpp-python")
