@@ -86,19 +86,28 @@ def read_until(fd: int, pattern: str, seconds: float = 60) -> str:
     raise AssertionError(f"{pattern!r} did not appear; the terminal showed:\n{seen[-2000:]}")
 
 
-def exit_code_after_ctrl_c(pid: int, fd: int, seconds: float = 30) -> int | None:
-    """Ctrl-C at the prompt, then the child's exit code (None if it did not leave in time). A SIGINT that
-    lands after `input` printed the prompt but before readline's select() began waits in CPython's signal
-    flag until the next one, so the key is pressed again each second, as a person would."""
-    deadline = time.monotonic() + seconds
+def exit_code_after_ctrl_c(pid: int, fd: int, seconds: float = 30) -> tuple[int | None, str]:
+    """Ctrl-C at the prompt, then the child's exit code (None if it did not leave in time) and what the
+    terminal showed. A SIGINT that lands after `input` printed the prompt but before readline's select()
+    began waits in CPython's signal flag until the next one, so the key is pressed again each second, as
+    a person would, until the chat answers with a new line (it left the prompt) — never while it shuts
+    down, which a second SIGINT would interrupt. The terminal is read all along: the child never blocks
+    writing to it."""
+    deadline, seen, pressed = time.monotonic() + seconds, "", -1.0
     while time.monotonic() < deadline:
-        os.write(fd, b"\x03")
-        for _ in range(10):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return os.waitstatus_to_exitcode(status)
-            time.sleep(0.1)
-    return None
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), seen
+        if "\n" not in seen and time.monotonic() - pressed >= 1:
+            os.write(fd, b"\x03")
+            pressed = time.monotonic()
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                seen += os.read(fd, 4096).decode(errors="replace")
+            except OSError:  # the child closed the terminal: it is leaving
+                pass
+    return None, seen
 
 
 def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(ldpnet_built):
@@ -121,7 +130,8 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(ldpnet_built):
         os.write(fd, b"/stats\n")
         stats = STATS.search(read_until(fd, r"\[stats\][^\n]*\n[\s\S]*>>> $"))
         assert int(stats[3]) > kv_after_stop  # the second turn went on the same conversation
-        assert exit_code_after_ctrl_c(pid, fd) == 0  # Ctrl-C at the prompt leaves
+        code, shown = exit_code_after_ctrl_c(pid, fd)
+        assert code == 0, shown  # Ctrl-C at the prompt leaves
         pid = 0
     finally:
         if pid:
