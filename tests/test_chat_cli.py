@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -110,9 +111,22 @@ def exit_code_after_ctrl_c(pid: int, fd: int, seconds: float = 30) -> tuple[int 
     return None, seen
 
 
+def signal_state(pid: int) -> str:
+    """A process's blocked, ignored and caught signals, as /proc shows them (for a failure's message)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return "(gone)"
+    return " ".join(line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(ldpnet_built):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the chat on this pseudo-terminal, its controlling terminal
+        # as a shell starts it: no signal blocked or ignored (a blocked SIGINT would survive the exec, and
+        # the test-runner's process this is forked from may block one)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, chat_command(ldpnet_built, "--max-new-tokens", "1000"))
     try:
         read_until(fd, r">>> $")
@@ -131,7 +145,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(ldpnet_built):
         stats = STATS.search(read_until(fd, r"\[stats\][^\n]*\n[\s\S]*>>> $"))
         assert int(stats[3]) > kv_after_stop  # the second turn went on the same conversation
         code, shown = exit_code_after_ctrl_c(pid, fd)
-        assert code == 0, shown  # Ctrl-C at the prompt leaves
+        assert code == 0, (shown, signal_state(pid))  # Ctrl-C at the prompt leaves
         pid = 0
     finally:
         if pid:
