@@ -7,6 +7,7 @@ shard with `nbytes` matching its shape and dtype. The result is keyed by paramet
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,12 @@ def _records(path: Path, cache: dict[str, Any]) -> list[dict[str, Any]]:
     return shards
 
 
-def load_tensor_cache(dist: Path, device: tvm.runtime.Device) -> dict[str, tvm.runtime.Tensor]:
+def load_tensor_cache(
+    dist: Path, device: tvm.runtime.Device, place: Callable[[np.ndarray], tvm.runtime.Tensor] | None = None
+) -> dict[str, tvm.runtime.Tensor]:
+    """The weights on `device`; `place` puts an array there instead of `tvm.runtime.tensor` (the engine's
+    huge-page arena on a local CPU)."""
+    place = place or (lambda array: tvm.runtime.tensor(array, device))
     path = Path(dist) / TENSOR_CACHE
     cache = read_json(path, TENSOR_CACHE)
     params: dict[str, tvm.runtime.Tensor] = {}
@@ -50,12 +56,12 @@ def load_tensor_cache(dist: Path, device: tvm.runtime.Device) -> dict[str, tvm.r
         if md5 is not None and hashlib.md5(data).hexdigest() != md5:
             raise MobileVLMError(f"{file}: md5 mismatch (shard corrupted or replaced)")
         for record in records:
-            params.update([_tensor(path, file, data, record, device)])
+            params.update([_tensor(path, file, data, record, place)])
     return params
 
 
 def _tensor(
-    path: Path, file: Path, data: bytes, record: Any, device: tvm.runtime.Device
+    path: Path, file: Path, data: bytes, record: Any, place: Callable[[np.ndarray], tvm.runtime.Tensor]
 ) -> tuple[str, tvm.runtime.Tensor]:
     try:
         name, dtype, shape = str(record["name"]), str(record["dtype"]), [int(d) for d in record["shape"]]
@@ -70,4 +76,4 @@ def _tensor(
     if nbytes != expected or offset < 0 or offset + nbytes > len(data) or min(shape, default=1) < 0:
         raise MobileVLMError(f"{path}: {name} ({shape} {dtype}, {nbytes} bytes at {offset}) does not fit {file.name}")
     array = np.frombuffer(data, _DTYPES[dtype], int(np.prod(shape)), offset).reshape(shape)
-    return name, tvm.runtime.tensor(array, device)
+    return name, place(array)
