@@ -494,7 +494,7 @@ def main() -> None:
     from mobilevlm_mlc.demo import DEMO_IMAGE, DEMO_PROMPT
 
     parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=SHAPES, default="1.7b", help="synthetic checkpoint size (tiny, 1.7b, 3b)")
+    parser.add_argument("--size", choices=SHAPES, default="1.7b", help="synthetic checkpoint size")
     parser.add_argument(
         "--checkpoint", type=argtypes.path, default=None, help="use this checkpoint instead of a synthetic one"
     )
@@ -520,9 +520,8 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=argtypes.path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=argtypes.path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--batch", type=argtypes.positive, default=None, help=argparse.SUPPRESS
-    )  # llama.cpp multi-sequence decode
+    # llama.cpp multi-sequence decode
+    parser.add_argument("--batch", type=argtypes.positive, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if "onnxruntime-genai-int4" in args.peers.split(",") and not (args.ort_venv / "bin" / "python").exists():
         parser.error(f"--ort-venv {args.ort_venv}: no Python there for peer onnxruntime-genai-int4 (see the docstring)")

@@ -10,8 +10,10 @@ The engine talks to both through the same few calls; what differs is how a value
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import tvm
 from tvm import rpc
 from tvm.runtime import ShapeTuple
@@ -19,6 +21,7 @@ from tvm.runtime import ShapeTuple
 from mobilevlm_mlc.errors import MobileVLMError, first_line
 from mobilevlm_mlc.targets.toolchain.elf import host_machine
 
+from .host_memory import HugePageArena
 from .threads import use_threads
 
 DEVICE_KINDS = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
@@ -70,6 +73,10 @@ class Backend(ABC):
     def param_array(self, tensors: list[tvm.runtime.Tensor]) -> object:
         """The parameter array the entry points take as their last argument."""
 
+    def weight_placement(self, device: tvm.runtime.Device) -> Callable[[np.ndarray], tvm.runtime.Tensor] | None:
+        """Where the weights go on `device` (None: `tvm.runtime.tensor`, a copy into TVM's allocation)."""
+        return None
+
 
 class LocalBackend(Backend):
     """The library runs in this process."""
@@ -98,6 +105,10 @@ class LocalBackend(Backend):
 
     def param_array(self, tensors: list[tvm.runtime.Tensor]) -> list[tvm.runtime.Tensor]:
         return tensors
+
+    def weight_placement(self, device: tvm.runtime.Device) -> Callable[[np.ndarray], tvm.runtime.Tensor] | None:
+        """On this process's CPU, in 2 MiB pages (`host_memory`)."""
+        return HugePageArena().tensor if device.dlpack_device_type() == tvm.cpu().dlpack_device_type() else None
 
 
 class RemoteSession(Backend):

@@ -28,7 +28,6 @@ from mobilevlm_mlc.formats.tensor_cache import load_tensor_cache
 from .backend import Backend, LocalBackend, RemoteSession, parse_device
 from .chat import ChatSession, TurnResult, run_turns
 from .conversation import IMAGE_TOKEN_ID
-from .host_memory import HugePageArena
 from .kv_cache import PagedKVCache
 from .preprocess import image_bytes, load_image
 from .sampling import GenerationConfig, Sampler
@@ -129,8 +128,7 @@ class Engine:
 
     def _load_params(self) -> list[tvm.runtime.Tensor]:
         """The weights in the library's parameter order, refused unless names, shapes and dtypes all match."""
-        on_host = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()  # this process's CPU (not RPC)
-        loaded = load_tensor_cache(self.dist.path, self.device, HugePageArena().tensor if on_host else None)
+        loaded = load_tensor_cache(self.dist.path, self.device, self.backend.weight_placement(self.device))
         problems, params = [], []
         if self.metadata["quantization"] != self.dist.quantization.name:
             problems.append(
