@@ -68,8 +68,12 @@ def _check_writable_location(path: Path) -> None:
             raise MobileVLMError(
                 f"{path}: the name '{part[:40]}…' is {len(os.fsencode(part))} bytes, longer than the {name_max} this file system allows"
             )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MobileVLMError(f"{path}: {parent} is not writable")
+    try:  # asked of the file system itself: `os.access` says yes to root, even where it cannot write (/proc)
+        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".probe", dir=parent)
+    except OSError as err:
+        raise MobileVLMError(f"{path}: {parent} is not writable ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _overlaps(path: Path, inputs: Iterable[Path]) -> Path | None:

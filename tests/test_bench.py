@@ -382,6 +382,7 @@ BAD_BENCHMARK_ARGS = [  # (script, arguments, what the error line names); FILE: 
     ("batch_decode.py", ["--threads", "0"], "--threads: expected an integer >= 1"),
     ("quantization.py", ["-o", "FILE"], "FILE: exists and is not a json file"),
     ("arm_instructions.py", ["--out", "FILE"], "FILE: exists and is not a json file"),
+    ("quantization.py", ["-o", "/proc/mobilevlm-mlc-test.json"], "/proc is not writable"),  # even as root
     ("compile_times.py", ["--workdir", "FILE"], "--workdir: FILE is a file"),
     ("profile_kernels.py", ["FILE.missing", "FILE.missing", "decode"], "dist folder not found"),
 ]
