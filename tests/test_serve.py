@@ -250,6 +250,28 @@ def test_eight_concurrent_streams_each_equal_its_run_alone(server, ldpnet_engine
     assert server.metric("mobilevlm_generation_tokens_total") == generated_before + 80
 
 
+def test_the_load_benchmarks_client_reads_what_the_server_streams(server):
+    """`benchmarks/serve_load.py` reads streams with `http.client` lines (cheap on the cores it shares with
+    the server): its text, token count and timings are those of the same request made by `openai`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from serve_load import EOS, load, stream_chat
+
+    messages = user("Tell me about the lighthouse.")
+    started, deltas, usage = stream_chat(server.url, MODEL, messages, 7)
+    expected = server.client().chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=7, temperature=0, logit_bias={str(EOS): -100}
+    )
+    assert "".join(text for _, text in deltas) == expected.choices[0].message.content
+    assert usage["completion_tokens"] == expected.usage.completion_tokens == 7
+    stamps = [stamp for stamp, _ in deltas]
+    assert started < stamps[0] and stamps == sorted(stamps)
+
+    result = load(server.url, MODEL, clients=3, requests=2, max_tokens=5)
+    assert (result["requests"], result["tokens"], result["answer_tokens_min"]) == (6, 30, 5)
+    assert result["generated_tok_s"] == pytest.approx(30 / result["wall_s"])
+    assert 0 < result["ttft_ms"]["p50"] <= result["ttft_ms"]["p95"] and result["client_cpu_s"] > 0
+
+
 def wait_for(condition, seconds: float = 10) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
