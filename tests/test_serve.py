@@ -303,6 +303,8 @@ def bad_requests(tmp_path: Path) -> list[tuple[object, int, str]]:
     return [
         (b"{not json", 400, "the body is not valid JSON"),
         (b"[1, 2]", 400, "the body is a JSON list, expected an object"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "the body's JSON is nested deeper than this server parses"),
+        (base | {"messages": user("caf\ud800")}, 400, "the text holds '\\ud800', a lone UTF-16 surrogate"),
         ({"messages": ok}, 422, "model: Field required"),
         (base | {"messages": []}, 422, "messages: List should have at least 1 item"),
         (base | {"temperature": "hot"}, 422, "temperature: Input should be a valid number"),

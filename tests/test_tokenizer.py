@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mobilevlm_mlc.check.reference import ReferenceMobileVLM
+from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.runtime.conversation import IMAGE_TOKEN_ID, Conversation, tokenize_with_images
 from mobilevlm_mlc.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -65,3 +66,13 @@ def test_stream_decoder_emits_whole_text(tokenizers):
     deltas = [stream.push(i) for i in ids]
     assert "".join(deltas) == ours.decode(ids) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+@pytest.mark.parametrize("text", ["caf\udcff", "half a pair \ud83d here"])
+def test_text_that_is_not_unicode_is_refused_by_name(tokenizers, text):
+    """A lone surrogate (a JSON escape of half a pair; bytes that were not UTF-8, kept by Python as
+    surrogate escapes) has no UTF-8 for SentencePiece: one error naming it, not SentencePiece's."""
+    ours, _, _ = tokenizers
+    with pytest.raises(MobileVLMError, match="a lone UTF-16 surrogate") as raised:
+        ours.encode(text)
+    assert repr(text[-1] if text.endswith("\udcff") else "\ud83d") in str(raised.value)

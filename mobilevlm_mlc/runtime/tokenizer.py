@@ -31,6 +31,13 @@ class Tokenizer:
         self._special_re = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        try:  # SentencePiece takes UTF-8 and fails inside on a str that has none
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise MobileVLMError(
+                f"the text holds {text[err.start : err.end]!r}, a lone UTF-16 surrogate (a JSON \\u escape of "
+                "half a pair, or bytes that were not UTF-8): expected Unicode text"
+            ) from None
         ids = [self.bos_id] if add_bos else []
         for part in self._special_re.split(text):
             if part in self._special_ids:

@@ -194,6 +194,8 @@ def _parse(raw: bytes) -> ChatCompletionRequest:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"the body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested deeper than this server parses") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body is a JSON {type(data).__name__}, expected an object")
     try:
