@@ -349,7 +349,7 @@ def bad_requests(tmp_path: Path) -> list[tuple[object, int, str]]:
                 ]
             },
             400,
-            "messages[0].content[0].image_url: not a readable image",
+            "messages[0].content[0].image_url: not a readable image (no image format Pillow reads)",
         ),
         (
             base
@@ -448,8 +448,21 @@ def test_api_key_queue_bound_and_allowed_image_folder(ldpnet_built, ldpnet_engin
             assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
+        for authorization, status in [
+            ("Bearer sesame", 200),
+            ("bearer sesame", 200),  # an auth scheme is case-insensitive
+            ("Bearer sesam", 401),
+            ("Bearer sesame2", 401),
+            ("Basic sesame", 401),
+            ("sesame", 401),
+        ]:
+            response = httpx.get(f"{s.url}/v1/models", headers={"Authorization": authorization})
+            assert response.status_code == status, authorization
         client = s.client("sesame")
         assert [m.id for m in client.models.list().data] == [MODEL]
+        assert client.models.retrieve(MODEL).id == MODEL
+        with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' not found"):
+            client.models.retrieve("gpt-4o")
 
         expected, _ = alone(ldpnet_engine, "What is in the image?", DEMO_IMAGE, 6)
         for url in (str(allowed / "demo.png"), f"file://{allowed / 'demo.png'}"):

@@ -69,7 +69,9 @@ def _decode(fp: BinaryIO, where: object, max_pixels: int | None = None) -> Image
                 return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLarge(f"{where}: image too large to decode safely ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError:  # its message names the file object (a BytesIO's address for uploads)
+        raise MobileVLMError(f"{where}: not a readable image (no image format Pillow reads)") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise MobileVLMError(f"{where}: not a readable image ({err})") from None
 
 

@@ -6,6 +6,7 @@ wrong comes back as OpenAI's error object with its status (400 bad value, 401 ke
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -92,7 +93,7 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
     if options.api_key:
         app.add_middleware(
             _RequireKey,
-            expected=f"Bearer {options.api_key}".encode(),
+            key=options.api_key.encode(),
             refusal=lambda: error_response(
                 APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
             ),
@@ -102,12 +103,22 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
+    model_card = {"id": options.model_id, "object": "model", "created": 0, "owned_by": "mobilevlm-mlc"}
+
+    def check_model(name: str) -> None:
+        if name != options.model_id:
+            raise APIError(
+                404, f"model {name!r} not found; this server has {options.model_id!r}", "not_found_error", "model"
+            )
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": options.model_id, "object": "model", "created": 0, "owned_by": "mobilevlm-mlc"}],
-        }
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model:path}")  # OpenAI's "retrieve model" (`client.models.retrieve`)
+    async def model(model: str) -> dict:
+        check_model(model)
+        return model_card
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -119,10 +130,7 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
         if len(raw) > body_limit:
             raise APIError(413, f"the request body is {len(raw)} bytes, more than the {body_limit} allowed")
         body = _parse(raw)
-        if body.model != options.model_id:
-            raise APIError(
-                404, f"model {body.model!r} not found; this server has {options.model_id!r}", "not_found_error", "model"
-            )
+        check_model(body.model)
         unsupported = body.unsupported()
         if unsupported:
             raise APIError(400, f"{unsupported}: not supported by this server", param=unsupported)
@@ -170,17 +178,22 @@ def create_app(engine: Engine, options: ServerOptions) -> FastAPI:
 
 
 class _RequireKey:
-    """Every route but /health needs `Authorization: Bearer KEY`. A plain ASGI middleware: Starlette's
+    """Every route but /health needs `Authorization: Bearer KEY` (the scheme in any case, as HTTP's auth
+    schemes are; the key compared in constant time). A plain ASGI middleware: Starlette's
     `@app.middleware("http")` (BaseHTTPMiddleware) passes each streamed chunk through a memory stream and
     a task of its own, work the event loop did for every token of every stream (and on a 2-core machine
     the loop's time is taken from the engine's threads)."""
 
-    def __init__(self, app, expected: bytes, refusal) -> None:
-        self.app, self.expected, self.refusal = app, expected, refusal
+    def __init__(self, app, key: bytes, refusal) -> None:
+        self.app, self.key, self.refusal = app, key, refusal
+
+    def allows(self, authorization: bytes | None) -> bool:
+        scheme, _, token = (authorization or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(b" "), self.key)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] != "/health":
-            if dict(scope["headers"]).get(b"authorization") != self.expected:
+            if not self.allows(dict(scope["headers"]).get(b"authorization")):
                 await self.refusal()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
