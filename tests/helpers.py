@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from hypothesis import strategies as st
 
 from mobilevlm_mlc.check.reference import ReferenceMobileVLM
 from mobilevlm_mlc.check.synthetic import make_checkpoint
@@ -120,3 +121,43 @@ def write_config(folder: Path, models: dict, **overrides) -> Path:
     path = folder / "mlc-package-config.json"
     path.write_text(json.dumps(config))
     return path
+
+
+# ---- fuzzing JSON documents: edits of a valid one's leaves (hypothesis) ----------------------------------
+
+VALUES = st.one_of(  # any JSON value, of every type a field could wrongly hold
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True),
+    st.text(st.characters(exclude_categories=()), max_size=8),  # lone surrogates too (JSON's \ud800)
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+DELETE = object()  # an edit that removes the leaf
+
+
+def leaf_paths(obj, prefix=()):
+    """The path (keys and indices) of every leaf of a JSON document."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from leaf_paths(value, (*prefix, key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from leaf_paths(value, (*prefix, i))
+    else:
+        yield prefix
+
+
+def apply_edit(document, path: tuple, value) -> None:
+    """Set (or, for DELETE, remove) the leaf at `path`, if an earlier edit left the path in place."""
+    node = document
+    try:
+        for key in path[:-1]:
+            node = node[key]
+        if value is DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    except (KeyError, IndexError, TypeError):
+        pass

@@ -25,44 +25,9 @@ from mobilevlm_mlc.formats.tensor_cache import load_tensor_cache
 from mobilevlm_mlc.package import package
 from mobilevlm_mlc.runtime.preprocess import load_image
 
-from .helpers import checkpoint_for, write_config
+from .helpers import DELETE, VALUES, apply_edit, checkpoint_for, leaf_paths, write_config
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-VALUES = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**40), 2**40),
-    st.floats(allow_nan=True),
-    st.text(max_size=8),
-    st.lists(st.integers(-5, 5), max_size=3),
-    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-)
-DELETE = object()
-
-
-def _leaf_paths(obj, prefix=()):
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _leaf_paths(value, (*prefix, key))
-    elif isinstance(obj, list):
-        for i, value in enumerate(obj):
-            yield from _leaf_paths(value, (*prefix, i))
-    else:
-        yield prefix
-
-
-def _apply(document, path: tuple, value) -> None:
-    """Set (or, for DELETE, remove) the leaf at `path`, if an earlier edit left the path in place."""
-    node = document
-    try:
-        for key in path[:-1]:
-            node = node[key]
-        if value is DELETE:
-            del node[path[-1]]
-        else:
-            node[path[-1]] = value
-    except (KeyError, IndexError, TypeError):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +68,7 @@ def test_config_json(checkpoint, tmp_path_factory):
 @pytest.mark.slow  # hundreds of generated inputs, each through the real loader
 def test_tensor_cache_json(dist, tmp_path_factory):
     cache = json.loads((dist / "tensor-cache.json").read_text())
-    paths = list(_leaf_paths(cache))
+    paths = list(leaf_paths(cache))
     shards = [f for f in dist.iterdir() if f.suffix == ".bin"]
 
     @FUZZ
@@ -114,7 +79,7 @@ def test_tensor_cache_json(dist, tmp_path_factory):
             (folder / shard.name).symlink_to(shard)
         edited = copy.deepcopy(cache)
         for path, value in edits:
-            _apply(edited, path, value)
+            apply_edit(edited, path, value)
         (folder / "tensor-cache.json").write_text(json.dumps(edited))
         try:
             load_tensor_cache(folder, tvm.cpu())
@@ -194,7 +159,7 @@ def test_decompression_bomb_is_refused(tmp_path):
 def test_package_config(android_models, tmp_path_factory):
     """Fuzzed mlc-package-config.json: the package or a clear error, and nothing written outside OUT."""
     base = json.loads(write_config(tmp_path_factory.mktemp("pkgcfg"), android_models).read_text())
-    paths = list(_leaf_paths(base))
+    paths = list(leaf_paths(base))
     strings = st.sampled_from(
         ["", "..", "../escape", "/abs/path", "a/b", "HF://x/y", "mobilevlm_x", "android", "iphone"]
     )
@@ -207,7 +172,7 @@ def test_package_config(android_models, tmp_path_factory):
         folder = tmp_path_factory.mktemp("pkg")
         edited = copy.deepcopy(base)
         for path, value in edits:
-            _apply(edited, path, value)
+            apply_edit(edited, path, value)
         config = folder / "mlc-package-config.json"
         config.write_text(json.dumps(edited))
         try:

@@ -5,6 +5,8 @@ against the engine's own greedy answers for the same prompts, run alone in this 
 from __future__ import annotations
 
 import base64
+import collections
+import copy
 import io
 import json
 import os
@@ -19,12 +21,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mobilevlm_mlc.demo import DEMO_IMAGE
 from mobilevlm_mlc.runtime.sampling import GenerationConfig, Sampler
 
-from .helpers import reference_for
+from .helpers import DELETE, VALUES, apply_edit, leaf_paths, reference_for
 
 MODEL = "dist-ldpnet-q0f32"
 
@@ -407,6 +411,51 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, tmp_path,
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'mobilevlm_requests_total{status="413"} 2.0' in metrics  # the big image, the big body
     assert "mobilevlm_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_fuzzed_requests_get_a_status_of_their_own_never_a_500(server):
+    """A valid request with 1-3 of its fields set to any JSON value (or removed): a 200 or an OpenAI error
+    object with a client status; never a 500, and the server goes on."""
+    base = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": png_url(Image.new("RGB", (8, 6), "teal"))}},
+                ],
+            },
+        ],
+        "max_tokens": 2,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 1,
+        "stop": ["\n"],
+        "logit_bias": {"5": 1.0},
+        "stream": False,
+    }
+    paths = list(leaf_paths(base))
+    seen = collections.Counter()
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(st.tuples(st.sampled_from(paths), st.one_of(VALUES, st.just(DELETE))), min_size=1, max_size=3))
+    def check(edits):
+        body = copy.deepcopy(base)
+        for path, value in edits:
+            apply_edit(body, path, value)
+        body["max_completion_tokens"] = 2  # whatever max_tokens became: answers stay short
+        content = json.dumps(body)  # NaN and Infinity as Python writes them (not strict JSON)
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=content, timeout=60)
+        seen[response.status_code] += 1
+        assert response.status_code in (200, 400, 404, 413, 422), (edits, response.text)
+        if response.status_code != 200:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
+
+    check()
+    assert seen[200] and len(seen) > 1, seen  # both answers and refusals were reached
+    assert server.client().chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2).choices
 
 
 def test_memory_stays_flat_over_200_requests(server):
