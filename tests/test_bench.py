@@ -140,12 +140,22 @@ def test_compare_prints_ratios_and_draws_a_chart(tmp_path):
     assert "20.0   (2.00x)" in proc.stdout
 
 
-def test_compare_rejects_other_json(tmp_path):
+@pytest.mark.parametrize(
+    "document,message",
+    [
+        ({"decode": 3}, "field 'schema' is missing, expected 'mobilevlm-mlc-bench/1'"),
+        ({"schema": None}, "field 'schema' is None, expected 'mobilevlm-mlc-bench/1'"),
+        ({"schema": "mobilevlm-mlc-bench/0"}, "field 'schema' is 'mobilevlm-mlc-bench/0', expected"),
+        ([1, 2], "a JSON list, expected a benchmark result object"),
+        ("text", "a JSON str, expected a benchmark result object"),
+    ],
+)
+def test_compare_rejects_other_json(tmp_path, document, message):
     path = tmp_path / "other.json"
-    path.write_text(json.dumps({"decode": 3}))
+    path.write_text(json.dumps(document))
     proc = cli("compare", path)
     assert proc.returncode == 2
-    assert f"{path}: field 'schema' is None, expected 'mobilevlm-mlc-bench/1'" in cli_error(proc)
+    assert f"{path}: {message}" in cli_error(proc)
 
 
 def _free_port() -> int:

@@ -21,10 +21,15 @@ def load_results(paths: list[Path]) -> list[dict]:
             raise MobileVLMError(f"{path}: not a readable benchmark result ({err})") from None
         except UnicodeDecodeError:
             raise MobileVLMError(f"{path}: not a readable benchmark result (not UTF-8 text)") from None
-        if not isinstance(result, dict) or result.get("schema") != SCHEMA:
-            found = result.get("schema") if isinstance(result, dict) else type(result).__name__
+        if not isinstance(result, dict):
             raise MobileVLMError(
-                f"{path}: field 'schema' is {found!r}, expected {SCHEMA!r} (written by `mobilevlm-mlc bench`)"
+                f"{path}: a JSON {type(result).__name__}, expected a benchmark result object (written by "
+                "`mobilevlm-mlc bench`)"
+            )
+        if result.get("schema") != SCHEMA:
+            found = f"is {result['schema']!r}" if "schema" in result else "is missing"
+            raise MobileVLMError(
+                f"{path}: field 'schema' {found}, expected {SCHEMA!r} (written by `mobilevlm-mlc bench`)"
             )
         _check_result(path, result)
         results.append(result)
