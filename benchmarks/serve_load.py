@@ -36,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -50,10 +51,13 @@ from mobilevlm_mlc import arguments as argtypes
 from mobilevlm_mlc.bench.benchmark import environment
 from mobilevlm_mlc.check.synthetic import SHAPES
 from mobilevlm_mlc.cli import run
+from mobilevlm_mlc.errors import MobileVLMError, first_line
 from mobilevlm_mlc.fileio import check_output_file, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. " * 3
+PROMPT_TOKENS = 128  # at most, in any engine's chat template (99 in ours)
+CONTEXT = 2048  # tokens of one sequence: llama.cpp's context per slot, the 1.7B shape's window
 EOS = 2
 
 
@@ -64,22 +68,30 @@ def free_port() -> int:
 
 
 class Served:
-    """A server process, up once `health` answers."""
+    """A server process, up once `health` answers; one that exits or never answers is a MobileVLMError
+    with the last line it wrote to stderr."""
 
     def __init__(self, cmd: list[str], port: int, health: str, env: dict | None = None):
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: nothing blocks a chatty server
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited with {self.process.returncode}")
+                raise MobileVLMError(f"{shlex.join(cmd[:4])} ... exited with {self.process.returncode}{self._said()}")
             try:
                 if httpx.get(self.url + health, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"{cmd} did not come up")
+        self.stop()
+        raise MobileVLMError(f"{shlex.join(cmd[:4])} ... did not answer {health} in 300 s{self._said()}")
+
+    def _said(self) -> str:
+        self.stderr.seek(0)
+        lines = [line.strip() for line in self.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        return f" ({lines[-1]})" if lines else ""
 
     def stop(self) -> None:
         self.process.terminate()
@@ -87,6 +99,7 @@ class Served:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        self.stderr.close()
 
 
 def stream_chat(
@@ -96,8 +109,9 @@ def stream_chat(
     piece of content with the time it arrived, and the usage (None where a server sends none).
 
     The load runs on the same two cores as the server it measures, so the client is the cheapest one the
-    standard library makes: `http.client` reading lines (C-buffered) where httpx's stream took ~4x the CPU
-    per token (~0.34 ms against ~0.07), time taken from whichever engine is being measured."""
+    standard library makes: `http.client` reading lines (C-buffered) where httpx's stream took ~5x the CPU
+    per token (~0.34 ms against ~0.07), time taken from whichever engine is being measured. A refusal
+    (its OpenAI error message) or a lost connection is a MobileVLMError naming the server."""
     body = {
         "model": model,
         "messages": messages,
@@ -114,7 +128,7 @@ def stream_chat(
         connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         if response.status != 200:
-            raise RuntimeError(f"{url}: HTTP {response.status}: {response.read(500)!r}")
+            raise MobileVLMError(f"{url}: HTTP {response.status}: {_error_message(response.read(2000))}")
         for line in iter(response.readline, b""):
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
@@ -123,9 +137,19 @@ def stream_chat(
             content = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
             if content:
                 deltas.append((time.perf_counter(), content))
+    except (OSError, http.client.HTTPException, ValueError) as err:  # the server went away, or sent no JSON
+        raise MobileVLMError(f"{url}: the stream failed ({first_line(err)})") from None
     finally:
         connection.close()
     return started, deltas, usage
+
+
+def _error_message(body: bytes) -> str:
+    """An error response's OpenAI message, else its first 200 bytes."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return repr(body[:200])
 
 
 def one_request(url: str, model: str, max_tokens: int, number: int) -> dict:
@@ -142,15 +166,20 @@ def one_request(url: str, model: str, max_tokens: int, number: int) -> dict:
 
 def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     results: list[dict] = []
+    failures: list[Exception] = []
     lock = threading.Lock()
     ready = threading.Barrier(clients + 1)  # the clients start together, not one thread start apart
 
     def client(first: int) -> None:
         ready.wait()
-        for number in range(first, first + requests):
-            result = one_request(url, model, max_tokens, number)
+        try:
+            for number in range(first, first + requests):
+                result = one_request(url, model, max_tokens, number)
+                with lock:
+                    results.append(result)
+        except Exception as err:  # noqa: BLE001 - raised once, from the calling thread, after the others end
             with lock:
-                results.append(result)
+                failures.append(err)
 
     one_request(url, model, 4, 0)  # warm-up
     threads = [threading.Thread(target=client, args=(1 + c * requests,)) for c in range(clients)]
@@ -161,6 +190,8 @@ def load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> 
     for t in threads:
         t.join()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    if failures:
+        raise failures[0]
     tokens = sum(r["tokens"] for r in results)
     ttft = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
     gaps = sorted(g for r in results for g in r["gaps_s"])
@@ -195,7 +226,12 @@ def main() -> None:
         default=1,
         help="the whole sweep this many times, interleaved: medians are reported",
     )
-    parser.add_argument("--max-tokens", type=argtypes.integer(1), default=128)
+    parser.add_argument(
+        "--max-tokens",
+        type=argtypes.integer(1, CONTEXT - PROMPT_TOKENS),
+        default=128,
+        help=f"per answer; at most {CONTEXT - PROMPT_TOKENS}: a sequence's {CONTEXT} tokens less the prompt",
+    )
     parser.add_argument("--threads", type=argtypes.integer(1), default=2)
     parser.add_argument("--llama-server", type=argtypes.executable, required=True)
     parser.add_argument("--engines", default="mobilevlm-mlc,llama-server,llama-cpp-python")
@@ -213,7 +249,6 @@ def main() -> None:
     checkpoint, dist, lib = synthetic_build(args.workdir, args.size, args.quantization)
     gguf = gguf_for(checkpoint, args.workdir, args.size, "Q4_0", args.threads)
     most = max(args.clients)
-    context = 2048
     env = os.environ | {"TVM_NUM_THREADS": str(args.threads)}
 
     def start(engine: str, clients: int) -> Served:
@@ -230,15 +265,16 @@ def main() -> None:
                 "--port",
                 str(port),
             ]
-            cmd += ["--max-sequences", str(most), "--kv-cache-tokens", str(most * 512), "--model-id", "model"]
+            per_sequence = max(512, PROMPT_TOKENS + args.max_tokens + 16)  # + the page a fork copies
+            cmd += ["--max-sequences", str(most), "--kv-cache-tokens", str(most * per_sequence), "--model-id", "model"]
             cmd += args.serve_flags
             return Served(cmd, port, "/health", env)
         if engine == "llama-server":
             cmd = [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t", str(args.threads)]
-            cmd += ["--parallel", str(clients), "-c", str(context * clients), "--cont-batching", "--no-webui"]
+            cmd += ["--parallel", str(clients), "-c", str(CONTEXT * clients), "--cont-batching", "--no-webui"]
             return Served(cmd, port, "/health", env)
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
-        cmd += ["--n_threads", str(args.threads), "--n_ctx", str(context), "--model_alias", "model"]
+        cmd += ["--n_threads", str(args.threads), "--n_ctx", str(CONTEXT), "--model_alias", "model"]
         cmd += ["--interrupt_requests", "False"]
         return Served(cmd, port, "/v1/models", env)
 

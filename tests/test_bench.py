@@ -387,6 +387,11 @@ BAD_BENCHMARK_ARGS = [  # (script, arguments, what the error line names); FILE: 
     ("serve_load.py", ["--llama-server", "FILE"], "--llama-server: expected an executable program"),
     ("serve_load.py", ["--llama-server", sys.executable, "--out", "FILE"], "--out: FILE is a file"),
     ("serve_load.py", ["--llama-server", sys.executable, "--clients", "1,0"], "--clients"),
+    (
+        "serve_load.py",
+        ["--llama-server", sys.executable, "--max-tokens", "5000"],
+        "argument --max-tokens: expected an integer in [1, 1920], got 5000",
+    ),
     ("serve_chat.py", ["--workdir", "FILE/below"], "--workdir: FILE is a file"),
     ("peers.py", ["--prompt-lengths", "128,x"], "--prompt-lengths"),
     ("batch_decode.py", ["--threads", "0"], "--threads: expected an integer >= 1"),

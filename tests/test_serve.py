@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mobilevlm_mlc.demo import DEMO_IMAGE
+from mobilevlm_mlc.errors import MobileVLMError
 from mobilevlm_mlc.runtime.sampling import GenerationConfig, Sampler
 
 from .helpers import DELETE, VALUES, apply_edit, leaf_paths, reference_for
@@ -274,6 +275,9 @@ def test_the_load_benchmarks_client_reads_what_the_server_streams(server):
     assert (result["requests"], result["tokens"], result["answer_tokens_min"]) == (6, 30, 5)
     assert result["generated_tok_s"] == pytest.approx(30 / result["wall_s"])
     assert 0 < result["ttft_ms"]["p50"] <= result["ttft_ms"]["p95"] and result["client_cpu_s"] > 0
+    # a refusal inside a client thread ends the load with the server's own message, once
+    with pytest.raises(MobileVLMError, match=r"HTTP 400: this model's context window is"):
+        load(server.url, MODEL, clients=2, requests=1, max_tokens=10**6)
 
 
 def wait_for(condition, seconds: float = 10) -> bool:
