@@ -156,9 +156,12 @@ def bench_pytorch(
 # ---------------------------------------------------------------- our builds
 
 
-def synthetic_build(workdir: Path, size: str, quantization: str, target: str = "cpu") -> tuple[Path, Path, Path]:
+def synthetic_build(
+    workdir: Path, size: str, quantization: str, target: str = "cpu", kv_cache: str = "model"
+) -> tuple[Path, Path, Path]:
     """(checkpoint, dist, library) of a random-weight checkpoint of `size` in `workdir`: the checkpoint and
-    weights made once and reused, the library built every time (it reflects this code)."""
+    weights made once and reused, the library built every time (it reflects this code), its KV cache in
+    `kv_cache` (`compile --kv-cache`)."""
     from mobilevlm_mlc.check.synthetic import make_checkpoint
     from mobilevlm_mlc.compiler import compile_model
     from mobilevlm_mlc.convert.converter import convert
@@ -169,10 +172,10 @@ def synthetic_build(workdir: Path, size: str, quantization: str, target: str = "
     if not (checkpoint / "config.json").exists():
         make_checkpoint(checkpoint, "ldpnet", size=size)
     dist = workdir / f"{size}-{quantization}"
-    lib = workdir / f"{size}-{quantization}-{target}.so"
+    lib = workdir / f"{size}-{quantization}-{target}{'' if kv_cache == 'model' else '-kv-' + kv_cache}.so"
     if not (dist / MANIFEST).exists():
         convert(checkpoint, dist, quantization, progress=False)
-    compile_model(dist, target, lib)
+    compile_model(dist, target, lib, kv_cache=kv_cache)
     return checkpoint, dist, lib
 
 

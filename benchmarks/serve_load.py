@@ -53,6 +53,7 @@ from mobilevlm_mlc.check.synthetic import SHAPES
 from mobilevlm_mlc.cli import run
 from mobilevlm_mlc.errors import MobileVLMError, first_line
 from mobilevlm_mlc.fileio import check_output_file, write_json_atomic
+from mobilevlm_mlc.model_defs.config import KV_CACHES
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. " * 3
@@ -232,6 +233,12 @@ def main() -> None:
         default=128,
         help=f"per answer; at most {CONTEXT - PROMPT_TOKENS}: a sequence's {CONTEXT} tokens less the prompt",
     )
+    parser.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default="model",
+        help="our library's KV cache (`compile --kv-cache`); int8 gives llama-server q8_0 K and V (flash attention)",
+    )
     parser.add_argument("--threads", type=argtypes.integer(1), default=2)
     parser.add_argument("--llama-server", type=argtypes.executable, required=True)
     parser.add_argument("--engines", default="mobilevlm-mlc,llama-server,llama-cpp-python")
@@ -246,7 +253,7 @@ def main() -> None:
         parser.error(f"--engines: unknown {', '.join(sorted(unknown))} (mobilevlm-mlc, llama-server, llama-cpp-python)")
 
     check_output_file(args.out / "serve-load.json", "json")  # before minutes of load
-    checkpoint, dist, lib = synthetic_build(args.workdir, args.size, args.quantization)
+    checkpoint, dist, lib = synthetic_build(args.workdir, args.size, args.quantization, kv_cache=args.kv_cache)
     gguf = gguf_for(checkpoint, args.workdir, args.size, "Q4_0", args.threads)
     most = max(args.clients)
     env = os.environ | {"TVM_NUM_THREADS": str(args.threads)}
@@ -272,6 +279,10 @@ def main() -> None:
         if engine == "llama-server":
             cmd = [str(args.llama_server), "-m", str(gguf), "--port", str(port), "-t", str(args.threads)]
             cmd += ["--parallel", str(clients), "-c", str(CONTEXT * clients), "--cont-batching", "--no-webui"]
+            if (
+                args.kv_cache == "int8"
+            ):  # the same bytes per cached value as ours; llama.cpp's 8-bit V needs flash attention
+                cmd += ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--flash-attn", "on"]
             return Served(cmd, port, "/health", env)
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port)]
         cmd += ["--n_threads", str(args.threads), "--n_ctx", str(CONTEXT), "--model_alias", "model"]

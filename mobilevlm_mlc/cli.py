@@ -14,6 +14,7 @@ from pathlib import Path
 from . import arguments as argtypes
 from .demo import DEMO_IMAGE, DEMO_PROMPT
 from .errors import MobileVLMError, first_line
+from .model_defs.config import KV_CACHES
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +74,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from .compiler import compile_model
     from .targets import get_target
 
-    report = compile_model(args.dist_dir, args.target, args.output, args.cpu)
+    report = compile_model(args.dist_dir, args.target, args.output, args.cpu, args.kv_cache)
     print(
         f"compiled {args.dist_dir} for {report['target']} -> {report['output']} "
         f"(export {report['export_s']:.1f} s, build {report['build_s']:.1f} s)"
@@ -379,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dist_dir", type=argtypes.path)
     p.add_argument("--target", type=argtypes.target, default="cpu")
     p.add_argument("--cpu", default=None, help=CPU_HELP)
+    p.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default="model",
+        help="K and V in the model's dtype (default), or int8 with a scale per token and head: half the "
+        "bytes each decode step reads (CPU targets)",
+    )
     p.add_argument("-o", "--output", type=argtypes.path, required=True)
     p.set_defaults(func=cmd_compile)
 

@@ -13,7 +13,7 @@ from tvm import relax
 
 from mobilevlm_mlc.formats.dist import Dist, load_dist
 from mobilevlm_mlc.formats.manifest import dist_identity, record_library
-from mobilevlm_mlc.model_defs.config import MAX_BATCH_SIZE
+from mobilevlm_mlc.model_defs.config import KV_CACHES, MAX_BATCH_SIZE
 from mobilevlm_mlc.model_defs.mobilevlm import MobileVLMForCausalLM
 from mobilevlm_mlc.model_defs.quantization import layout_fallbacks
 from mobilevlm_mlc.targets.passes.attach_gpu_sampler import attach_gpu_sampler
@@ -24,7 +24,7 @@ from mobilevlm_mlc.targets.toolchain.cuda_device_code import ToolchainError
 
 from .errors import MobileVLMError, first_line
 from .fileio import atomic_file, check_output_file
-from .targets import KernelCheckError, get_target
+from .targets import TARGETS, KernelCheckError, get_target
 
 
 def metadata(dist: Dist, named_params: list, build: dict) -> dict:
@@ -126,9 +126,11 @@ def system_lib_prefix(dist: Dist) -> str:
     return f"{stem}_" if stem.startswith("mobilevlm") else f"mobilevlm_{stem}_"
 
 
-def compile_model(dist_dir: Path, target_name: str, output: Path, cpu: str | None = None) -> dict:
-    """Build the library for `target_name` (on its `--cpu` preset `cpu`) at `output`; returns a small
-    report (times, functions)."""
+def compile_model(
+    dist_dir: Path, target_name: str, output: Path, cpu: str | None = None, kv_cache: str = "model"
+) -> dict:
+    """Build the library for `target_name` (on its `--cpu` preset `cpu`) at `output`, its KV cache in
+    `kv_cache` (one of KV_CACHES); returns a small report (times, functions)."""
     dist = load_dist(dist_dir)
     try:
         build_target = get_target(target_name)
@@ -137,6 +139,13 @@ def compile_model(dist_dir: Path, target_name: str, output: Path, cpu: str | Non
         raise MobileVLMError(str(err.args[0])) from None
     except ValueError as err:
         raise MobileVLMError(str(err)) from None
+    if kv_cache not in KV_CACHES:
+        raise MobileVLMError(f"--kv-cache {kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
+    if kv_cache == "int8" and not build_target.int8_kv_cache:
+        having = ", ".join(name for name, t in TARGETS.items() if t.int8_kv_cache)
+        raise MobileVLMError(
+            f"--kv-cache int8: target '{target_name}' has no 8-bit KV cache (targets with one: {having})"
+        )
     output = Path(output)
     if output.suffix != build_target.library_suffix:
         raise MobileVLMError(f"{output}: target '{target_name}' writes a '{build_target.library_suffix}' library")
@@ -153,6 +162,7 @@ def compile_model(dist_dir: Path, target_name: str, output: Path, cpu: str | Non
     target = build_target.tvm_target(cpu)
     scheme = dist.quantization.scheme
     build = build_target.build_info(target, dist.config.dtype, scheme)
+    build["kv_cache_dtype"] = "int8" if kv_cache == "int8" else dist.config.dtype
     if preset:
         build |= {"cpu": cpu or build_target.default_cpu, "mcpu": preset.mcpu}
     model = MobileVLMForCausalLM(dist.config, scheme, build_target.image_coefficient_dtype)
@@ -169,8 +179,8 @@ def compile_model(dist_dir: Path, target_name: str, output: Path, cpu: str | Non
     logging.getLogger("topi").setLevel(logging.ERROR)
     try:
         with target:
-            lowered = build_target.relax_pipeline(target)(mod)
-    except KernelCheckError as err:
+            lowered = build_target.relax_pipeline(target, int8_kv=kv_cache == "int8")(mod)
+    except (KernelCheckError, ValueError) as err:
         raise MobileVLMError(f"target '{target_name}': {err}") from None
     meta = metadata(dist, named_params, build) | {"dist": identity, "memory_usage": planned_memory(lowered)}
     lowered = _attach_metadata(lowered, meta, like=lowered["_metadata"])

@@ -23,6 +23,8 @@ MAX_IMAGE_SIZE = 4096
 # Tokens per page of the paged KV cache: the engine creates its cache with it, and the CPU decode-attention
 # kernel (`targets/cpu_kernels/attention.py`) steps one page at a time (another size falls back to TVM's).
 KV_PAGE_SIZE = 16
+# how a library stores K and V: in the model's dtype, or int8 with a scale per token and head (CPU targets)
+KV_CACHES = ("model", "int8")
 # The most sequences a library declares it can decode together (`_metadata.max_batch_size`; MLC's default).
 MAX_BATCH_SIZE = 128
 

@@ -4,6 +4,7 @@ where the core has dotprod), a shared library cross-linked with Debian's `g++-aa
 libraries also run here, under qemu-user (`mobilevlm_mlc/emulation`). `compile --cpu` picks the core."""
 
 import dataclasses
+import functools
 
 import tvm
 
@@ -32,10 +33,11 @@ ARM64_LINUX = BuildTarget(
     default_quantization="q4f16_3",
     quantizations=("q4f16_3", "q4f32_3", "q4f16_1", "q4f32_1", "q0f16", "q0f32"),
     # Android's blocks; a shared library can keep the decode attention's KV page prefetch
-    pipeline=lambda target: cpu_pipeline(target, dataclasses.replace(NEON_KERNELS, prefetch=True)),
+    pipeline=functools.partial(cpu_pipeline, config=dataclasses.replace(NEON_KERNELS, prefetch=True)),
     codegen="llvm",
     numerics=cpu_numerics,
     kernel_renames=CPU_KERNEL_RENAMES,
+    int8_kv_cache=True,
     linker="aarch64-linux-gnu-g++",
     linker_package="Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu",
     cpus=BOARD_CPUS,

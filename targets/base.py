@@ -52,6 +52,7 @@ class BuildTarget:
     # this target's code built for this LLVM triple runs here under qemu-user (Android's bionic does not)
     emulated_triple: str | None = None
     device: str = "cpu"  # the TVM device its libraries compute on
+    int8_kv_cache: bool = False  # its pipeline takes `int8_kv=True`: K and V stored in 8 bits (`--kv-cache int8`)
 
     @property
     def runs_on_this_machine(self) -> bool:
@@ -86,9 +87,9 @@ class BuildTarget:
             return self.make_target()
         return self.make_target(preset.mcpu, self.emulated_triple if emulated else None)
 
-    def relax_pipeline(self, target: tvm.target.Target) -> tvm.transform.Pass:
+    def relax_pipeline(self, target: tvm.target.Target, int8_kv: bool = False) -> tvm.transform.Pass:
         with target:
-            return self.pipeline(target)
+            return self.pipeline(target, int8_kv=True) if int8_kv else self.pipeline(target)
 
     def missing_codegen(self) -> str | None:
         """Why the installed TVM cannot build this target, or None if it can."""

@@ -48,13 +48,16 @@ def cpu_numerics(target: tvm.target.Target, dtype: str, scheme: GroupQuantScheme
     }
 
 
-def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig | None = None) -> tvm.transform.Pass:
+def cpu_pipeline(
+    target: tvm.target.Target, config: CpuKernelConfig | None = None, int8_kv: bool = False
+) -> tvm.transform.Pass:
     """TVM's CPU pipeline with our passes: `x @ W.T` folded into one matmul (W^T never materialized),
     every kernel scheduled for threads and SIMD, dequantize inlined into any quantized matmul no rule
     took, and the KV cache's attention kernels replaced by parallel, vectorized ones. Softmax uses TOPI's
     polynomial exp (vectorizes; libm's `expf` does not): the vision tower's softmax took 400 ms of a
     2.5 s image encode. With an int8 dot product (AVX-512 VNNI, AVX-VNNI or AVX2: `int8_dot`), NK64
-    (q4f32_3, q4f16_3) quantized matmuls run on int8 activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32."""
+    (q4f32_3, q4f16_3) quantized matmuls run on int8 activations; without fp16 arithmetic, an fp16 model's vision tower computes in fp32.
+    `int8_kv`: the KV cache stores K and V in 8 bits (`cpu_kernels/int8_kv.py`)."""
     config = config or x86_kernels(target)
     dot = int8_dot(target)
     int8 = [replace_quantized_matmuls(dot, config.prefetch)] if dot else []
@@ -65,7 +68,7 @@ def cpu_pipeline(target: tvm.target.Target, config: CpuKernelConfig | None = Non
         + [
             relax.transform.FuseTransposeMatmul(),
             relax.transform.FastMathTransform(),
-            replace_attention(config.prefetch),
+            replace_attention(config.prefetch, int8_kv),
             replace_rope,
         ]
         + cpu_generic.library_dispatch_passes(target)
@@ -90,4 +93,5 @@ HOST_CPU = BuildTarget(
     codegen="llvm",
     numerics=cpu_numerics,
     kernel_renames=CPU_KERNEL_RENAMES,
+    int8_kv_cache=True,
 )

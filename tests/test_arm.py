@@ -87,6 +87,7 @@ def test_arm64_linux_model_matches_the_reference(arm_session, arm_build, workspa
         "quantized_matmul_activations": "int8",
         "int8_dot_product": "neon-dotprod",
         "vision_compute_dtype": "float16",
+        "kv_cache_dtype": "float16",
         "cpu": "cortex-a78",
         "mcpu": "cortex-a78",
     }

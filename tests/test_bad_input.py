@@ -305,6 +305,11 @@ def _bad_inputs(built, tmp: Path) -> list[tuple[list, str]]:
         (["compile", dist, "--target", "cpu", "-o", tmp / "x.tar"], "writes a '.so' library"),
         (["compile", dist, "--target", "cpu", "--cpu", "rpi5", "-o", tmp / "x.so"], "it has no --cpu presets"),
         (
+            ["compile", dist, "--target", "vulkan", "--kv-cache", "int8", "-o", tmp / "x.so"],
+            "--kv-cache int8: target 'vulkan' has no 8-bit KV cache (targets with one: cpu, arm64-linux)",
+        ),
+        (["compile", dist, "--kv-cache", "fp8", "-o", tmp / "x.so"], "argument --kv-cache: invalid choice: 'fp8'"),
+        (
             ["compile", dist, "--target", "arm64-linux", "--cpu", "m1", "-o", tmp / "x.so"],
             "--cpu 'm1': not a CPU of target 'arm64-linux' (expected one of cortex-a78, orin, rpi5",
         ),

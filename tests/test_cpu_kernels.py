@@ -19,8 +19,10 @@ from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_positio
 from mobilevlm_mlc.bench.benchmark import cpu_features
 from mobilevlm_mlc.check.reference import int8_activations
 from mobilevlm_mlc.convert.packing import dequantize_weight, quantize_weight
+from mobilevlm_mlc.model_defs.config import KV_PAGE_SIZE
 from mobilevlm_mlc.model_defs.quantization import QUANTIZATIONS
 from mobilevlm_mlc.targets.cpu import x86_kernels
+from mobilevlm_mlc.targets.cpu_kernels import int8_kv
 from mobilevlm_mlc.targets.cpu_kernels.attention import decode_attention, prefill_attention, prefill_ragged_attention
 from mobilevlm_mlc.targets.cpu_kernels.int8_dot import INT8_DOTS, Int8Dot, int8_dot
 from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import int8_quantized_gemv, int8_quantized_matmul
@@ -331,3 +333,141 @@ def test_silu_vectorizes_and_matches_numpy(dtype):
     expected = wide / (1 + np.exp(-wide))
     tiny = float(np.finfo(dtype).tiny)  # below the smallest normal number the dtype flushes or rounds away
     np.testing.assert_allclose(got, expected, rtol=2e-6 if dtype == "float32" else 1e-3, atol=tiny)
+
+
+def int8_cache(kv_heads: int, dim: int, tokens: list[np.ndarray], num_pages: int, seed: int = 0):
+    """An fp16 page pool, garbage-filled (as the runtime leaves fresh pages), with `tokens` (per
+    sequence [n, 2, kv_heads, dim]: K and V) appended by the 8-bit `transpose_append` at shuffled pages;
+    returns the pool, the page table (indptr, values), the last pages' lengths, and the position map."""
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 1 << 16, (num_pages, 2, kv_heads, KV_PAGE_SIZE, dim), dtype=np.uint16).view(np.float16)
+    order, indptr, values, positions, last = rng.permutation(num_pages), [0], [], [], []
+    for seq in tokens:
+        pages = [int(p) for p in order[len(values) : len(values) + math.ceil(len(seq) / KV_PAGE_SIZE)]]
+        values += pages
+        indptr.append(len(values))
+        positions += [pages[t // KV_PAGE_SIZE] * KV_PAGE_SIZE + t % KV_PAGE_SIZE for t in range(len(seq))]
+        last.append(len(seq) - (len(pages) - 1) * KV_PAGE_SIZE if pages else 0)
+    rows = np.concatenate(tokens).astype(np.float16)
+    dev = tvm.cpu()
+    pool_t = tvm.runtime.tensor(pool, dev)
+    append = tvm.compile(tvm.IRModule({"main": int8_kv.transpose_append(kv_heads, dim, "float16")}), target=TARGET)
+    args = (rows[:, 0], rows[:, 1], np.array(positions + [-1], np.int32)[:-1])
+    append(pool_t, *[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args])
+    return pool_t, np.array(indptr, np.int32), np.array(values or [0], np.int32), np.array(last, np.int32), positions
+
+
+def read_int8_cache(pool, positions: list[int], kv_heads: int, dim: int, layers: int = 1) -> np.ndarray:
+    """The 8-bit cache at `positions` through its `debug_get_kv`, dequantized: [n, 2, kv_heads, dim]."""
+    get = tvm.compile(tvm.IRModule({"main": int8_kv.debug_get_kv(layers, kv_heads, dim, "float16")}), target=TARGET)
+    dev = tvm.cpu()
+    k, v = (tvm.runtime.tensor(np.zeros((layers, len(positions), kv_heads, dim), np.float16), dev) for _ in range(2))
+    get(pool, tvm.runtime.tensor(np.array(positions, np.int32), dev), k, v, layers - 1)
+    return np.stack([k.numpy()[-1], v.numpy()[-1]], axis=1).astype(np.float32)
+
+
+def test_int8_kv_cache_appends_within_half_a_step_and_reads_back():
+    kv_heads, dim = 2, 64
+    rng = np.random.default_rng(0)
+    seqs = [
+        rng.standard_normal((n, 2, kv_heads, dim)) * rng.uniform(0.01, 30, (n, 2, kv_heads, 1)) for n in (1, 16, 21)
+    ]
+    seqs[2][5] = 0  # an all-zero row: scale 0, reads back 0
+    pool, _, _, _, positions = int8_cache(kv_heads, dim, seqs, num_pages=6)
+    stored = read_int8_cache(pool, positions, kv_heads, dim, layers=3)
+    exact = np.concatenate(seqs).astype(np.float16).astype(np.float32)
+    step = np.abs(exact).max(-1, keepdims=True) / 127  # each row's own quantization step
+    assert (np.abs(stored - exact) <= step * 0.5 + np.abs(exact) * 2e-3 + 1e-7).all()  # + fp16 rounding of the read
+    assert (np.abs(stored - exact) > step * 0.1).mean() > 0.5  # it is quantized, not a copy
+    assert (stored[1 + 16 + 5] == 0).all()
+    # every row's largest element is exact up to fp16: the scale is max |x| / 127
+    np.testing.assert_allclose(np.abs(stored).max(-1), np.abs(exact).max(-1), rtol=2e-3)
+
+
+@pytest.mark.parametrize("kv_heads,qo_heads", [(4, 4), (2, 8)])
+def test_int8_kv_decode_attention_matches_numpy_on_the_stored_cache(kv_heads, qo_heads):
+    dim, sm_scale, lengths = 64, 64**-0.5, [1, 16, 17, 70, 0]
+    rng = np.random.default_rng(1)
+    seqs = [rng.standard_normal((n, 2, kv_heads, dim)) for n in lengths]
+    pool, indptr, values, last, positions = int8_cache(kv_heads, dim, seqs, num_pages=12)
+    stored = read_int8_cache(pool, positions, kv_heads, dim)
+    # numpy's decode over the dequantized rows, laid out one sequence per page run
+    pages = np.zeros((pool.shape[0], 2, kv_heads, KV_PAGE_SIZE, dim), np.float32)
+    for p, position in enumerate(positions):
+        pages[position // KV_PAGE_SIZE, :, :, position % KV_PAGE_SIZE] = stored[p]
+    q = rng.standard_normal((len(lengths), qo_heads, dim)).astype(np.float32)
+    expected = numpy_decode(q, pages, indptr, values, lengths, KV_PAGE_SIZE, sm_scale)
+    exact_pages = np.zeros_like(pages)
+    for p, position in enumerate(positions):
+        exact_pages[position // KV_PAGE_SIZE, :, :, position % KV_PAGE_SIZE] = np.concatenate(seqs)[p]
+    exact = numpy_decode(q, exact_pages, indptr, values, lengths, KV_PAGE_SIZE, sm_scale)
+    for prefetch in (True, False):
+        lib = tvm.compile(
+            tvm.IRModule({"main": decode_attention(kv_heads, qo_heads, dim, "float16", prefetch, int8_kv=True)}),
+            target=TARGET,
+        )
+        dev = tvm.cpu()
+        batch = len(q)
+        out = tvm.runtime.tensor(np.zeros(q.shape, np.float16), dev)
+        lse = tvm.runtime.tensor(np.zeros(q.shape[:2], np.float32), dev)
+        args = [q.astype(np.float16), indptr, values, last, np.zeros(batch, np.int32), np.zeros(batch, np.int32)]
+        lib(
+            tvm.runtime.tensor(args[0], dev),
+            pool,
+            *[tvm.runtime.tensor(a, dev) for a in args[1:]],
+            out,
+            lse,
+            0,
+            1.0,
+            10000.0,
+            sm_scale,
+        )
+        got = out.numpy().astype(np.float32)
+        np.testing.assert_allclose(got, expected[0], rtol=2e-3, atol=2e-3)  # fp16 queries and output
+        np.testing.assert_allclose(lse.numpy(), expected[1], rtol=1e-3, atol=2e-3)
+        assert 1e-3 < np.abs(got - exact[0]).max() < 0.05  # the 8-bit cache's own error, against fp32 K and V
+
+
+def test_int8_kv_paged_prefill_matches_numpy_on_the_stored_cache():
+    kv_heads, qo_heads, dim, sm_scale = 2, 8, 64, 64**-0.5
+    lengths, queries = [40, 17, 5, 3], [3, 17, 1, 6]
+    rng = np.random.default_rng(4)
+    seqs = [rng.standard_normal((n, 2, kv_heads, dim)) for n in lengths]
+    pool, indptr, values, last, positions = int8_cache(kv_heads, dim, seqs, num_pages=9)
+    stored = read_int8_cache(pool, positions, kv_heads, dim)
+    starts = np.cumsum([0] + lengths)
+    keys = [stored[a:b, 0].transpose(1, 0, 2) for a, b in zip(starts, starts[1:])]
+    vals = [stored[a:b, 1].transpose(1, 0, 2) for a, b in zip(starts, starts[1:])]
+    q_indptr = np.cumsum([0] + queries).astype(np.int32)
+    q = rng.standard_normal((q_indptr[-1], qo_heads, dim)).astype(np.float32)
+    expected = numpy_prefill(q, keys, vals, q_indptr, lengths, 1, sm_scale)
+    zeros = np.zeros(len(lengths), np.int32)
+    arrays = [q.astype(np.float16), q_indptr, pool.numpy(), indptr, values, last, zeros, np.zeros(len(q), np.int32)]
+    func = prefill_attention(kv_heads, qo_heads, dim, "float16", KV_PAGE_SIZE, int8_kv=True)
+    out, lse = run_kernel(func, arrays, [1, 0, 1.0, 10000.0, sm_scale], [q.shape, q.shape[:2]], "float16")
+    np.testing.assert_allclose(out.astype(np.float32), expected[0], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(lse, expected[1], rtol=1e-3, atol=2e-3)
+
+
+def test_int8_kv_page_copies_move_values_and_scales():
+    """A fork's page copy, then compaction (tokens moved to other positions): both read back as the
+    rows they copied."""
+    kv_heads, dim = 2, 64
+    rng = np.random.default_rng(5)
+    pool, _, values, _, positions = int8_cache(kv_heads, dim, [rng.standard_normal((21, 2, kv_heads, dim))], 4)
+    before = read_int8_cache(pool, positions, kv_heads, dim)
+    spare = next(p for p in range(4) if p not in values[:2])
+    copy = tvm.compile(tvm.IRModule({"main": int8_kv.copy_single_page(kv_heads, dim, "float16")}), target=TARGET)
+    copy(pool, int(values[1]), spare, 5)  # the second page holds tokens 16-20
+    copied = [spare * KV_PAGE_SIZE + t for t in range(5)]
+    np.testing.assert_array_equal(read_int8_cache(pool, copied, kv_heads, dim), before[16:21])
+    compact = tvm.compile(tvm.IRModule({"main": int8_kv.compact_copy(kv_heads, dim, "float16")}), target=TARGET)
+    src, dst = positions[3:6], positions[0:3]  # tokens 3-5 moved to 0-2 (as after rejected draft tokens)
+    dev = tvm.cpu()
+    compact(
+        pool,
+        tvm.runtime.tensor(np.array([0, 3], np.int32), dev),
+        tvm.runtime.tensor(np.array([src, dst], np.int32), dev),
+        1,
+    )
+    np.testing.assert_array_equal(read_int8_cache(pool, dst, kv_heads, dim), before[3:6])

@@ -208,6 +208,7 @@ def test_cuda_libraries_embed_compiled_device_code(cuda_libraries, target, tmp_p
         "ptx": ptx,
         "cuda_toolkit": toolkit(),
         "cuda_compiler": compiler,
+        "kv_cache_dtype": "float16",
     }
     [device] = report.device_modules
     assert (device.kind, device.format) == ("cuda", fmt)

@@ -21,6 +21,7 @@ from tvm.script import tirx as T
 
 from mobilevlm_mlc.model_defs.config import KV_PAGE_SIZE
 
+from .int8_kv import block_bytes, replace_page_kernels, scale_index
 from .prefetch import CACHE_LINE, prefetch_line
 
 # the global symbols the KV cache calls
@@ -66,41 +67,29 @@ _TREE = (
 )
 
 
-def _prefetcher(head_dim: int, dtype: str, parts: int):
+def _prefetcher(nbytes: int, parts: int):
     """A macro prefetching part `part` of `parts` of one head's keys (kind 0) or values (kind 1) of a
-    page: KEYS x head_dim contiguous elements. Pages sit a whole page of every head apart, so no hardware
-    prefetcher follows a task from one page to the next; the decode kernel asks for the next page while
-    it computes one, a part at a time between its steps: asked all at once (128 lines), the requests
-    filled the core's miss buffers and it waited for them, so memory and arithmetic did not overlap
-    (8.5 ms for 8 sequences of 150 tokens, 27 GB/s, against 38 GB/s for the same reads alone). On a
-    task's last page it asks for the next task's first (8 sequences, 24 layers, alternated in one
-    process: -19% at 16 tokens, -7% at 64, -3% at 180)."""
-    per_line = CACHE_LINE // (tvm.DataType(dtype).bits // 8)
-    lines = KEYS * head_dim // per_line // parts
+    page: the first `nbytes` of its block, through the block's int8 view. Pages sit a whole page of every
+    head apart, so no hardware prefetcher follows a task from one page to the next; the decode kernel asks
+    for the next page while it computes one, a part at a time between its steps: asked all at once (128
+    lines), the requests filled the core's miss buffers and it waited for them, so memory and arithmetic
+    did not overlap (8.5 ms for 8 sequences of 150 tokens, 27 GB/s, against 38 GB/s for the same reads
+    alone). On a task's last page it asks for the next task's first (8 sequences, 24 layers, alternated in
+    one process: -19% at 16 tokens, -7% at 64, -3% at 180)."""
+    lines = -(-nbytes // CACHE_LINE // parts)
 
     @T.macro
-    def prefetch(pages, page, kind, kv_head, part):
+    def prefetch(pages_i8, page, kind, kv_head, part):
         for i in T.unroll(lines):  # the line's index inline: a name assigned here would be a heap buffer
-            T.evaluate(
-                prefetch_line(
-                    T.address_of(
-                        pages[
-                            page,
-                            kind,
-                            kv_head,
-                            (part * lines + i) * per_line // head_dim,
-                            (part * lines + i) * per_line % head_dim,
-                        ]
-                    )
-                )
-            )
+            if part * lines + i < nbytes // CACHE_LINE:
+                T.evaluate(prefetch_line(T.address_of(pages_i8[page, kind, kv_head, (part * lines + i) * CACHE_LINE])))
 
     return prefetch
 
 
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def decode_attention(
-    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, prefetch: bool = True
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, prefetch: bool = True, int8_kv: bool = False
 ) -> tirx.PrimFunc:
     """`batch_decode_paged_kv_cpu` without sliding window; rope must already be applied (the model
     uses `RopeMode.NORMAL`: q and k are rotated before the append, `rotary_mode` is 0). A task is one
@@ -111,7 +100,18 @@ def decode_attention(
     rows are scored (lanes never mix) and masked; only valid rows' values are read."""
     H_qo, D, group, log2e, page_size = num_qo_heads, head_dim, num_qo_heads // num_kv_heads, math.log2(math.e), KEYS
     chunks = D // KEYS
-    prefetch_part = _prefetcher(D, dtype, chunks)
+    block, scale_at = block_bytes(D, dtype), scale_index(D)  # an 8-bit cache's block layout (`int8_kv`)
+    prefetch_part = _prefetcher(KEYS * D + KEYS * 4 if int8_kv else block, chunks)
+
+    def key_vector(pages, pages_i8, page, kv_head, j, c):
+        if int8_kv:
+            return T.Cast(f"float32x{KEYS}", pages_i8[page, 0, kv_head, T.ramp(j * D + c * KEYS, 1, KEYS)])
+        return T.Cast(f"float32x{KEYS}", pages[page, 0, kv_head, j, T.ramp(c * KEYS, 1, KEYS)])
+
+    def value(pages, pages_i8, page, kv_head, j, d):
+        if int8_kv:
+            return T.Cast("float32", pages_i8[page, 1, kv_head, j * D + d])
+        return T.Cast("float32", pages[page, 1, kv_head, j, d])
 
     def tree(level: int, vectors, pair: int):
         lo, hi = _TREE[level]
@@ -144,6 +144,12 @@ def decode_attention(
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
         length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_offset)
         assert rotary_mode == 0, "this decode attention takes keys already rotated (RopeMode.NORMAL)"
+        if int8_kv or prefetch:  # the blocks' byte and float32 views (`int8_kv.py`: not in a system library)
+            pages_i8 = T.decl_buffer((max_num_pages, 2, num_kv_heads, block), "int8", data=pages.data)
+            scales = T.decl_buffer((max_num_pages, 2, num_kv_heads, block // 4), "float32", data=pages.data)
+        else:
+            pages_i8 = pages
+            scales = pages
 
         for bh in T.parallel(B * H_qo):
             with T.sblock("attn"):
@@ -178,16 +184,16 @@ def decode_attention(
                         partial_hi[j, T.ramp(0, 1, KEYS)] = T.broadcast(T.float32(0), KEYS)
                     for c in T.serial(chunks):
                         if prefetch and kb + 1 < T.ceildiv(kv_len, KEYS):
-                            prefetch_part(pages, page_table_values[begin + kb + 1], 0, h // group, c)
-                            prefetch_part(pages, page_table_values[begin + kb + 1], 1, h // group, c)
+                            prefetch_part(pages_i8, page_table_values[begin + kb + 1], 0, h // group, c)
+                            prefetch_part(pages_i8, page_table_values[begin + kb + 1], 1, h // group, c)
                         elif prefetch and bh + 1 < B * H_qo and page_table_indptr[(bh + 1) // H_qo] < page_table_indptr[(bh + 1) // H_qo + 1]:
                             # the last page: the next task's first, else every task began with a miss
                             next_page: T.let[T.int32] = page_table_values[page_table_indptr[(bh + 1) // H_qo]]
-                            prefetch_part(pages, next_page, 0, (bh + 1) % H_qo // group, c)
-                            prefetch_part(pages, next_page, 1, (bh + 1) % H_qo // group, c)
+                            prefetch_part(pages_i8, next_page, 0, (bh + 1) % H_qo // group, c)
+                            prefetch_part(pages_i8, next_page, 1, (bh + 1) % H_qo // group, c)
                         for j in T.unroll(KEYS // 2):
-                            partial_lo[j, T.ramp(0, 1, KEYS)] = partial_lo[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * T.Cast(f"float32x{KEYS}", pages[page, 0, h // group, j, T.ramp(c * KEYS, 1, KEYS)])
-                            partial_hi[j, T.ramp(0, 1, KEYS)] = partial_hi[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * T.Cast(f"float32x{KEYS}", pages[page, 0, h // group, j + KEYS // 2, T.ramp(c * KEYS, 1, KEYS)])
+                            partial_lo[j, T.ramp(0, 1, KEYS)] = partial_lo[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * key_vector(pages, pages_i8, page, h // group, j, c)
+                            partial_hi[j, T.ramp(0, 1, KEYS)] = partial_hi[j, T.ramp(0, 1, KEYS)] + q_local[T.ramp(c * KEYS, 1, KEYS)] * key_vector(pages, pages_i8, page, h // group, j + KEYS // 2, c)
                     for i in T.unroll(KEYS // 4):
                         half[i, T.ramp(0, 1, KEYS)] = tree(0, partial_lo, i)
                         half[i + KEYS // 4, T.ramp(0, 1, KEYS)] = tree(0, partial_hi, i)
@@ -196,6 +202,8 @@ def decode_attention(
                     for i in T.unroll(KEYS // 8):
                         eighth[i, T.ramp(0, 1, KEYS)] = tree(2, quarter, i)
                     score[T.ramp(0, 1, KEYS)] = tree(3, eighth, 0)
+                    if int8_kv:
+                        score[T.ramp(0, 1, KEYS)] = score[T.ramp(0, 1, KEYS)] * scales[page, 0, h // group, T.ramp(scale_at, 1, KEYS)]
                     for j in T.vectorized(KEYS):
                         score[j] = T.if_then_else(kb * KEYS + j < kv_len, score[j], T.float32(-1e30))
                     state[1] = state[0]
@@ -206,11 +214,13 @@ def decode_attention(
                     for j in T.vectorized(KEYS):
                         score[j] = _exp2(score[j] - state[1])
                         row_sum[j] = row_sum[j] * state[2] + score[j]
+                    if int8_kv:  # the values' scales folded into their weights
+                        score[T.ramp(0, 1, KEYS)] = score[T.ramp(0, 1, KEYS)] * scales[page, 1, h // group, T.ramp(scale_at, 1, KEYS)]
                     for d in T.vectorized(D):
                         acc[d] = acc[d] * state[2]
                     for j in T.serial(T.min(KEYS, kv_len - kb * KEYS)):  # valid keys only: a page's tail is stale
                         for d in T.vectorized(D):
-                            acc[d] = acc[d] + score[j] * T.Cast("float32", pages[page, 1, h // group, j, d])
+                            acc[d] = acc[d] + score[j] * value(pages, pages_i8, page, h // group, j, d)
                 state[1] = T.float32(0)
                 for j in T.serial(KEYS):
                     state[1] = state[1] + row_sum[j]
@@ -321,11 +331,13 @@ def _prefill_blocks(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: 
 
 @functools.cache  # built once per process: TVMScript parsing costs seconds per kernel
 def prefill_attention(
-    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16, int8_kv: bool = False
 ) -> tirx.PrimFunc:
     """`batch_prefill_paged_kv_cpu` (no sliding window, keys already rotated) over the cached pages.
-    TVM's visits `max_num_pages * page_size` rows per query, on one thread."""
+    TVM's visits `max_num_pages * page_size` rows per query, on one thread. `int8_kv`: pages hold the
+    8-bit layout of `int8_kv.py` (then `page_size` must be its KV_PAGE_SIZE)."""
     H_qo, D = num_qo_heads, head_dim
+    block, scale_at = block_bytes(D, dtype), scale_index(D)
     blocks = _prefill_blocks(num_kv_heads, num_qo_heads, head_dim, dtype)
 
     @T.macro
@@ -335,19 +347,27 @@ def prefill_attention(
         end: T.let[T.int32] = page_indptr[seq[0] + 1]
         seq[1] = T.if_then_else(begin != end, (end - begin - 1) * page_size + length_info[seq[0]], 0)
 
+    def cached(pages, kind, page, kv_head, row, d):
+        """Element d of a cached row, in float32."""
+        if int8_kv:
+            values, scales = pages
+            return (
+                T.Cast("float32", values[page, kind, kv_head, row * D + d])
+                * scales[page, kind, kv_head, scale_at + row]
+            )
+        return T.Cast("float32", pages[page, kind, kv_head, row, d])
+
     @T.macro
     def load_block(sources, seq, kb, kv_head, k_tile, v_tile):
         pages, page_values, page_indptr, length_info = sources
         for j in T.serial(KEYS):
             key: T.let[T.int32] = T.min(kb * KEYS + j, seq[1] - 1)
             for d in T.vectorized(D):
-                k_tile[j, d] = T.Cast(
-                    "float32",
-                    pages[page_values[page_indptr[seq[0]] + key // page_size], 0, kv_head, key % page_size, d],
+                k_tile[j, d] = cached(
+                    pages, 0, page_values[page_indptr[seq[0]] + key // page_size], kv_head, key % page_size, d
                 )
-                v_tile[j, d] = T.Cast(
-                    "float32",
-                    pages[page_values[page_indptr[seq[0]] + key // page_size], 1, kv_head, key % page_size, d],
+                v_tile[j, d] = cached(
+                    pages, 1, page_values[page_indptr[seq[0]] + key // page_size], kv_head, key % page_size, d
                 )
 
     # fmt: off
@@ -378,7 +398,10 @@ def prefill_attention(
         output = T.match_buffer(var_output, (total_len, H_qo, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, H_qo), "float32")
         assert rotary_mode == 0, "this prefill attention takes keys already rotated (RopeMode.NORMAL)"
-        blocks(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, (pages, page_values, page_indptr, length_info), kv_length, load_block)
+        if int8_kv:
+            values = T.decl_buffer((max_num_pages, 2, num_kv_heads, block), "int8", data=pages.data)
+            scales = T.decl_buffer((max_num_pages, 2, num_kv_heads, block // 4), "float32", data=pages.data)
+        blocks(total_len, batch_size, q, q_indptr, output, lse, causal, sm_scale, ((values, scales) if int8_kv else pages, page_values, page_indptr, length_info), kv_length, load_block)
     # fmt: on
 
     return batch_prefill_paged_kv
@@ -435,18 +458,20 @@ def prefill_ragged_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     return batch_prefill_ragged_kv
 
 
-def replace_attention(prefetch: bool) -> tvm.transform.Pass:
+def replace_attention(prefetch: bool, int8_kv: bool = False) -> tvm.transform.Pass:
     """Swap TVM's serial CPU attention kernels (decode, prefill over pages, prefill over the chunk) for
-    the ones above, sized from the module's own; `prefetch`: decode asks for each head's next page."""
+    the ones above, sized from the module's own; `prefetch`: decode asks for each head's next page;
+    `int8_kv`: the cache's pages hold 8-bit K and V (`int8_kv.py`), and every kernel on them is swapped."""
 
     @tvm.transform.module_pass(opt_level=0, name="ReplaceAttention")
     def replace(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return _replace_attention(mod, prefetch)
+        mod = _replace_attention(mod, prefetch, int8_kv)
+        return replace_page_kernels(mod) if int8_kv else mod
 
     return replace
 
 
-def _replace_attention(mod: tvm.IRModule, prefetch: bool) -> tvm.IRModule:
+def _replace_attention(mod: tvm.IRModule, prefetch: bool, int8_kv: bool) -> tvm.IRModule:
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
@@ -459,9 +484,13 @@ def _replace_attention(mod: tvm.IRModule, prefetch: bool) -> tvm.IRModule:
             if (
                 int(source.shape[3]) == KEYS and dim % KEYS == 0
             ):  # a page per step (the engine's page size); else TVM's stays
-                mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype, prefetch)
+                mod[gv] = decode_attention(int(source.shape[2]), heads, dim, dtype, prefetch, int8_kv)
+            elif int8_kv:
+                raise ValueError(
+                    f"an 8-bit KV cache needs pages of {KEYS} tokens and a head dim of 16k (got {int(source.shape[3])}, {dim})"
+                )
         elif symbol == PREFILL_ATTENTION:
-            mod[gv] = prefill_attention(int(source.shape[2]), heads, dim, dtype, int(source.shape[3]))
+            mod[gv] = prefill_attention(int(source.shape[2]), heads, dim, dtype, int(source.shape[3]), int8_kv)
         elif symbol == RAGGED_ATTENTION:
             mod[gv] = prefill_ragged_attention(int(source.shape[1]), heads, dim, dtype)
     return mod
