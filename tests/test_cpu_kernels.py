@@ -105,6 +105,15 @@ def test_decode_attention_matches_numpy_and_tvm(kv_heads, qo_heads, prefetch):
         np.testing.assert_allclose(got[1], expected[1], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("prefetch,int8_kv", [(False, False), (True, False), (False, True), (True, True)])
+def test_decode_attention_keeps_tvms_parameter_names(prefetch, int8_kv):
+    """Every variant takes TVM's kernel's parameters by name: `check-kernels` feeds each by its name (a
+    TVMScript assignment of `pages` to an alias once renamed it `scales` in the fp16 variant)."""
+    ours = decode_attention(2, 8, 64, "float16", prefetch, int8_kv)
+    theirs = _attention_decode_cpu(2, 8, 64, "float16", False, {}, 16)
+    assert [p.name for p in ours.params] == [p.name for p in theirs.params]
+
+
 def numpy_prefill(q, keys, values, q_indptr, lengths, causal, sm_scale):
     """keys/values: per sequence [kv_heads, n, dim]; q: [total, heads, dim] with q_indptr."""
     group = q.shape[1] // keys[0].shape[0]

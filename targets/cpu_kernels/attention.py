@@ -147,9 +147,9 @@ def decode_attention(
         if int8_kv or prefetch:  # the blocks' byte and float32 views (`int8_kv.py`: not in a system library)
             pages_i8 = T.decl_buffer((max_num_pages, 2, num_kv_heads, block), "int8", data=pages.data)
             scales = T.decl_buffer((max_num_pages, 2, num_kv_heads, block // 4), "float32", data=pages.data)
-        else:
-            pages_i8 = pages
-            scales = pages
+        else:  # unused names: `meta_var` binds them without renaming `pages` (a plain assignment would)
+            pages_i8 = T.meta_var(pages)
+            scales = T.meta_var(pages)
 
         for bh in T.parallel(B * H_qo):
             with T.sblock("attn"):
