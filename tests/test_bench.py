@@ -400,6 +400,9 @@ BAD_BENCHMARK_ARGS = [  # (script, arguments, what the error line names); FILE: 
     ("quantization.py", ["-o", "/proc/mobilevlm-mlc-test.json"], "/proc is not writable"),  # even as root
     ("compile_times.py", ["--workdir", "FILE"], "--workdir: FILE is a file"),
     ("profile_kernels.py", ["FILE.missing", "FILE.missing", "decode"], "dist folder not found"),
+    ("ab_libraries.py", ["FILE.missing", "a.so", "b.so", "--prefill", "8x0"], "--prefill: found '8x0'"),
+    ("ab_libraries.py", ["FILE.missing", "a.so", "b.so", "--out", "FILE"], "FILE: exists and is not a json file"),
+    ("ab_libraries.py", ["FILE.missing", "a.so", "b.so"], "dist folder not found"),
 ]
 
 
