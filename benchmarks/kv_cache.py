@@ -89,10 +89,8 @@ def main() -> None:
     parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SHAPES, default="1.7b")
     parser.add_argument("--quantization", default="q4f16_3")
-    parser.add_argument("--batches", type=lambda v: [argtypes.integer(1, 8)(b) for b in v.split(",")], default=[1, 8])
-    parser.add_argument(
-        "--contexts", type=lambda v: [argtypes.integer(1, 1500)(c) for c in v.split(",")], default=[130, 400]
-    )
+    parser.add_argument("--batches", type=argtypes.integers(1, 8), default=[1, 8])
+    parser.add_argument("--contexts", type=argtypes.integers(1, 1500), default=[130, 400])
     parser.add_argument("--rounds", type=argtypes.integer(1), default=8, help="alternations per measurement")
     parser.add_argument("--steps", type=argtypes.integer(1), default=4, help="decode steps per alternation")
     parser.add_argument("--threads", type=argtypes.integer(1), default=2)

@@ -217,9 +217,7 @@ def main() -> None:
     parser = argtypes.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SHAPES, default="1.7b")
     parser.add_argument("--quantization", default="q4f16_3", help="ours")
-    parser.add_argument(
-        "--clients", type=lambda v: [argtypes.integer(1, 64)(x) for x in v.split(",")], default=[1, 2, 4, 8]
-    )
+    parser.add_argument("--clients", type=argtypes.integers(1, 64), default=[1, 2, 4, 8])
     parser.add_argument("--requests", type=argtypes.integer(1), default=2, help="per client")
     parser.add_argument(
         "--rounds",

@@ -27,6 +27,12 @@ def integer(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def integers(low: int, high: int | None = None) -> Callable[[str], list[int]]:
+    """A comma-separated list of integers, each checked as `integer(low, high)` checks one."""
+    one = integer(low, high)
+    return lambda value: [one(v) for v in value.split(",")]
+
+
 def number(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
