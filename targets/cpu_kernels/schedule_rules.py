@@ -24,6 +24,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
 from tvm.target import Target
 from tvm.tirx.analysis import undefined_vars
 
@@ -319,7 +320,10 @@ class RowReduction(_CpuRule):
     """Norms and softmax: rows in parallel, each row's reductions and its output under that row's loop,
     the output vectorized. (dlight's `cpu.Reduction` reads the rows off the blocks' leading spatial axes;
     with one row, or a weight cast with no row axis, it parallelizes over the hidden size and redoes the
-    row's reduction for every element: 1.3 ms for one 2048-wide RMSNorm.)"""
+    row's reduction for every element: 1.3 ms for one 2048-wide RMSNorm.) A reduction along the row is
+    factored into `lanes` partial results (`rfactor`), one SIMD vector accumulated over the row, then
+    summed: as one scalar chain it waited on the add's latency per element (an RMSNorm of 2048 fp16
+    values 2.2 µs per row; 0.5 ms of a 480-token prefill's 1 s per norm call, 9 µs -> 1.8 µs at 8 rows)."""
 
     def schedule(self, sch: s_tir.Schedule) -> bool:
         infos = normalize_prim_func(sch)
@@ -331,6 +335,7 @@ class RowReduction(_CpuRule):
                     sch.compute_inline(info.block_rv)
                 except s_tir.ScheduleError:
                     pass  # read by a reduction under another loop nest: stays a stage
+        partials = [self._factor(sch, block) for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]]
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         output = blocks[-1]
         *rows, inner = sch.get_loops(output)
@@ -339,8 +344,36 @@ class RowReduction(_CpuRule):
             sch.parallel(row)
             for block in reversed(blocks[:-1]):
                 sch.compute_at(block, row, preserve_unit_loops=True)
+        for partial in partials:
+            if partial is not None:
+                self._vectorize_lanes(sch, partial)
         _vectorize(sch, inner, self.config.lanes)
         return True
+
+    def _factor(self, sch: s_tir.Schedule, block):
+        """The block of `lanes` partial results of `block`'s innermost reduction (rfactor), or None where
+        that reduction is not along a loop that divides into vectors."""
+        iters = sch.get(block).iter_vars
+        if not iters or iters[-1].iter_type != tirx.IterVar.CommReduce:
+            return None
+        loop, lanes = sch.get_loops(block)[-1], self.config.lanes
+        extent = sch.get(loop).extent
+        if not isinstance(extent, tirx.IntImm) or int(extent) % lanes or int(extent) == lanes:
+            return None
+        _, lane = sch.split(loop, [None, lanes])
+        try:
+            return sch.rfactor(lane, factor_axis=len(iters) - 1)  # partials [rows..., lanes]: a row's lanes adjacent
+        except s_tir.ScheduleError:  # a reduction rfactor cannot split (several outputs): stays one chain
+            return None
+
+    def _vectorize_lanes(self, sch: s_tir.Schedule, partial) -> None:
+        """The partial block's lane loop innermost and vectorized (compute_at made one loop per block
+        iter; rfactor puts the lanes' iter first)."""
+        lane_var = get_sblockrealize(sch, partial).iter_values[0]
+        loops = [loop for loop in sch.get_loops(partial) if sch.get(loop).kind != tirx.ForKind.PARALLEL]
+        lane = next(loop for loop in loops if sch.get(loop).loop_var.same_as(lane_var))
+        sch.reorder(*[loop for loop in loops if loop is not lane], lane)
+        sch.vectorize(lane)
 
 
 class ParallelLoops(_CpuRule):
