@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu, _attention_prefill_ragged_cpu
 from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
@@ -27,6 +27,7 @@ from mobilevlm_mlc.targets.cpu_kernels.attention import decode_attention, prefil
 from mobilevlm_mlc.targets.cpu_kernels.int8_dot import INT8_DOTS, Int8Dot, int8_dot
 from mobilevlm_mlc.targets.cpu_kernels.int8_matmul import int8_quantized_gemv, int8_quantized_matmul
 from mobilevlm_mlc.targets.cpu_kernels.rope import faster_rope
+from mobilevlm_mlc.targets.cpu_kernels.schedule_rules import schedule_cpu_kernels
 from mobilevlm_mlc.targets.cpu_kernels.silu import legalize_silu
 
 TARGET = tvm.target.Target.from_device(tvm.cpu())
@@ -342,6 +343,55 @@ def test_silu_vectorizes_and_matches_numpy(dtype):
     expected = wide / (1 + np.exp(-wide))
     tiny = float(np.finfo(dtype).tiny)  # below the smallest normal number the dtype flushes or rounds away
     np.testing.assert_allclose(got, expected, rtol=2e-6 if dtype == "float32" else 1e-3, atol=tiny)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_row_reductions_run_in_simd_lanes_and_match_numpy(dtype):
+    """RMSNorm, LayerNorm and a row softmax through `RowReduction`: a reduction along a row that divides
+    into vectors is factored into one vector of partial sums (an `_rf` block, lanes vectorized) — one
+    scalar chain waited on the add's latency per element — and every row count gives numpy's result."""
+    n = tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((n, 2048), dtype))
+    w = relax.Var("w", relax.TensorType((2048,), dtype))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            rms = bb.emit(relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=1e-6))
+            layer = bb.emit(relax.op.nn.layer_norm(x, w, w, axes=[-1], epsilon=1e-5))
+            soft = bb.emit(relax.op.nn.softmax(relax.op.astype(x, "float32"), axis=-1))
+            out = bb.emit_output(relax.Tuple([rms, layer, soft]))
+        bb.emit_func_output(out)
+    config = x86_kernels(TARGET)
+    with TARGET:
+        mod = schedule_cpu_kernels(config)(relax.transform.LegalizeOps()(bb.finalize()))
+    factored = []
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            assert func.attrs.get("tirx.is_scheduled"), gv.name_hint
+            sch = s_tir.Schedule(func)
+            for block in sch.get_child_blocks(sch.get_sblock("root")):
+                if sch.get(block).name_hint.endswith("_rf"):
+                    assert sch.get(sch.get_loops(block)[-1]).kind == tirx.ForKind.VECTORIZED
+                    assert int(sch.get(sch.get_loops(block)[-1]).extent) == config.lanes
+                    factored.append(gv.name_hint)
+    assert any("rms_norm" in name for name in factored) and any("softmax" in name for name in factored)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=TARGET), tvm.cpu())
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(0.5, 1.5, 2048).astype(dtype)
+    tolerance = 1e-5 if dtype == "float32" else 2e-3
+    for rows in (1, 8, 33):
+        values = (rng.standard_normal((rows, 2048)) * 3).astype(dtype)
+        got = [t.numpy().astype(np.float64) for t in vm["main"](tvm.runtime.tensor(values), tvm.runtime.tensor(weight))]
+        wide, scale = values.astype(np.float64), weight.astype(np.float64)
+        centered = wide - wide.mean(-1, keepdims=True)
+        exps = np.exp(wide - wide.max(-1, keepdims=True))
+        expected = [
+            wide / np.sqrt((wide**2).mean(-1, keepdims=True) + 1e-6) * scale,
+            centered / np.sqrt((centered**2).mean(-1, keepdims=True) + 1e-5) * scale + scale,
+            exps / exps.sum(-1, keepdims=True),
+        ]
+        for name, a, b in zip(("rms_norm", "layer_norm", "softmax"), got, expected):
+            np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance, err_msg=f"{name}, {rows} rows")
 
 
 def int8_cache(kv_heads: int, dim: int, tokens: list[np.ndarray], num_pages: int, seed: int = 0):

@@ -10,8 +10,9 @@ one core. These rules give every kernel threads and SIMD lanes:
   scores). Each task takes a block of output columns, dequantizes (or repacks) that block of the weight
   once into a k-major tile, then runs a register-blocked kernel over the rows (padded to its multiple):
   `rows x column-vectors` accumulators, one weight vector load feeding `rows` FMAs.
-- `RowReduction`: norms and softmax, rows in parallel. `Elementwise`: parallel outer loops, vectorized
-  inner one. `ParallelLoops`: any other single loop nest (the KV cache's RoPE).
+- `RowReduction`: norms and softmax, rows in parallel, each row's reductions in SIMD lanes.
+  `Elementwise`: parallel outer loops, vectorized inner one. `ParallelLoops`: any other single loop nest
+  (the KV cache's RoPE).
 
 Sizes come from `CpuKernelConfig`, which each CPU target picks for its vector registers."""
 
