@@ -50,6 +50,9 @@ class CpuKernelConfig:
     prefetch: bool = True
 
 
+_REFUSALS = (s_tir.ScheduleError, tvm.error.InternalError)  # a schedule primitive declining a kernel
+
+
 class _CpuRule(dl.ScheduleRule):
     """A rule that schedules `sch` in place and returns True, or declines (False). A schedule
     primitive refusing a kernel declines too: the next rule (or none) takes it."""
@@ -63,7 +66,7 @@ class _CpuRule(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         try:
             return sch if self.schedule(sch) else None
-        except (s_tir.ScheduleError, tvm.error.InternalError) as err:
+        except _REFUSALS as err:
             _log.debug(
                 "%s declined the kernel of %s: %s",
                 type(self).__name__,
@@ -364,7 +367,7 @@ class RowReduction(_CpuRule):
         _, lane = sch.split(loop, [None, lanes])
         try:
             return sch.rfactor(lane, factor_axis=len(iters) - 1)  # partials [rows..., lanes]: a row's lanes adjacent
-        except s_tir.ScheduleError:  # a reduction rfactor cannot split (several outputs): stays one chain
+        except _REFUSALS:  # a reduction rfactor cannot split (several outputs): stays one chain
             return None
 
     def _vectorize_lanes(self, sch: s_tir.Schedule, partial) -> None:
@@ -372,7 +375,9 @@ class RowReduction(_CpuRule):
         iter; rfactor puts the lanes' iter first)."""
         lane_var = get_sblockrealize(sch, partial).iter_values[0]
         loops = [loop for loop in sch.get_loops(partial) if sch.get(loop).kind != tirx.ForKind.PARALLEL]
-        lane = next(loop for loop in loops if sch.get(loop).loop_var.same_as(lane_var))
+        lane = next((loop for loop in loops if sch.get(loop).loop_var.same_as(lane_var)), None)
+        if lane is None:  # bound to an expression, not one loop: the partials stay scalar (still correct)
+            return
         sch.reorder(*[loop for loop in loops if loop is not lane], lane)
         sch.vectorize(lane)
 
