@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--out", type=argtypes.path, help="also write the results here (a .json file)")
     args = parser.parse_args()
     if args.out is not None:
-        check_output_file(args.out, "json")
+        check_output_file(args.out, "json", [args.dist, args.base, args.changed])  # never over an input
 
     from mobilevlm_mlc.runtime.engine import Engine
     from mobilevlm_mlc.runtime.threads import use_threads

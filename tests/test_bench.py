@@ -403,6 +403,7 @@ BAD_BENCHMARK_ARGS = [  # (script, arguments, what the error line names); FILE: 
     ("ab_libraries.py", ["FILE.missing", "a.so", "b.so", "--prefill", "8x0"], "--prefill: found '8x0'"),
     ("ab_libraries.py", ["FILE.missing", "a.so", "b.so", "--out", "FILE"], "FILE: exists and is not a json file"),
     ("ab_libraries.py", ["FILE.missing", "a.so", "b.so"], "dist folder not found"),
+    ("ab_libraries.py", ["FILE.missing", "a.so", "FILE", "--out", "FILE"], "output would overwrite or lie inside"),
 ]
 
 
